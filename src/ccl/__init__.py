@@ -1,0 +1,10 @@
+"""ccl: train classifiers that leak less about their training data, and measure how much they leak.
+
+Subpackages: `losses` (Convex-Concave Loss and baseline defenses), `theory` (the Gaussian advantage model).
+"""
+
+from . import losses, theory
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "losses", "theory"]

@@ -1,0 +1,96 @@
+"""Validation helpers shared by the public API.
+
+Every message follows one template: "Expected argument `name` to be <what>, but got <value>." so that a user
+sees which argument was wrong, what it held and what was expected, before any computation starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def expected(name: str, what: str, got: Any) -> str:
+    """Formats the one error message template used across ccl."""
+    return f"Expected argument `{name}` to be {what}, but got {got!r}."
+
+
+def unknown_name(kind: str, name: Any, valid: Iterable[str]) -> str:
+    """Message for a registry miss: lists the valid names and suggests the closest one."""
+    valid = sorted(valid)
+    msg = f"Unknown {kind} {name!r}. Valid {kind}s: {', '.join(valid)}."
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    if close:
+        msg += f" Did you mean {close[0]!r}?"
+    return msg
+
+
+def check_in_range(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Checks that `value` is a finite real number within the given bounds and returns it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(expected(name, "a real number", value))
+    value = float(value)
+    lo = "-inf" if low is None else ("[" if low_inclusive else "(") + f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}" + ("]" if high_inclusive else ")")
+    what = f"a finite number in {lo}, {hi}".replace("in -inf, inf", "")
+    bad = not math.isfinite(value)
+    if low is not None:
+        bad |= value < low if low_inclusive else value <= low
+    if high is not None:
+        bad |= value > high if high_inclusive else value >= high
+    if bad:
+        raise ValueError(expected(name, what.strip(), value))
+    return value
+
+
+def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(expected(name, f"an integer >= {minimum}", value))
+    if value < minimum:
+        raise ValueError(expected(name, f"an integer >= {minimum}", value))
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(expected(name, "one of " + ", ".join(repr(c) for c in choices), value))
+    return value
+
+
+def check_logits_targets(logits: Any, target: Any) -> None:
+    """Validates a classification batch: logits `(N, C)` floating and finite, targets `(N,)` integer in [0, C)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(expected("logits", "a torch.Tensor of shape (N, C)", type(logits).__name__))
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(expected("target", "a torch.Tensor of shape (N,)", type(target).__name__))
+    if logits.ndim != 2:
+        raise ValueError(expected("logits", "a 2-D tensor of shape (N, C)", f"shape {tuple(logits.shape)}"))
+    if not logits.is_floating_point():
+        raise TypeError(expected("logits", "a floating-point tensor", logits.dtype))
+    if logits.shape[1] < 2:
+        raise ValueError(expected("logits", "a tensor with at least 2 classes (C >= 2)", f"C={logits.shape[1]}"))
+    if target.ndim != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(
+            expected("target", f"a 1-D tensor of shape ({logits.shape[0]},) matching logits", tuple(target.shape))
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(expected("target", "an integer tensor of class indices (e.g. torch.long)", target.dtype))
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= logits.shape[1]):
+        bad = target[(target < 0) | (target >= logits.shape[1])][0].item()
+        raise ValueError(expected("target", f"class indices in [0, {logits.shape[1]})", f"a target of {bad}"))
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(expected("logits", "finite values", "a tensor containing NaN or inf"))

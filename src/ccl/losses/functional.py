@@ -1,0 +1,297 @@
+"""Pure-function losses: logits `(N, C)` and integer targets `(N,)`, like `torch.nn.functional.cross_entropy`.
+
+All probabilities come from `log_softmax` computed in float32 (also under fp16/bf16 autocast), and every term
+is written in log space so that logits up to |1e4| give finite losses and gradients.
+
+References:
+    Liu, Feng, Zhuang, Cao, Wei. "Mitigating Privacy Risk in Membership Inference by Convex-Concave Loss",
+    ICML 2024 (arXiv 2402.05453).
+    Lin et al. "Focal Loss for Dense Object Detection", ICCV 2017.
+    Pereyra et al. "Regularizing Neural Networks by Penalizing Confident Output Distributions", 2017.
+    Chen, Yu, Fritz. "RelaxLoss: Defending Membership Inference Attacks without Losing Utility", ICLR 2022.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .._checks import check_choice, check_in_range, check_logits_targets, check_positive_int, expected
+
+REDUCTIONS = ("none", "mean", "sum")
+CONCAVE_TERMS = ("exp", "quadratic")
+CONVEX_TERMS = ("ce", "focal")
+RELAX_VARIANTS = ("tabular", "cifar")
+
+__all__ = [
+    "confidence_penalty_loss",
+    "concave_exp",
+    "concave_quadratic",
+    "convex_concave_loss",
+    "cross_entropy",
+    "focal_loss",
+    "label_smoothing_loss",
+    "log_prob_true_and_rest",
+    "relax_loss",
+    "resolve_concave",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------------------------
+def log_prob_true_and_rest(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Returns `(log p_y, log(1 - p_y))`, each `(N,)` float32, computed stably from logits.
+
+    `log(1 - p_y)` is `logsumexp` over the other classes minus `logsumexp` over all classes, so it stays finite
+    (and has a finite gradient) even when `p_y` rounds to 1.
+    """
+    z = logits.float()  # (N, C), float32 also under autocast
+    lse_all = torch.logsumexp(z, dim=1)  # (N,)
+    z_y = z.gather(1, target[:, None]).squeeze(1)  # (N,)
+    others = z.scatter(1, target[:, None], float("-inf"))  # true class masked out
+    lse_rest = torch.logsumexp(others, dim=1)  # (N,)
+    return z_y - lse_all, lse_rest - lse_all
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def _validate(logits: Tensor, target: Tensor, reduction: str) -> None:
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_logits_targets(logits, target)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Convex losses
+# --------------------------------------------------------------------------------------------------------------
+def _ce(logits: Tensor, target: Tensor) -> Tensor:
+    log_p_y, _ = log_prob_true_and_rest(logits, target)
+    return -log_p_y
+
+
+def _focal(logits: Tensor, target: Tensor, gamma: float) -> Tensor:
+    log_p_y, log_1mp = log_prob_true_and_rest(logits, target)
+    # (1 - p)^gamma as exp(gamma * log(1 - p)): finite gradient for every gamma >= 0, also at p -> 1.
+    return torch.exp(gamma * log_1mp) * (-log_p_y)
+
+
+def cross_entropy(logits: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Cross-entropy `-log p_y`, validated and computed in float32.
+
+    Example:
+        >>> cross_entropy(torch.tensor([[2.0, 0.0]]), torch.tensor([0]))
+        tensor(0.1269)
+    """
+    _validate(logits, target, reduction)
+    return _reduce(_ce(logits, target), reduction)
+
+
+def focal_loss(logits: Tensor, target: Tensor, *, gamma: float, reduction: str = "mean") -> Tensor:
+    """Focal loss `(1 - p_y)**gamma * (-log p_y)` (Lin et al., 2017). `gamma=0` is cross-entropy."""
+    gamma = check_in_range("gamma", gamma, low=0.0)
+    _validate(logits, target, reduction)
+    return _reduce(_focal(logits, target, gamma), reduction)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Concave terms
+# --------------------------------------------------------------------------------------------------------------
+def concave_exp(p: Tensor) -> Tensor:
+    """CCEL's concave term `-exp(p)`: decreasing and concave on [0, 1]."""
+    return -torch.exp(p)
+
+
+def concave_quadratic(p: Tensor) -> Tensor:
+    """CCQL's concave term `-p - p**2 / 2`: decreasing and concave on [0, 1]."""
+    return -p - 0.5 * p * p
+
+
+_CONCAVE = {"exp": concave_exp, "quadratic": concave_quadratic}
+
+
+def resolve_concave(concave: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """Returns the concave term for a name, or checks a user callable `f(p)`.
+
+    A callable must be decreasing and concave on [0, 1]; it is checked on a grid of 201 points in float64
+    (strictly negative first differences, second differences <= a small tolerance).
+
+    Raises:
+        ValueError: for an unknown name, or a callable that is not decreasing and concave on [0, 1].
+    """
+    if isinstance(concave, str):
+        if concave not in _CONCAVE:
+            raise ValueError(expected("concave", f"one of {CONCAVE_TERMS} or a callable f(p)", concave))
+        return _CONCAVE[concave]
+    if not callable(concave):
+        raise TypeError(expected("concave", f"one of {CONCAVE_TERMS} or a callable f(p)", concave))
+    grid = torch.linspace(0.0, 1.0, 201, dtype=torch.float64)
+    try:
+        values = concave(grid)
+    except Exception as err:  # the user's callable failed: say so, with the reason
+        raise ValueError(f"The `concave` callable failed on a tensor of probabilities in [0, 1]: {err}") from err
+    if not isinstance(values, Tensor) or values.shape != grid.shape:
+        raise ValueError(expected("concave", "a callable returning a tensor of the same shape as its input", concave))
+    values = values.double()
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(expected("concave", "a callable finite on [0, 1]", concave))
+    first = values.diff()
+    second = first.diff()
+    scale = values.abs().max().clamp_min(1.0)
+    if not bool((first < 0).all()):
+        p = grid[1:][first >= 0][0].item()
+        raise ValueError(
+            expected(
+                "concave",
+                "a callable that is strictly decreasing on [0, 1]",
+                f"{concave!r}, which does not decrease near p={p:.3f}",
+            )
+        )
+    if not bool((second <= 1e-9 * scale).all()):
+        p = grid[1:-1][second > 1e-9 * scale][0].item()
+        raise ValueError(
+            expected("concave", "a callable that is concave on [0, 1]", f"{concave!r}, which is convex near p={p:.3f}")
+        )
+    return concave
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Convex-Concave Loss
+# --------------------------------------------------------------------------------------------------------------
+def convex_concave_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 0.5,
+    concave: str | Callable[[Tensor], Tensor] = "exp",
+    convex: str = "ce",
+    gamma: float = 2.0,
+    beta: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Convex-Concave Loss `beta * (alpha * convex + (1 - alpha) * concave(p_y))` (Liu et al., ICML 2024).
+
+    Args:
+        logits: `(N, C)` unnormalised scores.
+        target: `(N,)` integer class indices in [0, C).
+        alpha: weight of the convex term in [0, 1]; `alpha=1` is the convex loss alone.
+        concave: "exp" (CCEL, `-exp(p_y)`), "quadratic" (CCQL, `-p_y - p_y**2/2`), or a callable `f(p)`
+            decreasing and concave on [0, 1].
+        convex: "ce" or "focal" (uses `gamma`).
+        gamma: focusing parameter of the focal convex term; ignored for "ce".
+        beta: overall scale. For SGD, scaling the loss by beta is the same as multiplying the learning rate by
+            beta and dividing the weight decay by beta: comparisons against CE are fair only at beta=1.
+        reduction: "none" | "mean" | "sum".
+
+    Returns:
+        `(N,)` for reduction "none", else a scalar.
+
+    Example:
+        >>> logits, target = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
+        >>> convex_concave_loss(logits, target, alpha=1.0)  # equals cross-entropy
+        tensor(0.1269)
+    """
+    alpha = check_in_range("alpha", alpha, low=0.0, high=1.0)
+    beta = check_in_range("beta", beta, low=0.0, low_inclusive=False)
+    check_choice("convex", convex, CONVEX_TERMS)
+    gamma = check_in_range("gamma", gamma, low=0.0)
+    f = resolve_concave(concave)
+    _validate(logits, target, reduction)
+    return _reduce(_convex_concave(logits, target, alpha, f, convex, gamma, beta), reduction)
+
+
+def _convex_concave(
+    logits: Tensor, target: Tensor, alpha: float, f: Callable[[Tensor], Tensor], convex: str, gamma: float, beta: float
+) -> Tensor:
+    """Per-sample CCL on validated input; `f` is an already checked concave term."""
+    log_p_y, log_1mp = log_prob_true_and_rest(logits, target)
+    if convex == "ce":
+        convex_term = -log_p_y
+    else:
+        convex_term = torch.exp(gamma * log_1mp) * (-log_p_y)
+    return beta * (alpha * convex_term + (1.0 - alpha) * f(torch.exp(log_p_y)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Regularised baselines
+# --------------------------------------------------------------------------------------------------------------
+def label_smoothing_loss(logits: Tensor, target: Tensor, *, smoothing: float = 0.1, reduction: str = "mean") -> Tensor:
+    """Cross-entropy against `(1 - smoothing) * onehot + smoothing / C` (the definition of PyTorch's option)."""
+    smoothing = check_in_range("smoothing", smoothing, low=0.0, high=1.0)
+    _validate(logits, target, reduction)
+    log_p = logits.float().log_softmax(dim=1)  # (N, C)
+    nll = -log_p.gather(1, target[:, None]).squeeze(1)
+    uniform = -log_p.mean(dim=1)
+    return _reduce((1.0 - smoothing) * nll + smoothing * uniform, reduction)
+
+
+def confidence_penalty_loss(logits: Tensor, target: Tensor, *, beta: float = 0.1, reduction: str = "mean") -> Tensor:
+    """`CE - beta * H(p)` (Pereyra et al., 2017): penalises confident, low-entropy predictions."""
+    beta = check_in_range("beta", beta, low=0.0)
+    _validate(logits, target, reduction)
+    log_p = logits.float().log_softmax(dim=1)  # (N, C)
+    nll = -log_p.gather(1, target[:, None]).squeeze(1)
+    entropy = -(log_p.exp() * log_p).sum(dim=1)
+    return _reduce(nll - beta * entropy, reduction)
+
+
+def relax_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    alpha: float,
+    epoch: int,
+    upper: float = 1.0,
+    variant: str = "tabular",
+    reduction: str = "mean",
+) -> Tensor:
+    """RelaxLoss (Chen, Yu, Fritz, ICLR 2022) for one batch at a given epoch.
+
+    With `L` the batch's mean cross-entropy:
+
+    - even epochs: `|L - alpha|`, i.e. gradient ascent on CE when `L < alpha`;
+    - odd epochs: `L` while `L > alpha`; otherwise posterior flattening, a cross-entropy against soft targets
+      that keep the true class at `min(p_y, upper)` and spread the rest uniformly over the other classes
+      (the soft targets are constants: no gradient flows through them).
+
+    `variant` selects how posterior flattening is applied, as the two public codebases differ:
+    "tabular" (Purchase/Texas code) uses the soft-target CE on every sample; "cifar" (CIFAR code) uses it only on
+    misclassified samples and subtracts the hard-label CE of all samples.
+
+    RelaxLoss is a batch-level objective, so only `reduction="mean"` is defined.
+
+    Args:
+        alpha: target loss level (> 0), e.g. 0.8 for Purchase, 1.0 for CIFAR-10 ResNet-20.
+        epoch: the current epoch (0-based); its parity chooses the step type.
+        upper: cap on the true-class soft target, in (0, 1].
+    """
+    alpha = check_in_range("alpha", alpha, low=0.0, low_inclusive=False)
+    upper = check_in_range("upper", upper, low=0.0, high=1.0, low_inclusive=False)
+    epoch = check_positive_int("epoch", epoch, minimum=0)
+    check_choice("variant", variant, RELAX_VARIANTS)
+    check_choice("reduction", reduction, ("mean",))
+    check_logits_targets(logits, target)
+    ce = _ce(logits, target)  # (N,)
+    batch_loss = ce.mean()
+    if epoch % 2 == 0:
+        return (batch_loss - alpha).abs()
+    if batch_loss.item() > alpha:
+        return batch_loss
+    log_p = logits.float().log_softmax(dim=1)  # (N, C)
+    num_classes = logits.shape[1]
+    with torch.no_grad():
+        p_y = log_p.gather(1, target[:, None]).exp().clamp(max=upper)  # (N, 1)
+        soft = ((1.0 - p_y) / (num_classes - 1)).expand(-1, num_classes).clone()
+        soft.scatter_(1, target[:, None], p_y)  # (N, C), rows sum to 1
+    soft_ce = -(soft * log_p).sum(dim=1)  # (N,)
+    if variant == "tabular":
+        return soft_ce.mean()
+    misclassified = (logits.argmax(dim=1) != target).float()
+    return (misclassified * soft_ce - ce).mean()
