@@ -307,6 +307,6 @@ def test_bad_batches_are_named(name, logits, target, exc, pattern):
 
 
 def test_public_names_import():
-    for module in (ccl, ccl.losses, ccl.losses.functional, ccl.theory):
+    for module in (ccl, ccl.losses, ccl.losses.functional, ccl.theory, ccl.attacks, ccl.metrics, ccl.signals):
         for name in module.__all__:
             assert getattr(module, name) is not None

@@ -1,10 +1,11 @@
 """ccl: train classifiers that leak less about their training data, and measure how much they leak.
 
-Subpackages: `losses` (Convex-Concave Loss and baseline defenses), `theory` (the Gaussian advantage model).
+Subpackages: `losses` (Convex-Concave Loss and baseline defenses), `theory` (the Gaussian advantage model),
+`signals`, `attacks` and `metrics` (membership inference and its measures).
 """
 
-from . import losses, theory
+from . import attacks, losses, metrics, signals, theory
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "losses", "theory"]
+__all__ = ["__version__", "attacks", "losses", "metrics", "signals", "theory"]

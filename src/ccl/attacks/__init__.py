@@ -1,0 +1,75 @@
+"""Membership-inference attacks: each turns model outputs (`AttackInputs`) into one score per record.
+
+Example:
+    >>> inputs = ccl.attacks.AttackInputs(target_logits, labels, reference_logits, reference_in)  # doctest: +SKIP
+    >>> scores = ccl.attacks.create("lira").score(inputs)  # doctest: +SKIP
+    >>> ccl.metrics.evaluate(scores, is_member)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._registry import Registry
+from .base import Attack
+from .inputs import AttackInputs, NotEnoughReferencesError
+from .lira import LiRA
+from .rmia import RMIA
+from .shadow import ShadowClassifierAttack
+from .threshold import ThresholdAttack
+
+__all__ = [
+    "Attack",
+    "AttackInputs",
+    "LiRA",
+    "NotEnoughReferencesError",
+    "RMIA",
+    "ShadowClassifierAttack",
+    "ThresholdAttack",
+    "available",
+    "create",
+    "runnable",
+    "score_all",
+]
+
+_REGISTRY: Registry[Attack] = Registry("attack")
+for _signal in ("loss", "confidence", "entropy", "modified_entropy"):
+    _REGISTRY.register(
+        _signal, ThresholdAttack, defaults={"signal": _signal}, doc=f"threshold on the {_signal.replace('_', ' ')}"
+    )
+_REGISTRY.register("shadow_classifier", ShadowClassifierAttack, doc="Shokri et al.'s attack classifier")
+_REGISTRY.register("lira", LiRA, defaults={"online": True}, doc="LiRA, online (IN and OUT Gaussians)")
+_REGISTRY.register("lira_offline", LiRA, defaults={"online": False}, doc="LiRA, offline (OUT only)")
+_REGISTRY.register("rmia", RMIA, defaults={"offline": False}, doc="RMIA, online")
+_REGISTRY.register("rmia_offline", RMIA, defaults={"offline": True}, doc="RMIA, offline (parameter a)")
+
+
+def create(name: str, **params: Any) -> Attack:
+    """Builds a registered attack by name, e.g. `create("lira", variance="global")`."""
+    return _REGISTRY.create(name, **params)
+
+
+def available() -> list[str]:
+    """The names `create` accepts."""
+    return _REGISTRY.available()
+
+
+def runnable(attack: Attack, inputs: AttackInputs) -> bool:
+    """Whether `inputs` hold what `attack` needs (reference models, a population)."""
+    if inputs.num_references < attack.min_references:
+        return False
+    if attack.needs_population and inputs.population_reference_logits is None:
+        return False
+    return True
+
+
+def score_all(inputs: AttackInputs, *, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Scores of every named attack (default: every registered attack that `inputs` can support)."""
+    if names is None:
+        attacks = [create(n) for n in available()]
+        attacks = [a for a in attacks if runnable(a, inputs)]
+    else:
+        attacks = [create(n) for n in names]
+    return {attack.name: attack.score(inputs) for attack in attacks}

@@ -1,0 +1,255 @@
+"""Privacy metrics of a membership-inference attack: pure functions of `scores` and `is_member`.
+
+`scores` are real numbers, higher meaning "more likely a member"; `is_member` is the ground truth. Every
+metric reads the ROC curve, computed once by sorting, and matches `sklearn.metrics` (tested). Degenerate input
+(a single class, or too few non-members to resolve the asked false-positive rate) warns and returns NaN rather
+than a misleading 0.
+
+Example:
+    >>> scores, is_member = [0.9, 0.8, 0.3, 0.1], [True, False, True, False]
+    >>> round(roc_auc(scores, is_member), 3)
+    0.75
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from ._checks import check_in_range, check_positive_int, expected
+
+__all__ = [
+    "DEFAULT_FPRS",
+    "AttackMetrics",
+    "Interval",
+    "RocCurve",
+    "balanced_accuracy",
+    "bootstrap_ci",
+    "evaluate",
+    "membership_advantage",
+    "roc_auc",
+    "roc_curve",
+    "tpr_at_fpr",
+]
+
+DEFAULT_FPRS = (1e-3, 1e-2)
+
+
+class DegenerateMetricWarning(UserWarning):
+    """A metric was asked of input that cannot support it; the metric is NaN."""
+
+
+class RocCurve(NamedTuple):
+    """Points of the ROC curve at every distinct threshold, from (0, 0) to (1, 1), as `sklearn.metrics.roc_curve`
+    with `drop_intermediate=False`: `thresholds[0]` is `inf`, and a sample is called a member when
+    `score >= threshold`."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    thresholds: np.ndarray
+
+
+class Interval(NamedTuple):
+    low: float
+    high: float
+
+
+def _validate(scores: ArrayLike, is_member: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores)
+    m = np.asarray(is_member)
+    if s.ndim != 1:
+        raise ValueError(expected("scores", "a 1-D array", f"shape {s.shape}"))
+    if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
+        raise TypeError(expected("scores", "real numbers", s.dtype))
+    s = s.astype(np.float64)
+    if not np.all(np.isfinite(s)):
+        raise ValueError(expected("scores", "finite numbers", f"{int(np.sum(~np.isfinite(s)))} NaN or inf values"))
+    if m.shape != s.shape:
+        raise ValueError(expected("is_member", f"an array of shape {s.shape} like `scores`", f"shape {m.shape}"))
+    if m.dtype != bool:
+        if not np.isin(m, (0, 1)).all():
+            raise ValueError(expected("is_member", "booleans (or 0/1)", f"values {np.unique(m)[:5]}"))
+        m = m.astype(bool)
+    return s, m
+
+
+def _warn_nan(msg: str) -> float:
+    warnings.warn(msg + " Returning NaN.", DegenerateMetricWarning, stacklevel=3)
+    return math.nan
+
+
+def _both_classes(m: np.ndarray, metric: str) -> bool:
+    if m.all() or not m.any():
+        _warn_nan(
+            f"{metric} needs both members and non-members, but got only {'members' if m.all() else 'non-members'}."
+        )
+        return False
+    return True
+
+
+def _roc(s: np.ndarray, m: np.ndarray) -> RocCurve:
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, m_sorted = s[order], m[order]
+    # the last index of each run of tied scores: a threshold takes a tie whole
+    last = np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.size - 1]
+    tps = np.cumsum(m_sorted)[last]
+    fps = (last + 1) - tps
+    tps, fps = np.r_[0, tps], np.r_[0, fps]
+    thresholds = np.r_[np.inf, s_sorted[last]]
+    n_pos, n_neg = m.sum(), m.size - m.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return RocCurve(fps / n_neg, tps / n_pos, thresholds)
+
+
+def roc_curve(scores: ArrayLike, is_member: ArrayLike) -> RocCurve:
+    """The ROC curve. Warns and returns NaN rates when one class is missing."""
+    s, m = _validate(scores, is_member)
+    _both_classes(m, "roc_curve")
+    return _roc(s, m)
+
+
+def roc_auc(scores: ArrayLike, is_member: ArrayLike) -> float:
+    """Area under the ROC curve (ties count one half), as `sklearn.metrics.roc_auc_score`."""
+    s, m = _validate(scores, is_member)
+    if not _both_classes(m, "roc_auc"):
+        return math.nan
+    fpr, tpr, _ = _roc(s, m)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)  # trapezoids between ROC points
+
+
+def membership_advantage(scores: ArrayLike, is_member: ArrayLike) -> float:
+    """`max over thresholds of TPR - FPR` (Yeom et al., 2018), the paper's Adv; 0 when no threshold helps."""
+    s, m = _validate(scores, is_member)
+    if not _both_classes(m, "membership_advantage"):
+        return math.nan
+    fpr, tpr, _ = _roc(s, m)
+    return float(np.max(tpr - fpr))
+
+
+def tpr_at_fpr(scores: ArrayLike, is_member: ArrayLike, *, fpr: float = 1e-3) -> float:
+    """The largest TPR among thresholds whose FPR does not exceed `fpr`.
+
+    Warns and returns NaN when fewer than `1 / fpr` non-members are given: such an FPR cannot be resolved.
+    """
+    fpr = check_in_range("fpr", fpr, low=0.0, high=1.0, low_inclusive=False)
+    s, m = _validate(scores, is_member)
+    if not _both_classes(m, "tpr_at_fpr"):
+        return math.nan
+    n_neg = int((~m).sum())
+    if n_neg * fpr < 1 - 1e-9:
+        return _warn_nan(
+            f"tpr_at_fpr(fpr={fpr:g}) needs at least {math.ceil(1 / fpr - 1e-9)} non-members, but got {n_neg}."
+        )
+    curve = _roc(s, m)
+    return float(curve.tpr[curve.fpr <= fpr + 1e-12].max())
+
+
+def balanced_accuracy(scores: ArrayLike, is_member: ArrayLike, *, threshold: float) -> float:
+    """`(TPR + TNR) / 2` of the decision "member when `score >= threshold`"."""
+    s, m = _validate(scores, is_member)
+    if not _both_classes(m, "balanced_accuracy"):
+        return math.nan
+    predicted = s >= threshold
+    return float(0.5 * (predicted[m].mean() + (~predicted[~m]).mean()))
+
+
+def bootstrap_ci(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    scores: ArrayLike,
+    is_member: ArrayLike,
+    *,
+    n_resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval of `metric(scores, is_member)`.
+
+    Members and non-members are resampled separately (with replacement), keeping both counts fixed.
+    """
+    n_resamples = check_positive_int("n_resamples", n_resamples, minimum=2)
+    confidence = check_in_range("confidence", confidence, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    s, m = _validate(scores, is_member)
+    if m.all() or not m.any():
+        _warn_nan("bootstrap_ci needs both members and non-members.")
+        return Interval(math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.nonzero(m)[0], np.nonzero(~m)[0]
+    values = np.empty(n_resamples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateMetricWarning)
+        for b in range(n_resamples):
+            idx = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+            values[b] = metric(s[idx], m[idx])
+    if np.isnan(values).all():
+        return Interval(math.nan, math.nan)
+    tail = 50 * (1 - confidence)
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return Interval(float(low), float(high))
+
+
+@dataclass(frozen=True)
+class AttackMetrics:
+    """The headline metrics of one attack, each with a bootstrap confidence interval (or NaN bounds)."""
+
+    auc: float
+    advantage: float
+    tpr_at_fpr: dict[float, float]
+    auc_ci: Interval
+    advantage_ci: Interval
+    tpr_at_fpr_ci: dict[float, Interval]
+    n_members: int
+    n_nonmembers: int
+
+    def as_dict(self) -> dict:
+        out = {
+            "auc": self.auc,
+            "auc_ci": list(self.auc_ci),
+            "advantage": self.advantage,
+            "advantage_ci": list(self.advantage_ci),
+            "n_members": self.n_members,
+            "n_nonmembers": self.n_nonmembers,
+        }
+        for f, v in self.tpr_at_fpr.items():
+            out[f"tpr@{f:g}"] = v
+            out[f"tpr@{f:g}_ci"] = list(self.tpr_at_fpr_ci[f])
+        return out
+
+
+def evaluate(
+    scores: ArrayLike,
+    is_member: ArrayLike,
+    *,
+    fprs: Sequence[float] = DEFAULT_FPRS,
+    n_resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> AttackMetrics:
+    """AUC, advantage and TPR at each FPR in `fprs`, with bootstrap intervals (`n_resamples=0` skips them)."""
+    s, m = _validate(scores, is_member)
+    nan = Interval(math.nan, math.nan)
+
+    def ci(fn):
+        if n_resamples == 0:
+            return nan
+        return bootstrap_ci(fn, s, m, n_resamples=n_resamples, confidence=confidence, seed=seed)
+
+    tprs = {float(f): tpr_at_fpr(s, m, fpr=f) for f in fprs}
+    tpr_cis = {}
+    for f in fprs:
+        tpr_cis[float(f)] = nan if math.isnan(tprs[float(f)]) else ci(lambda a, b, f=f: tpr_at_fpr(a, b, fpr=f))
+    return AttackMetrics(
+        auc=roc_auc(s, m),
+        advantage=membership_advantage(s, m),
+        tpr_at_fpr=tprs,
+        auc_ci=ci(roc_auc),
+        advantage_ci=ci(membership_advantage),
+        tpr_at_fpr_ci=tpr_cis,
+        n_members=int(m.sum()),
+        n_nonmembers=int((~m).sum()),
+    )
