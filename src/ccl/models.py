@@ -1,0 +1,233 @@
+"""Classifier architectures used in the membership-inference literature, behind a small registry.
+
+Example:
+    >>> model = ccl.models.create("mlp", num_classes=100, input_shape=(600,))  # Purchase100's MLP
+    >>> model = ccl.models.create("resnet18", num_classes=10, input_shape=(3, 32, 32), seed=0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_positive_int, expected
+from ._registry import Registry
+
+__all__ = ["CNN", "MLP", "DenseNet", "ResNet", "WideResNet", "available", "create"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tabular
+# ----------------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """Fully connected network; the default `hidden=(1024, 512, 256, 128)` with Tanh is the Purchase/Texas
+    architecture of Nasr et al. (2018). Inputs of any shape are flattened."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        input_shape: Sequence[int],
+        hidden: Sequence[int] = (1024, 512, 256, 128),
+        activation: str = "tanh",
+    ) -> None:
+        super().__init__()
+        acts = {"tanh": nn.Tanh, "relu": nn.ReLU}
+        if activation not in acts:
+            raise ValueError(expected("activation", f"one of {sorted(acts)}", activation))
+        widths = [math.prod(input_shape), *hidden]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(a, b), acts[activation]()]
+        layers.append(nn.Linear(widths[-1], num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, *input_shape) -> (N, num_classes)
+        return self.net(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------
+class CNN(nn.Module):
+    """A small CNN: two conv-BN-ReLU-pool stages (`width`, `2 * width` channels) and a linear head."""
+
+    def __init__(self, *, num_classes: int, input_shape: Sequence[int], width: int = 32) -> None:
+        super().__init__()
+        c = input_shape[0]
+        self.features = nn.Sequential(
+            nn.Conv2d(c, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, num_classes)
+        return self.head(self.features(x))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet (He et al., 2016): 3x3 stem, no max-pool, stages of 64/128/256/512 channels."""
+
+    def __init__(
+        self, *, num_classes: int, input_shape: Sequence[int], blocks: Sequence[int] = (2, 2, 2, 2), width: int = 64
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        layers, cin = [], width
+        for i, n in enumerate(blocks):
+            cout = width * 2**i
+            for j in range(n):
+                layers.append(_BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, 3, 32, 32) -> (N, num_classes)
+        out = self.layers(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class _DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.BatchNorm2d(cin),
+            nn.ReLU(),
+            nn.Conv2d(cin, 4 * growth, 1, bias=False),
+            nn.BatchNorm2d(4 * growth),
+            nn.ReLU(),
+            nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, self.net(x)], 1)
+
+
+class DenseNet(nn.Module):
+    """CIFAR DenseNet (Huang et al., 2017) with bottlenecks and compression 0.5; default DenseNet-121:
+    growth 32, blocks (6, 12, 24, 16), 3x3 stem."""
+
+    def __init__(
+        self, *, num_classes: int, input_shape: Sequence[int], blocks: Sequence[int] = (6, 12, 24, 16), growth: int = 32
+    ) -> None:
+        super().__init__()
+        c = 2 * growth
+        modules: list[nn.Module] = [nn.Conv2d(input_shape[0], c, 3, padding=1, bias=False)]
+        for i, n in enumerate(blocks):
+            for _ in range(n):
+                modules.append(_DenseLayer(c, growth))
+                c += growth
+            if i < len(blocks) - 1:
+                modules += [nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2)]
+                c //= 2
+        modules += [nn.BatchNorm2d(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*modules)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class _WideBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None if (cin == cout and stride == 1) else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class WideResNet(nn.Module):
+    """WideResNet-depth-k (Zagoruyko & Komodakis, 2016), pre-activation; default WRN-28-2."""
+
+    def __init__(self, *, num_classes: int, input_shape: Sequence[int], depth: int = 28, width: int = 2) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(expected("depth", "6n + 4 (e.g. 16, 22, 28, 40)", depth))
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        layers: list[nn.Module] = [nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=False)]
+        cin = widths[0]
+        for i, cout in enumerate(widths[1:]):
+            for j in range(n):
+                layers.append(_WideBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        layers += [nn.BatchNorm2d(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------
+_IMAGE_MODELS = {"cnn", "resnet18", "resnet34", "densenet121", "wrn"}
+_REGISTRY: Registry[nn.Module] = Registry("model")
+_REGISTRY.register("mlp", MLP, doc="MLP 1024-512-256-128, Tanh (Purchase/Texas)")
+_REGISTRY.register("cnn", CNN, doc="small CNN, 2 conv stages")
+_REGISTRY.register("resnet18", ResNet, defaults={"blocks": (2, 2, 2, 2)}, doc="CIFAR ResNet-18")
+_REGISTRY.register("resnet34", ResNet, defaults={"blocks": (3, 4, 6, 3)}, doc="CIFAR ResNet-34")
+_REGISTRY.register("densenet121", DenseNet, doc="CIFAR DenseNet-121")
+_REGISTRY.register("wrn", WideResNet, doc="WideResNet-28-k (depth=28, width=k)")
+
+
+def create(
+    name: str, *, num_classes: int, input_shape: Sequence[int], seed: int | None = None, **params: Any
+) -> nn.Module:
+    """Builds a registered model. With `seed`, the initial weights depend on it alone (not on global state).
+
+    Raises:
+        ValueError: unknown name or parameter, `num_classes < 2`, or an image model with a non-image input shape.
+    """
+    check_positive_int("num_classes", num_classes, minimum=2)
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(expected("input_shape", "a tuple of positive sizes", input_shape))
+    if name in _IMAGE_MODELS and len(shape) != 3:
+        raise ValueError(expected("input_shape", f"(channels, height, width) for the image model {name!r}", shape))
+    _REGISTRY.check_params(name, params)
+    if seed is None:
+        return _REGISTRY.create(name, num_classes=num_classes, input_shape=shape, **params)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return _REGISTRY.create(name, num_classes=num_classes, input_shape=shape, **params)
+
+
+def available() -> list[str]:
+    return _REGISTRY.available()
