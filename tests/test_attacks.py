@@ -175,9 +175,15 @@ def test_lira_matches_loop(online, variance, augmentations):
 
 def test_lira_needs_enough_reference_models():
     inp = random_inputs(seed=4, n=10, k=2)  # one IN and one OUT model per record
-    with pytest.raises(NotEnoughReferencesError, match="at least 2 (IN|OUT) reference model.*variance=.global."):
+    with pytest.raises(NotEnoughReferencesError, match="at least 4 reference model"):
         attacks.LiRA(variance="per_example").score(inp)
-    with pytest.raises(NotEnoughReferencesError, match="needs at least 2 reference model"):
+    uneven = random_inputs(seed=4, n=10, k=4)
+    mask = uneven.reference_in.copy()
+    mask[:, 0] = [True, True, True, False]  # record 0: a single OUT model
+    uneven = AttackInputs(uneven.target_logits, uneven.labels, uneven.reference_logits, mask)
+    with pytest.raises(NotEnoughReferencesError, match="at least 2 OUT reference model.*variance='global'"):
+        attacks.LiRA(variance="per_example").score(uneven)
+    with pytest.raises(NotEnoughReferencesError, match="needs at least 4 reference model"):
         attacks.create("lira").score(AttackInputs(inp.target_logits[:, 0], inp.labels))
 
 

@@ -210,7 +210,8 @@ def test_membership_split_is_disjoint_balanced_and_deterministic(tmp_path):
     members, nonmembers = split.target_members, split.target_nonmembers
     assert not np.intersect1d(members, nonmembers).size
     assert not np.intersect1d(split.pool, split.population).size
-    assert abs(len(members) - len(nonmembers)) <= 1
+    assert len(members) == len(nonmembers) == split.pool.size // 2
+    assert (split.reference_in.sum(1) == split.pool.size // 2).all()  # equal training-set sizes
     assert len(np.union1d(split.pool, split.population)) == 1001
     assert (split.reference_in.sum(0) == 4).all()  # every record IN for exactly half of the models
     assert 0.45 < split.reference_in.mean() < 0.55

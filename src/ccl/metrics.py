@@ -26,6 +26,7 @@ from ._checks import check_in_range, check_positive_int, expected
 
 __all__ = [
     "DEFAULT_FPRS",
+    "DegenerateMetricWarning",
     "AttackMetrics",
     "Interval",
     "RocCurve",

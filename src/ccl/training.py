@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,20 @@ from torch import Tensor, nn
 from ._checks import check_choice, check_in_range, check_positive_int, expected
 from ._io import atomic_path, remove_stale_temporaries, write_text
 
-__all__ = ["FitResult", "TrainConfig", "TrainingError", "augment_batch", "fit", "lr_at", "predict_logits"]
+__all__ = [
+    "FitResult",
+    "TrainConfig",
+    "TrainingError",
+    "augment_batch",
+    "autocast_dtype",
+    "epoch_generator",
+    "fit",
+    "load_checkpoint",
+    "lr_at",
+    "make_optimizer",
+    "predict_logits",
+    "resolve_device",
+]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -113,7 +126,7 @@ def lr_at(epoch: int, config: TrainConfig) -> float:
     return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
 
 
-def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     return g
@@ -134,7 +147,7 @@ def augment_batch(x: Tensor, generator: torch.Generator, *, padding: int = 4) ->
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -143,15 +156,15 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
+def make_optimizer(params: Iterable[Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
@@ -200,7 +213,7 @@ def predict_logits(
 ) -> np.ndarray:
     """The model's logits on `x` in eval mode, float32 numpy `(N, C)`; with `flip_queries=True`, the original
     and the horizontally flipped image, `(N, 2, C)`. No augmentation unless asked for."""
-    device = _device(device) if isinstance(device, str) else device
+    device = resolve_device(device) if isinstance(device, str) else device
     model.eval()
     model.to(device)
     outs = []
@@ -301,8 +314,8 @@ def fit(
         if hx.shape[1:] != x.shape[1:]:
             raise ValueError(expected("heldout", f"records of shape {tuple(x.shape[1:])} like train", hx.shape[1:]))
 
-    device = _device(config.device)
-    amp_dtype = _autocast_dtype(config, device)
+    device = resolve_device(config.device)
+    amp_dtype = autocast_dtype(config, device)
     images = x.ndim == 4
     if config.augment and not images:
         raise ValueError(expected("augment", "False for non-image data (x of shape (N, C, H, W) needed)", True))
@@ -312,7 +325,7 @@ def fit(
     x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
     if heldout is not None:
         hx, hy = hx.to(device).contiguous(memory_format=memory_format), hy.to(device)
-    optimizer = _make_optimizer(model, config)
+    optimizer = make_optimizer(model.parameters(), config)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     forward = torch.compile(model) if config.compile else model
 
@@ -346,7 +359,7 @@ def fit(
             group["lr"] = lr
         if hasattr(loss_fn, "set_epoch"):
             loss_fn.set_epoch(epoch)
-        gen = _epoch_generator(config.seed, epoch, device)
+        gen = epoch_generator(config.seed, epoch, device)
         torch.manual_seed(int(np.random.SeedSequence([config.seed, epoch, 1]).generate_state(1)[0]))  # dropout etc.
         order = torch.randperm(n, generator=gen, device=device)
         if n % config.batch_size == 1 and n > 1:

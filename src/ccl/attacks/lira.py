@@ -52,7 +52,8 @@ class LiRA(Attack):
         self.online = bool(online)
         self.variance = check_choice("variance", variance, ("auto", "per_example", "global"))
         self.name = "lira" if online else "lira_offline"
-        self.min_references = 2 if online else 1
+        # two IN and two OUT observations per record, so that the spreads can be estimated
+        self.min_references = 4
 
     def _resolved_variance(self, k: int) -> str:
         if self.variance == "auto":

@@ -7,7 +7,8 @@
   non-members are disjoint and balanced;
 - `reference_in (K, pool)`: reference model k trains on the records where it is True. Models come in
   complementary pairs (model 2j trains on a random half of the pool, model 2j+1 on the other half), so each
-  record is IN for exactly half of the models (LiRA's design) and has IN and OUT observations.
+  record is IN for exactly half of the models (LiRA's design) and has IN and OUT observations. The pool has an
+  even size, so the target and every reference model train on exactly as many records.
 
 `shadow_split` is the classic design of Shokri et al. and the CCL paper's code: four disjoint equal parts,
 target in / target out / shadow in / shadow out.
@@ -117,19 +118,23 @@ def membership_split(
     rng_pool, rng_target, rng_refs = (np.random.default_rng(s) for s in root.spawn(3))
     order = rng_pool.permutation(n)
     n_pop = int(round(frac * n))
+    n_pop += (n - n_pop) % 2  # an even pool: every model then trains on exactly half of it
     population, pool = np.sort(order[:n_pop]), np.sort(order[n_pop:])
     p = pool.size
     if p < 2:
         raise ValueError(expected("population_fraction", "a value that leaves at least 2 records to audit", frac))
     target_in = np.zeros(p, bool)
     target_in[rng_target.permutation(p)[: p // 2]] = True
-    # Models come in complementary pairs: one coin per record and pair, model 2j trains on the heads, model 2j+1
-    # on the tails. Every record is IN for exactly half of the models (K even), and the pairs are drawn in order
-    # from one stream, so the first models' members stay fixed when K grows.
-    coins = rng_refs.random(((k + 1) // 2, p)) < 0.5  # (pairs, P)
-    reference_in = np.empty((k, p), bool)
-    reference_in[0::2] = coins
-    reference_in[1::2] = ~coins[: k // 2]
+    # Models come in complementary pairs: a random half of the pool for model 2j, the other half for model 2j+1.
+    # Every record is IN for exactly half of the models (K even), every model has exactly p / 2 members (so K
+    # models can train in lockstep), and the pairs are drawn in order from one stream, so the first models'
+    # members stay fixed when K grows.
+    reference_in = np.zeros((k, p), bool)
+    for j in range(0, k, 2):
+        heads = rng_refs.permutation(p)[: p // 2]
+        reference_in[j, heads] = True
+        if j + 1 < k:
+            reference_in[j + 1] = ~reference_in[j]
     return MembershipSplit(pool, target_in, reference_in, population, n, int(seed))
 
 

@@ -1,0 +1,218 @@
+"""The command line end to end on tiny settings: run directory, report, resume, caching and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ccl import cli
+from ccl.config import ConfigError, ExperimentConfig
+
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--data-option",
+    "num_samples=160",
+    "--data-option",
+    "num_features=8",
+    "--model-option",
+    "hidden=[32]",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "16",
+    "--lr",
+    "0.05",
+    "--bootstrap",
+    "10",
+    "--quiet",
+]
+
+
+def run_cli(*args: str) -> int:
+    return cli.main(list(args))
+
+
+def model_folders(out: Path) -> set[str]:
+    return {p.name for p in (out / "models").iterdir() if p.is_dir() and p.name != "stacked"}
+
+
+def test_compare_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        run_cli(
+            "compare",
+            *TINY,
+            "--defenses",
+            "ce",
+            "ccel:alpha=0.5",
+            "--seeds",
+            "0",
+            "--num-references",
+            "4",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "ccel(alpha=0.5)" in printed and "Report:" in printed
+    for name in ("config.yaml", "run.json", "metrics.json", "table.csv", "report.html", "splits/seed-0.npz"):
+        assert (out / name).exists(), name
+    for plot in ("roc", "privacy_utility", "loss_histograms", "loss_variance", "gaussian_model"):
+        assert (out / "plots" / f"{plot}.png").stat().st_size > 1000
+    summary = json.loads((out / "metrics.json").read_text())
+    assert [r["defense"] for r in summary["rows"]] == ["ce", "ccel(alpha=0.5)"]
+    attacks = set(summary["rows"][0]["attacks"])
+    assert {"loss", "lira", "lira_offline", "rmia", "shadow_classifier"} <= attacks
+    per_seed = json.loads((out / "results" / "ce" / "seed-0" / "metrics.json").read_text())
+    assert per_seed["num_members"] == per_seed["num_nonmembers"]  # balanced
+    assert len(per_seed["target_history"]) == 3
+    assert len(model_folders(out)) == 2 * 5  # (target + 4 references) per defense
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    assert not re.search(r"""(src|href)=["']?https?:""", html)  # opens offline
+    header = (out / "table.csv").read_text().splitlines()[0]
+    assert "lira_tpr@0.01" in header and "test_acc" in header
+    # report re-renders from the directory alone
+    (out / "report.html").unlink()
+    assert run_cli("report", str(out)) == 0
+    assert (out / "report.html").exists()
+
+
+def test_existing_run_is_never_overwritten_and_resume_reuses_models(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = [*TINY, "--loss", "ce", "--seeds", "0", "--num-references", "2", "--out", str(out)]
+    assert run_cli("audit", *base) == 0
+    before = model_folders(out)
+    assert run_cli("audit", *base) == 2
+    assert "already exists" in capsys.readouterr().err
+    # a lost result is recomputed from cached models: no model is trained again
+    (out / "results" / "ce" / "seed-0" / "metrics.json").unlink()
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("outputs.npz")}
+    assert run_cli("audit", *base, "--resume") == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "models").rglob("outputs.npz")} == mtimes
+    # raising K trains only the new reference models
+    assert run_cli("audit", "--resume", "--num-references", "4", "--out", str(out), "--quiet") == 0
+    after = model_folders(out)
+    assert before < after and len(after) == 5
+    assert json.loads((out / "results" / "ce" / "seed-0" / "metrics.json").read_text())["num_references"] == 4
+
+
+def test_yaml_config_is_validated_and_flags_override_it(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: synthetic\nnum_refrences: 3\n")
+    assert run_cli("audit", "--config", str(cfg), "--out", str(tmp_path / "x")) == 2
+    assert "Did you mean 'num_references'" in capsys.readouterr().err
+    cfg.write_text("dataset: synthetic\ntrain:\n  epochs: 7\n  lr: 0.2\ndefenses: [ccql]\n")
+    args = cli.make_parser().parse_args(["audit", "--config", str(cfg), "--lr", "0.01"])
+    config = cli.build_config(args)
+    assert (config.train.epochs, config.train.lr, config.defenses[0].loss) == (7, 0.01, "ccql")
+    cfg.write_text("- not a mapping\n")
+    assert run_cli("audit", "--config", str(cfg)) == 2
+    assert "mapping" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "--dataset", "mnist"], "Unknown dataset 'mnist'"),
+        (["compare", "--model", "resnet50"], "Unknown model 'resnet50'.*resnet18"),
+        (["compare", "--defenses", "cce"], "Unknown loss 'cce'.*Did you mean"),
+        (["compare", "--defenses", "ccel:alpha=2"], "`alpha`.*2"),
+        (["compare", "--attacks", "lira2"], "Unknown attack 'lira2'"),
+        (["compare", "--epochs", "0"], "`epochs`"),
+        (["report", "does-not-exist"], "not a ccl run directory"),
+        (["audit", "--defenses", "ce"], None),  # audit takes --loss, not --defenses: argparse exits 2
+    ],
+)
+def test_bad_input_gets_a_clear_error(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if message is None:
+        with pytest.raises(SystemExit) as err:
+            cli.main(argv)
+        assert err.value.code == 2
+        return
+    assert cli.main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_demo_settings_are_valid_and_sized_for_a_laptop():
+    args = cli.make_parser().parse_args(["demo"])
+    config = cli.build_config(args, cli.DEMO)
+    assert isinstance(config, ExperimentConfig)
+    assert config.dataset == "digits"  # bundled with scikit-learn: offline
+    labels = [d.label for d in config.defenses]
+    for required in (
+        "ce",
+        "focal(gamma=2)",
+        "ccel(alpha=0.2)",
+        "ccel(alpha=0.5)",
+        "ccel(alpha=0.8)",
+        "ccql(alpha=0.5)",
+        "relaxloss(alpha=0.5)",
+    ):
+        assert required in labels
+    models = len(config.defenses) * len(config.seeds) * (1 + config.num_references)
+    assert models <= 500 and config.train.epochs <= 100 and config.train.augment is False
+    assert not config.flip_queries  # no augmentation at query time
+
+
+def test_help_shows_examples():
+    out = subprocess.run([sys.executable, "-m", "ccl", "compare", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "examples:" in out.stdout and "ccl compare --dataset cifar10" in out.stdout
+
+
+def test_ctrl_c_keeps_completed_models_and_resume_finishes(tmp_path):
+    out = tmp_path / "run"
+    argv = [
+        sys.executable,
+        "-m",
+        "ccl",
+        "compare",
+        *TINY,
+        "--epochs",
+        "40",
+        "--defenses",
+        "ce",
+        "focal",
+        "--seeds",
+        "0",
+        "--num-references",
+        "2",
+        "--stacked",
+        "off",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "models").glob("*/outputs.npz")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt landed")
+    assert proc.returncode == 130 and "--resume" in err
+    kept = list((out / "models").glob("*/outputs.npz"))
+    assert kept and not (out / "report.html").exists()
+    assert cli.main(["compare", "--resume", "--out", str(out), "--quiet"]) == 0
+    assert (out / "report.html").exists()
+    assert all(p.exists() for p in kept)
+
+
+def test_train_command(tmp_path, capsys):
+    out = tmp_path / "t"
+    assert run_cli("train", *TINY, "--loss", "ccel:alpha=0.5", "--out", str(out)) == 0
+    assert (out / "model" / "checkpoint.pt").exists() and (out / "model" / "log.jsonl").exists()
+    assert "held-out acc" in capsys.readouterr().out
+    with pytest.raises(ConfigError):
+        cli.build_config(cli.make_parser().parse_args(["train", "--loss", "nope"]))
