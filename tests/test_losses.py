@@ -310,3 +310,54 @@ def test_public_names_import():
     for module in (ccl, ccl.losses, ccl.losses.functional, ccl.theory, ccl.attacks, ccl.metrics, ccl.signals):
         for name in module.__all__:
             assert getattr(module, name) is not None
+
+
+# ------------------------------------------------------------------ the fused fast path against plain autograd
+def _autograd_reference(name, logits, target, **kw):
+    """The obviously correct version: every term through autograd from a float64 log_softmax."""
+    log_p = torch.log_softmax(logits.double(), 1)
+    ce = -log_p.gather(1, target[:, None]).squeeze(1)
+    p = torch.exp(-ce)
+    focal = lambda g: (1 - p).clamp_min(1e-300) ** g * ce  # noqa: E731
+    if name == "ce":
+        return ce
+    if name == "focal":
+        return focal(kw["gamma"])
+    conv = ce if kw.get("convex", "ce") == "ce" else focal(kw["gamma"])
+    concave = -torch.exp(p) if name == "ccel" else -p - p**2 / 2
+    return kw.get("beta", 1.0) * (kw["alpha"] * conv + (1 - kw["alpha"]) * concave)
+
+
+FAST_CASES = [
+    ("ce", {}),
+    ("focal", {"gamma": 2.0}),
+    ("focal", {"gamma": 0.5}),
+    ("focal", {"gamma": 1.0}),
+    ("ccel", {"alpha": 0.3}),
+    ("ccel", {"alpha": 0.5, "beta": 0.05, "convex": "focal", "gamma": 2.0}),
+    ("ccql", {"alpha": 0.5}),
+    ("ccql", {"alpha": 0.8, "convex": "focal", "gamma": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), FAST_CASES)
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])
+def test_fused_gradient_equals_autograd_of_the_plain_formula(name, params, scale):
+    logits, target = batch(n=64, c=7, seed=3, scale=scale)
+    z = logits.clone().requires_grad_(True)
+    weights = torch.rand(64, generator=torch.Generator().manual_seed(1))  # a non-uniform upstream gradient
+    got = ccl.losses.create(name, reduction="none", **params)(z, target)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), z)
+    z64 = logits.double().requires_grad_(True)
+    ref = _autograd_reference(name, z64, target, **params)
+    (g_ref,) = torch.autograd.grad((ref * weights.double()).sum(), z64)
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got.double(), g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_gradient_comes_back_in_the_logits_dtype(dtype):
+    logits, target = batch(n=16, c=5)
+    z = logits.to(dtype).requires_grad_(True)
+    ccl.losses.create("ccel")(z, target).backward()
+    assert z.grad.dtype == dtype and torch.isfinite(z.grad).all()

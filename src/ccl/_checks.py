@@ -72,7 +72,9 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
 
 
 def check_logits_targets(logits: Any, target: Any) -> None:
-    """Validates a classification batch: logits `(N, C)` floating and finite, targets `(N,)` integer in [0, C)."""
+    """Validates a classification batch before any computation: logits `(N, C)` floating, targets `(N,)` integer
+    in [0, C). Costs one pass over the N targets; finiteness of the logits is checked on the result instead
+    (`check_finite_result`), which is N times cheaper than a pass over the logits."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(expected("logits", "a torch.Tensor of shape (N, C)", type(logits).__name__))
     if not isinstance(target, torch.Tensor):
@@ -89,8 +91,16 @@ def check_logits_targets(logits: Any, target: Any) -> None:
         )
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(expected("target", "an integer tensor of class indices (e.g. torch.long)", target.dtype))
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= logits.shape[1]):
-        bad = target[(target < 0) | (target >= logits.shape[1])][0].item()
-        raise ValueError(expected("target", f"class indices in [0, {logits.shape[1]})", f"a target of {bad}"))
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError(expected("logits", "finite values", "a tensor containing NaN or inf"))
+    if target.numel():
+        low, high = (int(v) for v in torch.aminmax(target))
+        if low < 0 or high >= logits.shape[1]:
+            bad = low if low < 0 else high
+            raise ValueError(expected("target", f"class indices in [0, {logits.shape[1]})", f"a target of {bad}"))
+
+
+def check_finite_result(result: torch.Tensor, logits: torch.Tensor) -> None:
+    """Raises the logits error when a loss came out non-finite because the logits held NaN or inf."""
+    if not bool(torch.isfinite(result).all()):
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError(expected("logits", "finite values", "a tensor containing NaN or inf"))
+        raise FloatingPointError("The loss is not finite although the logits are; please report this as a bug.")
