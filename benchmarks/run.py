@@ -1,0 +1,443 @@
+"""Benchmarks of ccl, each figure a ratio against a reference measured in the same run.
+
+    python benchmarks/run.py            # the full set (about 5 minutes on a 2-core CPU, longer with the demo)
+    python benchmarks/run.py --quick    # small sizes: a smoke run (CI runs it)
+    python benchmarks/run.py --only loss_overhead attack_scoring --out results.json
+
+Each figure is printed with its goal and whether the goal is met, and all are written to a JSON file
+(default benchmarks/results.json). Timings are medians over repeats; ratios cancel most of the machine's noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import ccl
+from ccl.attacks import AttackInputs
+from ccl.training import TrainConfig, fit
+
+HERE = Path(__file__).resolve().parent
+
+
+def median_time(fn: Callable[[], object], *, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def figure(name: str, value: float, unit: str, goal: str, met: bool | None, **details) -> dict:
+    return {"name": name, "value": value, "unit": unit, "goal": goal, "met": met, **details}
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def loss_overhead(quick: bool) -> list[dict]:
+    """Forward + backward of each loss against F.cross_entropy on (N=4096, C=100) logits, interleaved."""
+    n, c = (4096, 100)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, c, generator=g).requires_grad_(True)
+    y = torch.randint(0, c, (n,), generator=g)
+    repeats = 30 if quick else 300
+
+    def step(fn):
+        z.grad = None
+        fn(z, y).backward()
+
+    out = []
+    for name in ccl.losses.available():
+        loss_fn = ccl.losses.create(name)
+        ours, ref = [], []
+        for _ in range(5):
+            step(loss_fn)
+            step(F.cross_entropy)
+        for _ in range(repeats):  # interleaved, so drifts of the machine hit both alike
+            t0 = time.perf_counter()
+            step(loss_fn)
+            t1 = time.perf_counter()
+            step(F.cross_entropy)
+            ours.append(t1 - t0)
+            ref.append(time.perf_counter() - t1)
+        ratio = statistics.median(ours) / statistics.median(ref)
+        goal = name in ("ccel", "ccql", "focal")
+        out.append(
+            figure(
+                f"loss_overhead/{name}",
+                ratio,
+                "x F.cross_entropy",
+                "<= 1.3" if goal else "(no goal)",
+                ratio <= 1.3 if goal else None,
+                ms=1e3 * statistics.median(ours),
+                reference_ms=1e3 * statistics.median(ref),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- training
+PURCHASE_LAYERS = [600, 1024, 512, 256, 128, 100]
+
+
+def training_efficiency(quick: bool) -> list[dict]:
+    """fit() on the Purchase-shaped MLP, batch 128, CPU: achieved FLOP/s over the matmul rate of the same shapes."""
+    batch = 128
+    n = 2048 if quick else 8192
+    epochs = 2 if quick else 3
+    x = (torch.rand(n, 600) < 0.3).float()
+    y = torch.randint(0, 100, (n,))
+    model = ccl.models.create("mlp", num_classes=100, input_shape=(600,), seed=0)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=0.01, device="cpu", eval_every=epochs, progress=False)
+    result = fit(model, ccl.losses.create("ce"), (x, y), config=cfg)
+    epoch_seconds = statistics.median(h["seconds"] for h in result.history[1:] or result.history)
+    macs = sum(a * b for a, b in zip(PURCHASE_LAYERS[:-1], PURCHASE_LAYERS[1:], strict=True))
+    flops_per_sample = 6 * macs  # forward 2 MACs, backward 4 (input and weight gradients)
+    achieved = n * flops_per_sample / epoch_seconds
+
+    # the roofline: the same matmuls, forward and both backward products, back to back
+    mats = []
+    for a, b in zip(PURCHASE_LAYERS[:-1], PURCHASE_LAYERS[1:], strict=True):
+        mats.append((torch.randn(batch, a), torch.randn(a, b), torch.randn(batch, b)))
+
+    def matmuls():
+        for xin, w, gout in mats:
+            torch.mm(xin, w)
+            torch.mm(gout, w.t())
+            torch.mm(xin.t(), gout)
+
+    peak = batch * flops_per_sample / median_time(matmuls, repeats=20 if quick else 200)
+    ratio = achieved / peak
+    return [
+        figure(
+            "training_efficiency/purchase_mlp_cpu",
+            ratio,
+            "x matmul rate",
+            ">= 0.6",
+            ratio >= 0.6,
+            samples_per_second=n / epoch_seconds,
+            achieved_gflops=achieved / 1e9,
+            matmul_gflops=peak / 1e9,
+            threads=torch.get_num_threads(),
+        )
+    ]
+
+
+def stacked_training(quick: bool) -> list[dict]:
+    """K reference models trained together (torch.func) against one after another, same recipe and data."""
+    from ccl.stacked import fit_stacked
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    setups = {
+        "mlp": dict(name="mlp", input_shape=(600,), params={}, n=512 if quick else 2048),
+        "cnn": dict(name="cnn", input_shape=(3, 32, 32), params={"width": 16}, n=256 if quick else 1024),
+    }
+    out = []
+    for device in devices:
+        for label, s in setups.items():
+            for k in (4,) if quick else (4, 16):
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(2 * s["n"], *s["input_shape"], generator=g)
+                y = torch.randint(0, 10, (2 * s["n"],), generator=g)
+                members = [np.random.default_rng(i).permutation(2 * s["n"])[: s["n"]] for i in range(k)]
+                cfgs = [
+                    TrainConfig(epochs=1, batch_size=128, lr=0.01, seed=i, device=device, progress=False, eval_every=1)
+                    for i in range(k)
+                ]
+
+                def build(i, s=s):
+                    return ccl.models.create(
+                        s["name"], num_classes=10, input_shape=s["input_shape"], seed=i, **s["params"]
+                    )
+
+                def sequential(k=k, x=x, y=y, members=members, cfgs=cfgs, build=build):
+                    for i in range(k):
+                        fit(build(i), ccl.losses.create("ce"), (x[members[i]], y[members[i]]), config=cfgs[i])
+
+                def stacked(k=k, x=x, y=y, members=members, cfgs=cfgs, build=build):
+                    fit_stacked([build(i) for i in range(k)], ccl.losses.create("ce"), x, y, members, configs=cfgs)
+
+                t_seq = median_time(sequential, repeats=1 if quick else 3, warmup=1)
+                t_stack = median_time(stacked, repeats=1 if quick else 3, warmup=1)
+                ratio = t_seq / t_stack
+                goal = device == "cuda" and k == 16
+                out.append(
+                    figure(
+                        f"stacked_training/{device}/{label}/K={k}",
+                        ratio,
+                        "x faster than sequential",
+                        ">= 4 (CUDA, K=16)" if goal else "(report; auto picks the faster)",
+                        ratio >= 4 if goal else None,
+                        sequential_s=t_seq,
+                        stacked_s=t_stack,
+                    )
+                )
+    if not torch.cuda.is_available():
+        out.append(
+            figure(
+                "stacked_training/cuda",
+                float("nan"),
+                "",
+                ">= 4 (CUDA, K=16)",
+                None,
+                note="not measured: no CUDA device on this machine",
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- attacks
+def _rmia_probe(n: int, z: int, k: int, c: int) -> dict:
+    """Runs in a fresh process: builds the inputs, resets the kernel's peak-RSS mark (`5 > /proc/self/clear_refs`,
+    Linux), scores RMIA once, and reads the new peak (VmHWM) against the resident memory before scoring. A thread
+    that polls memory would miss short peaks inside C code that holds the GIL."""
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as fh:
+            line = next(line for line in fh if line.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+
+    rng = np.random.default_rng(0)
+    inputs = AttackInputs(
+        rng.standard_normal((n, c)),
+        rng.integers(0, c, n),
+        rng.standard_normal((k, n, c)),
+        rng.random((k, n)) < 0.5,
+        population_target_logits=rng.standard_normal((z, c)),
+        population_labels=rng.integers(0, c, z),
+        population_reference_logits=rng.standard_normal((k, z, c)),
+    )
+    rmia = ccl.attacks.create("rmia")
+    small = AttackInputs(
+        inputs.target_logits[:10, 0],
+        inputs.labels[:10],
+        inputs.reference_logits[:, :10, 0],
+        inputs.reference_in[:, :10],
+        population_target_logits=inputs.population_target_logits[:10, 0],
+        population_labels=inputs.population_labels[:10],
+        population_reference_logits=inputs.population_reference_logits[:, :10, 0],
+    )
+    rmia.score(small)  # imports and first-call costs outside the measurement
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = status("VmRSS")
+    t0 = time.perf_counter()
+    rmia.score(inputs)
+    seconds = time.perf_counter() - t0
+    after = status("VmHWM")
+    return {
+        "peak_extra_bytes": after - before,
+        "seconds": seconds,
+        "input_bytes": inputs.reference_logits.nbytes + inputs.population_reference_logits.nbytes,
+    }
+
+
+def _lira_loop(target_logits, ref_logits, labels, ref_in, idx):
+    """The naive LiRA: record by record, phi from logits, then the Gaussians (online, global variance)."""
+
+    def phi(z, y):
+        z = z - z.max()
+        log_p = z - np.log(np.exp(z).sum())
+        return log_p[y] - np.log(np.exp(np.delete(log_p, y)).sum())
+
+    phi_t = {j: phi(target_logits[j], labels[j]) for j in idx}
+    resid_in = resid_out = dof_in = dof_out = 0.0
+    stats = []
+    for j in idx:
+        obs = np.array([phi(ref_logits[m, j], labels[j]) for m in range(ref_logits.shape[0])])
+        i, o = obs[ref_in[:, j]], obs[~ref_in[:, j]]
+        stats.append((i.mean(), o.mean()))
+        resid_in += ((i - i.mean()) ** 2).sum()
+        resid_out += ((o - o.mean()) ** 2).sum()
+        dof_in += i.size - 1
+        dof_out += o.size - 1
+    s_in, s_out = np.sqrt(resid_in / dof_in), np.sqrt(resid_out / dof_out)
+
+    def log_pdf(x, mean, std):
+        return -0.5 * ((x - mean) / std) ** 2 - np.log(std)
+
+    return [log_pdf(phi_t[j], mi, s_in) - log_pdf(phi_t[j], mo, s_out) for j, (mi, mo) in zip(idx, stats, strict=True)]
+
+
+def attack_scoring(quick: bool) -> list[dict]:
+    rng = np.random.default_rng(0)
+    n, k, c = (5_000, 16, 10) if quick else (50_000, 64, 10)
+    labels = rng.integers(0, c, n)
+    ref_in = rng.random((k, n)) < 0.5
+    inputs = AttackInputs(
+        rng.normal(size=(n, c)).astype(np.float32), labels, rng.normal(size=(k, n, c)).astype(np.float32), ref_in
+    )
+    lira = ccl.attacks.create("lira")
+    t_lira = median_time(lambda: lira.score(inputs), repeats=3, warmup=1)
+    # the per-record loop on a subset, extrapolated linearly
+    sub = np.arange(0, n, max(1, n // (200 if quick else 1000)))
+    loop = lambda: _lira_loop(inputs.target_logits[:, 0], inputs.reference_logits[:, :, 0], labels, ref_in, sub)  # noqa: E731
+    t_loop = median_time(loop, repeats=1, warmup=0) * n / sub.size
+    out = [
+        figure(
+            f"attack_scoring/lira_online/N={n},K={k}",
+            t_lira,
+            "s",
+            "< 2 s (N=50,000, K=64)",
+            t_lira < 2 if not quick else None,
+            loop_extrapolated_s=t_loop,
+            speedup_vs_loop=t_loop / t_lira,
+        )
+    ]
+
+    # RMIA: population of Z records; peak extra memory against the dense N x Z float64 matrix
+    z, k_rmia = (2_500, 8) if quick else (25_000, 8)
+    probe = subprocess.run(
+        [sys.executable, __file__, "--rmia-probe", str(n), str(z), str(k_rmia), str(c)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    measured = json.loads(probe.stdout.strip().splitlines()[-1])
+    dense = n * z * 8
+    # the dense version on a subset of records, extrapolated linearly in N
+    rng = np.random.default_rng(1)
+    n_sub = 500 if quick else 2_000
+    ratio_x, ratio_z = rng.random(n_sub) + 0.5, rng.random(z) + 0.5
+    t_dense = median_time(lambda: ((ratio_x[:, None] / ratio_z[None, :]) >= 1.0).mean(1), repeats=3) * n / n_sub
+    share = measured["peak_extra_bytes"] / dense
+    out.append(
+        figure(
+            f"attack_scoring/rmia_peak_memory/N={n},Z={z},K={k_rmia}",
+            share,
+            "x dense N x Z float64",
+            "< 0.05",
+            share < 0.05,
+            peak_extra_mb=measured["peak_extra_bytes"] / 2**20,
+            dense_mb=dense / 2**20,
+            input_mb=measured["input_bytes"] / 2**20,
+            seconds=measured["seconds"],
+            dense_pairwise_only_extrapolated_s=t_dense,
+        )
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+def end_to_end(quick: bool) -> list[dict]:
+    out = []
+    runs = {
+        "ccl audit (digits, K=16)": [
+            "audit",
+            "--dataset",
+            "digits",
+            "--loss",
+            "ce",
+            "--num-references",
+            "16",
+            "--population-fraction",
+            "0.85",
+            "--epochs",
+            "60",
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.05",
+            "--schedule",
+            "constant",
+            "--model-option",
+            "hidden=[256,128]",
+        ],
+        "ccl demo": ["demo"],
+    }
+    if quick:
+        runs = {
+            "ccl audit (synthetic, K=4, tiny)": [
+                "audit",
+                "--dataset",
+                "synthetic",
+                "--data-option",
+                "num_samples=200",
+                "--loss",
+                "ce",
+                "--num-references",
+                "4",
+                "--epochs",
+                "2",
+                "--bootstrap",
+                "0",
+            ]
+        }
+    for label, args in runs.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "ccl", *args, "--quiet", "--out", str(Path(tmp) / "run")],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            seconds = time.perf_counter() - t0
+        goal = "a few minutes on a 2-core CPU" if label == "ccl demo" else "(report)"
+        out.append(figure(f"end_to_end/{label}", seconds, "s", goal, seconds < 300 if label == "ccl demo" else None))
+    return out
+
+
+SECTIONS = {
+    "loss_overhead": loss_overhead,
+    "training_efficiency": training_efficiency,
+    "stacked_training": stacked_training,
+    "attack_scoring": attack_scoring,
+    "end_to_end": end_to_end,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--rmia-probe"]:
+        print(json.dumps(_rmia_probe(*(int(v) for v in argv[1:5]))))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json", help="JSON file to write")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    figures = []
+    for name in args.only or SECTIONS:
+        for f in SECTIONS[name](args.quick):
+            status = {True: "met", False: "NOT MET", None: "-"}[f["met"]]
+            print(f"{f['name']:58s} {f['value']:10.3f} {f['unit']:28s} goal {f['goal']:34s} {status}", flush=True)
+            figures.append(f)
+    record = {
+        "date": time.strftime("%Y-%m-%d"),
+        "quick": args.quick,
+        "ccl": ccl.__version__,
+        "torch": torch.__version__,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "figures": figures,
+    }
+    from ccl._io import write_json
+
+    write_json(args.out, record)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
