@@ -92,7 +92,7 @@ def check_logits_targets(logits: Any, target: Any) -> None:
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(expected("target", "an integer tensor of class indices (e.g. torch.long)", target.dtype))
     if target.numel():
-        low, high = (int(v) for v in torch.aminmax(target))
+        low, high = torch.stack(torch.aminmax(target)).tolist()  # one device-to-host copy
         if low < 0 or high >= logits.shape[1]:
             bad = low if low < 0 else high
             raise ValueError(expected("target", f"class indices in [0, {logits.shape[1]})", f"a target of {bad}"))
@@ -100,7 +100,8 @@ def check_logits_targets(logits: Any, target: Any) -> None:
 
 def check_finite_result(result: torch.Tensor, logits: torch.Tensor) -> None:
     """Raises the logits error when a loss came out non-finite because the logits held NaN or inf."""
-    if not bool(torch.isfinite(result).all()):
+    finite = math.isfinite(result.item()) if result.ndim == 0 else bool(torch.isfinite(result).all())
+    if not finite:
         if not bool(torch.isfinite(logits).all()):
             raise ValueError(expected("logits", "finite values", "a tensor containing NaN or inf"))
         raise FloatingPointError("The loss is not finite although the logits are; please report this as a bug.")

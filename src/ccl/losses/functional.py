@@ -67,57 +67,74 @@ def _focal(ce: Tensor, gamma: float) -> Tensor:
 
 
 class _LossOfCrossEntropy(torch.autograd.Function):
-    """A per-sample loss `l(ce)` of the cross-entropy `ce = -log p_y`, with `dl/dce` in closed form.
+    """A per-sample loss `l(ce)` of the per-sample cross-entropy `ce (N,)`, with `dl/dce` given in closed form.
 
-    Forward: one float32 `log_softmax` pass. Backward: `dl/dz = dl/dce * (softmax(z) - onehot(y))`, one pass.
-    This fuses what autograd would run as a chain of small element-wise nodes, so that CCL costs about what
-    cross-entropy costs (benchmarks/run.py). First derivatives only.
+    The heavy `(N, C)` work stays in PyTorch's fused cross-entropy kernels; this node replaces the chain of small
+    element-wise autograd nodes that the formula would otherwise build on `(N,)` vectors, which cost more than
+    the cross-entropy itself on a CPU (benchmarks/run.py). First derivatives only.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, value_and_slope):  # (N, C), (N,) -> (N,)
-        log_p = torch.log_softmax(logits.float(), dim=1)
-        ce = -log_p.gather(1, target[:, None]).squeeze(1)
+    def forward(ctx, ce: Tensor, value_and_slope, reduction: str):  # (N,) -> (N,) or ()
         value, slope = value_and_slope(ce)
-        ctx.save_for_backward(log_p, target, slope)
-        ctx.logits_dtype = logits.dtype
+        if reduction == "mean":
+            value, slope = value.mean(), slope.div_(max(ce.numel(), 1))
+        elif reduction == "sum":
+            value = value.sum()
+        ctx.save_for_backward(slope)
         return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        log_p, target, slope = ctx.saved_tensors
-        g = (grad * slope)[:, None]  # (N, 1)
-        grad_logits = log_p.exp().mul_(g)
-        grad_logits.scatter_add_(1, target[:, None], -g)
-        return grad_logits.to(ctx.logits_dtype), None, None
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None
 
 
 def _ce_value_and_slope(ce: Tensor) -> tuple[Tensor, Tensor]:
     return ce, torch.ones_like(ce)
 
 
+def _apply(logits: Tensor, target: Tensor, value_and_slope, reduction: str) -> Tensor:
+    """The loss, reduced, through the fused node; non-finite results are traced back to the logits."""
+    out = _LossOfCrossEntropy.apply(_ce(logits, target), value_and_slope, reduction)
+    check_finite_result(out, logits)
+    return out
+
+
 def _focal_value_and_slope(ce: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
-    """`q**gamma * ce` and its derivative `q**gamma * (gamma * p * ce / q + 1)`, with `q = 1 - p = -expm1(-ce)`."""
+    """`q**gamma * ce` and its derivative `q**gamma * (gamma * p * ce / q + 1)`, with `q = 1 - p = -expm1(-ce)`
+    (accurate for small CE). Where `q` rounds to 0 both are ~0; the clamp keeps them finite for `gamma < 1`."""
     if gamma == 0:
         return _ce_value_and_slope(ce)
-    q = -torch.expm1(-ce)
-    q_gamma = q.clamp_min(_TINY) ** gamma
-    ce_over_q = torch.where(q > 0, ce / q.clamp_min(_TINY), torch.ones_like(ce))  # -> 1 as ce -> 0
-    return q_gamma * ce, q_gamma * (gamma * torch.exp(-ce) * ce_over_q + 1)
-
-
-_CONCAVE_VALUE_AND_DERIVATIVE = {
-    "exp": lambda p: (-torch.exp(p), -torch.exp(p)),
-    "quadratic": lambda p: (-p - 0.5 * p * p, -1 - p),
-}
+    minus_q = torch.expm1(-ce)
+    p = minus_q + 1
+    q = minus_q.neg_().clamp_min_(_TINY)
+    q_gamma = q.pow(gamma)
+    slope = torch.div(ce, q).mul_(p).mul_(gamma).add_(1).mul_(q_gamma)
+    return q_gamma.mul_(ce), slope
 
 
 def _ccl_value_and_slope(ce: Tensor, alpha: float, concave: str, convex: str, gamma: float, beta: float):
-    conv_value, conv_slope = _focal_value_and_slope(ce, gamma) if convex == "focal" else _ce_value_and_slope(ce)
+    """CCL `beta * (alpha * conv + (1 - alpha) * f(p))` and its derivative in `ce`, where `p = exp(-ce)` and
+    `dp/dce = -p`: for "exp", `f = -e^p`, `f' = -e^p`; for "quadratic", `f = -p - p^2/2`, `f' = -(1 + p)`.
+    Written with few element-wise passes: on a CPU each pass over (N,) costs about what its arithmetic does."""
     p = torch.exp(-ce)
-    f_value, f_derivative = _CONCAVE_VALUE_AND_DERIVATIVE[concave](p)
-    value = beta * (alpha * conv_value + (1 - alpha) * f_value)
-    slope = beta * (alpha * conv_slope + (1 - alpha) * f_derivative * (-p))  # dp/dce = -p
+    if concave == "exp":
+        e = torch.exp(p)
+        f_value = e.neg()
+        minus_f_derivative_times_p = e.mul_(p)  # e is not needed any more
+    else:
+        f_value = torch.addcmul(p, p, p, value=0.5).neg_()
+        minus_f_derivative_times_p = torch.addcmul(p, p, p)
+    if convex == "focal":
+        conv_value, conv_slope = _focal_value_and_slope(ce, gamma)
+    else:
+        conv_value, conv_slope = ce, 1.0
+    value = torch.add(f_value.mul_(1 - alpha), conv_value, alpha=alpha)
+    slope = minus_f_derivative_times_p.mul_(1 - alpha).add_(conv_slope * alpha if convex == "focal" else alpha)
+    if beta != 1:
+        value.mul_(beta)
+        slope.mul_(beta)
     return value, slope
 
 
@@ -151,15 +168,16 @@ def cross_entropy(logits: Tensor, target: Tensor, *, reduction: str = "mean") ->
         tensor(0.1269)
     """
     _validate(logits, target, reduction)
-    return _finish(_LossOfCrossEntropy.apply(logits, target, _ce_value_and_slope), logits, reduction)
+    loss = F.cross_entropy(logits.float(), target, reduction=reduction)  # PyTorch's fused kernel, as it is
+    check_finite_result(loss, logits)
+    return loss
 
 
 def focal_loss(logits: Tensor, target: Tensor, *, gamma: float, reduction: str = "mean") -> Tensor:
     """Focal loss `(1 - p_y)**gamma * (-log p_y)` (Lin et al., 2017). `gamma=0` is cross-entropy."""
     gamma = check_in_range("gamma", gamma, low=0.0)
     _validate(logits, target, reduction)
-    loss = _LossOfCrossEntropy.apply(logits, target, lambda ce: _focal_value_and_slope(ce, gamma))
-    return _finish(loss, logits, reduction)
+    return _apply(logits, target, lambda ce: _focal_value_and_slope(ce, gamma), reduction)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -265,22 +283,29 @@ def convex_concave_loss(
     gamma = check_in_range("gamma", gamma, low=0.0)
     f = resolve_concave(concave)
     _validate(logits, target, reduction)
-    return _finish(_convex_concave(logits, target, alpha, f, convex, gamma, beta), logits, reduction)
+    return _convex_concave(logits, target, alpha, f, convex, gamma, beta, reduction)
 
 
 def _convex_concave(
-    logits: Tensor, target: Tensor, alpha: float, f: Callable[[Tensor], Tensor], convex: str, gamma: float, beta: float
+    logits: Tensor,
+    target: Tensor,
+    alpha: float,
+    f: Callable[[Tensor], Tensor],
+    convex: str,
+    gamma: float,
+    beta: float,
+    reduction: str,
 ) -> Tensor:
     """Per-sample CCL on validated input; `f` is an already checked concave term. The built-in terms take the
     fused path; a user's callable goes through autograd."""
     builtin = next((name for name, term in _CONCAVE.items() if f is term), None)
     if builtin is not None:
-        return _LossOfCrossEntropy.apply(
-            logits, target, lambda ce: _ccl_value_and_slope(ce, alpha, builtin, convex, gamma, beta)
+        return _apply(
+            logits, target, lambda ce: _ccl_value_and_slope(ce, alpha, builtin, convex, gamma, beta), reduction
         )
     ce = _ce(logits, target)  # (N,)
     convex_term = ce if convex == "ce" else _focal(ce, gamma)
-    return beta * (alpha * convex_term + (1.0 - alpha) * f(torch.exp(-ce)))
+    return _finish(beta * (alpha * convex_term + (1.0 - alpha) * f(torch.exp(-ce))), logits, reduction)
 
 
 # --------------------------------------------------------------------------------------------------------------

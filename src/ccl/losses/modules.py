@@ -95,8 +95,9 @@ class ConvexConcaveLoss(_Loss):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         F._validate(logits, target, self.reduction)
-        loss = F._convex_concave(logits, target, self.alpha, self._concave_fn, self.convex, self.gamma, self.beta)
-        return F._finish(loss, logits, self.reduction)
+        return F._convex_concave(
+            logits, target, self.alpha, self._concave_fn, self.convex, self.gamma, self.beta, self.reduction
+        )
 
 
 class LabelSmoothingLoss(_Loss):
