@@ -95,3 +95,13 @@ def test_audit_scores_agree_between_stacked_and_plain_paths(tmp_path):
             runs[mode] = {k: f[k] for k in f.files}
     for key in ("score_lira", "score_rmia", "score_loss"):
         np.testing.assert_allclose(runs["on"][key], runs["off"][key], rtol=1e-3, atol=1e-3)
+
+
+def test_a_diverging_stacked_model_is_named():
+    from ccl.training import TrainingError
+
+    data = ccl.data.load("synthetic", num_samples=100, num_features=5, num_classes=3)
+    mods = [ccl.models.create("mlp", num_classes=3, input_shape=(5,), hidden=(8,), seed=k) for k in range(2)]
+    cfgs = [TrainConfig(epochs=5, batch_size=8, lr=1e30, seed=k, progress=False) for k in range(2)]
+    with pytest.raises(TrainingError, match="stacked model [01] .*epoch [0-4]"):
+        fit_stacked(mods, ccl.losses.create("ccel"), data.x, data.y, [np.arange(50), np.arange(50, 100)], configs=cfgs)

@@ -201,6 +201,18 @@ def test_non_finite_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path):
     assert ccl.training.load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
+def test_diverging_training_with_a_ccl_loss_names_epoch_and_batch(tmp_path):
+    train, _ = tiny_problem()
+    with pytest.raises(TrainingError, match="epoch 0 .*batch"):
+        fit(
+            tiny_model(),
+            ccl.losses.create("ccel"),
+            train,
+            config=TrainConfig(**{**TINY, "lr": 1e30}),
+            checkpoint_dir=tmp_path,
+        )
+
+
 def test_bad_data_gets_clear_errors():
     train, _ = tiny_problem()
     ce = ccl.losses.create("ce")

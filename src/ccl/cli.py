@@ -272,7 +272,8 @@ def _print_table(out: Path) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from . import data, models
     from ._io import write_json
-    from .experiment import load_dataset, prepare_run_dir
+    from .experiment import load_dataset
+    from .run_dir import prepare_run_dir
     from .training import fit
 
     config = build_config(args, {"num_references": 0})

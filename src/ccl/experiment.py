@@ -23,9 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,21 +32,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, attacks, data, metrics, models, signals
-from ._io import atomic_path, remove_stale_temporaries, write_json, write_text
+from . import attacks, data, metrics, models, signals
+from ._io import atomic_path, write_json
 from .config import DefenseSpec, ExperimentConfig
 from .data import Dataset, MembershipSplit
+from .run_dir import RunDirectoryError, prepare_run_dir
+from .stacked import MAX_STACK, fit_stacked, predict_stacked, use_stacked
 from .theory import gaussian_best_advantage
-from .training import fit, predict_logits
+from .training import fit, predict_logits, resolve_device
 
-__all__ = ["RunDirectoryError", "load_dataset", "run_experiment", "train_models"]
+__all__ = ["ModelJob", "RunDirectoryError", "load_dataset", "run_experiment", "train_models"]
 
 # Fields of TrainConfig that do not change the trained weights' recipe, left out of cache keys.
 _NOT_RECIPE = {"progress", "eval_every", "device", "compile"}
-
-
-class RunDirectoryError(ValueError):
-    """The run directory is missing, incomplete, corrupt, or would be overwritten."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +94,35 @@ def jobs_for(config: ExperimentConfig, defense: DefenseSpec, seed: int, split: M
     return jobs
 
 
+def _build_model(config: ExperimentConfig, dataset: Dataset, seed: int) -> torch.nn.Module:
+    return config.build_model(num_classes=dataset.num_classes, input_shape=dataset.input_shape, seed=seed)
+
+
+def _train_stacked(
+    config: ExperimentConfig,
+    dataset: Dataset,
+    jobs: list[ModelJob],
+    query_index: np.ndarray,
+    checkpoint: str | None = None,
+) -> list[np.ndarray]:
+    """Trains `jobs` (one defense, equal member counts) stacked; returns each model's logits on `query_index`."""
+    configs = [dataclasses.replace(config.train, seed=j.seed) for j in jobs]
+    stack = fit_stacked(
+        [_build_model(config, dataset, j.seed) for j in jobs],
+        jobs[0].defense.build(),
+        dataset.x,
+        dataset.y,
+        [j.members for j in jobs],
+        configs=configs,
+        checkpoint=checkpoint,
+    )
+    device = resolve_device(config.train.device)
+    logits = predict_stacked(
+        stack, dataset.x[torch.as_tensor(query_index)], flip_queries=config.flip_queries, device=device
+    )
+    return list(logits)
+
+
 def _train_one(
     config: ExperimentConfig, dataset: Dataset, job: ModelJob, folder: Path, query_index: np.ndarray
 ) -> np.ndarray:
@@ -136,8 +160,6 @@ def train_models(
 ) -> np.ndarray:
     """Trains (or loads from the cache) every job's model; returns their logits on `query_index`, stacked
     `(len(jobs), Q, [A,] C)`. Each model's outputs are saved as soon as it is trained."""
-    from .stacked import MAX_STACK, train_stacked, use_stacked  # noqa: PLC0415 (it imports this module's types)
-
     outputs: dict[int, np.ndarray] = {}
     todo = []
     for i, job in enumerate(jobs):
@@ -167,7 +189,7 @@ def train_models(
         if len(group) > 1:
             keys = "-".join(model_key(config, jobs[i]) for i in group)
             ckpt = cache / "stacked" / (hashlib.sha256(keys.encode()).hexdigest()[:20] + ".pt")
-            logits = train_stacked(config, dataset, [jobs[i] for i in group], query_index, checkpoint=str(ckpt))
+            logits = _train_stacked(config, dataset, [jobs[i] for i in group], query_index, checkpoint=str(ckpt))
         else:
             logits = [
                 _train_one(config, dataset, jobs[i], cache / model_key(config, jobs[i]), query_index) for i in group
@@ -288,49 +310,6 @@ def evaluate_defense(
         )
     write_json(out_dir / "metrics.json", summary)  # written last: its presence marks the result complete
     return summary
-
-
-def _git_commit() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def prepare_run_dir(run_dir: Path, config: ExperimentConfig, *, resume: bool) -> ExperimentConfig:
-    """Creates a new run directory, or checks an existing one for `resume`. Never overwrites silently."""
-    config_file = run_dir / "config.yaml"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not resume:
-            raise RunDirectoryError(
-                f"{run_dir} already exists and is not empty. Pass --resume to continue the run "
-                "in it, or choose another --out."
-            )
-        if not config_file.exists():
-            raise RunDirectoryError(f"{run_dir} is not a ccl run directory (no config.yaml); cannot resume it.")
-        remove_stale_temporaries(run_dir)
-    elif resume and not run_dir.exists():
-        raise RunDirectoryError(f"Nothing to resume: {run_dir} does not exist.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(config_file, config.to_yaml())
-    write_json(
-        run_dir / "run.json",
-        {
-            "ccl_version": __version__,
-            "git_commit": _git_commit(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "command": sys.argv,
-            "cwd_relative": os.path.relpath(run_dir),
-        },
-    )
-    return config
 
 
 def run_experiment(

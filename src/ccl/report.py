@@ -22,6 +22,7 @@ import yaml
 
 from ._io import atomic_path, write_json, write_text
 from .metrics import roc_curve
+from .run_dir import RunDirectoryError
 
 __all__ = ["aggregate", "render_report"]
 
@@ -31,16 +32,12 @@ HEADLINE = ("auc", "advantage", "tpr@0.001", "tpr@0.01")
 def _load_results(run_dir: Path) -> list[dict]:
     results_dir = run_dir / "results"
     if not (run_dir / "config.yaml").exists():
-        from .experiment import RunDirectoryError
-
         raise RunDirectoryError(f"{run_dir} is not a ccl run directory (no config.yaml).")
     out = []
     for path in sorted(results_dir.glob("*/seed-*/metrics.json")):
         try:
             out.append(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
-            from .experiment import RunDirectoryError
-
             raise RunDirectoryError(f"{path} is corrupt ({err}); delete it and resume the run.") from err
     return out
 
@@ -266,8 +263,6 @@ def render_report(run_dir: str | os.PathLike) -> Path:
     summary = aggregate(run_dir)
     results = _load_results(run_dir)
     if not results:
-        from .experiment import RunDirectoryError
-
         raise RunDirectoryError(f"{run_dir} holds no completed results yet; resume the run first.")
     rows = summary["rows"]
     slugs = {r["defense"]: r["slug"] for r in results}

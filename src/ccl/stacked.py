@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
-from . import models
 from ._io import atomic_path, remove_stale_temporaries
 from .training import (
     TrainConfig,
@@ -43,9 +42,8 @@ from .training import (
 if TYPE_CHECKING:
     from .config import ExperimentConfig
     from .data import Dataset
-    from .experiment import ModelJob
 
-__all__ = ["StackedModels", "fit_stacked", "train_stacked", "use_stacked"]
+__all__ = ["MAX_STACK", "StackedModels", "fit_stacked", "measure_speedup", "predict_stacked", "use_stacked"]
 
 MAX_STACK = 16
 _CHOICES: dict[tuple, bool] = {}  # calibration results of this process
@@ -137,7 +135,12 @@ def fit_stacked(
                 xb = torch.stack([augment_batch(xb[k], gens[k]) for k in range(stack.k)])
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = stack.forward(xb)  # (K, b, C)
-                losses = torch.stack([loss_fn(out[k], yb[k]) for k in range(stack.k)])  # (K,)
+                try:
+                    losses = torch.stack([loss_fn(out[k], yb[k]) for k in range(stack.k)])  # (K,)
+                except ValueError:  # ccl's losses refuse non-finite logits: a model has diverged
+                    if bool(torch.isfinite(out).all()):
+                        raise
+                    losses = torch.isfinite(out).flatten(1).all(1).float().log()  # -inf marks the diverged models
             if not bool(torch.isfinite(losses).all()):
                 bad = int((~torch.isfinite(losses)).nonzero()[0])
                 raise TrainingError(
@@ -177,38 +180,7 @@ def predict_stacked(
 
 
 def _build(config: ExperimentConfig, dataset: Dataset, seed: int) -> torch.nn.Module:
-    return models.create(
-        config.model,
-        num_classes=dataset.num_classes,
-        input_shape=dataset.input_shape,
-        seed=seed,
-        **config.model_options,
-    )
-
-
-def train_stacked(
-    config: ExperimentConfig,
-    dataset: Dataset,
-    jobs: list[ModelJob],
-    query_index: np.ndarray,
-    checkpoint: str | None = None,
-) -> list[np.ndarray]:
-    """Trains `jobs` (one defense, equal member counts) stacked; returns each model's logits on `query_index`."""
-    configs = [dataclasses.replace(config.train, seed=j.seed) for j in jobs]
-    stack = fit_stacked(
-        [_build(config, dataset, j.seed) for j in jobs],
-        jobs[0].defense.build(),
-        dataset.x,
-        dataset.y,
-        [j.members for j in jobs],
-        configs=configs,
-        checkpoint=checkpoint,
-    )
-    device = resolve_device(config.train.device)
-    logits = predict_stacked(
-        stack, dataset.x[torch.as_tensor(query_index)], flip_queries=config.flip_queries, device=device
-    )
-    return list(logits)
+    return config.build_model(num_classes=dataset.num_classes, input_shape=dataset.input_shape, seed=seed)
 
 
 def _time_steps(step, *, min_seconds: float = 0.2, min_repeats: int = 3) -> float:

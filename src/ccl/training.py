@@ -237,6 +237,77 @@ def _loss_stats(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> dict
     return {"loss_mean": ce.mean().item(), "loss_var": ce.var(unbiased=False).item(), "acc": correct / x.shape[0]}
 
 
+def _train_epoch(
+    forward,
+    model: nn.Module,
+    loss_fn,
+    optimizer: torch.optim.Optimizer,
+    scaler,
+    x: Tensor,
+    y: Tensor,
+    epoch: int,
+    *,
+    config: TrainConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> tuple[float, float, int]:
+    """One pass over `(x, y)` in the epoch's seeded order. Returns the mean loss, the accuracy, and the first batch
+    whose loss was not finite (-1: none). Sums stay on the device, so a GPU syncs once per epoch, not per batch."""
+    n = x.shape[0]
+    gen = epoch_generator(config.seed, epoch, device)
+    torch.manual_seed(int(np.random.SeedSequence([config.seed, epoch, 1]).generate_state(1)[0]))  # dropout etc.
+    order = torch.randperm(n, generator=gen, device=device)
+    if n % config.batch_size == 1 and n > 1:
+        order = order[:-1]  # a batch of one record breaks BatchNorm; it is skipped this epoch (a random one)
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    bad_batch = torch.full((), -1, dtype=torch.long, device=device)
+    for batch, i in enumerate(range(0, order.numel(), config.batch_size)):
+        idx = order[i : i + config.batch_size]
+        xb, yb = x[idx], y[idx]
+        if config.augment:
+            xb = augment_batch(xb, gen)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = forward(xb)  # (B, C)
+            try:
+                loss = loss_fn(out, yb)
+            except ValueError:  # ccl's losses refuse non-finite logits: training has diverged
+                if bool(torch.isfinite(out).all()):
+                    raise
+                loss = None
+        # On a CPU checking now is free: stop before a bad step. On a GPU the check waits for the epoch's end.
+        if loss is None or (device.type == "cpu" and not math.isfinite(loss.item())):
+            return math.nan, math.nan, int(bad_batch) if int(bad_batch) >= 0 else batch
+        bad_batch = torch.where((bad_batch < 0) & ~torch.isfinite(loss), batch, bad_batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total_loss += loss.detach().float() * idx.numel()
+        correct += (out.argmax(1) == yb).sum()
+    seen = order.numel()
+    return total_loss.item() / seen, correct.item() / seen, int(bad_batch)
+
+
+def _member_stats(
+    model: nn.Module, members: tuple[Tensor, Tensor], heldout: tuple[Tensor, Tensor] | None, batch_size: int
+) -> dict[str, float]:
+    """Mean and variance of the CE on members and non-members, and their accuracies (the log's key columns)."""
+    stats = _loss_stats(model, *members, 4 * batch_size)
+    out = {"member_loss_mean": stats["loss_mean"], "member_loss_var": stats["loss_var"], "member_acc": stats["acc"]}
+    if heldout is not None:
+        stats = _loss_stats(model, *heldout, 4 * batch_size)
+        out.update(
+            {
+                "nonmember_loss_mean": stats["loss_mean"],
+                "nonmember_loss_var": stats["loss_var"],
+                "heldout_acc": stats["acc"],
+            }
+        )
+    return out
+
+
 def _save_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: list[dict], config: TrainConfig
 ) -> None:
@@ -346,7 +417,6 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         start, history = int(state["epoch"]), state["history"]
 
-    n = x.shape[0]
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -359,59 +429,24 @@ def fit(
             group["lr"] = lr
         if hasattr(loss_fn, "set_epoch"):
             loss_fn.set_epoch(epoch)
-        gen = epoch_generator(config.seed, epoch, device)
-        torch.manual_seed(int(np.random.SeedSequence([config.seed, epoch, 1]).generate_state(1)[0]))  # dropout etc.
-        order = torch.randperm(n, generator=gen, device=device)
-        if n % config.batch_size == 1 and n > 1:
-            order = order[:-1]  # a batch of one record breaks BatchNorm; it is skipped this epoch (a random one)
-        model.train()
-        total_loss, total_correct, seen = 0.0, 0, 0
-        for batch, i in enumerate(range(0, order.numel(), config.batch_size)):
-            idx = order[i : i + config.batch_size]
-            xb, yb = x[idx], y[idx]
-            if config.augment:
-                xb = augment_batch(xb, gen)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = forward(xb)
-                loss = loss_fn(out, yb)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"The loss became {loss.item()} at epoch {epoch} (0-based), batch {batch}. The last good "
-                    f"checkpoint is {ckpt_path if ckpt_path and ckpt_path.exists() else 'none'}; lower the learning "
-                    "rate or check the data."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total_loss += loss.item() * idx.numel()
-            total_correct += int((out.argmax(1) == yb).sum())
-            seen += idx.numel()
+        train_loss, train_acc, bad_batch = _train_epoch(
+            forward, model, loss_fn, optimizer, scaler, x, y, epoch, config=config, device=device, amp_dtype=amp_dtype
+        )
+        if bad_batch >= 0:
+            raise TrainingError(
+                f"The loss became non-finite at epoch {epoch} (0-based), batch {bad_batch}. The last good "
+                f"checkpoint is {ckpt_path if ckpt_path and ckpt_path.exists() else 'none'}; lower the learning "
+                "rate or check the data."
+            )
         record = {
             "epoch": epoch + 1,
             "lr": lr,
-            "train_loss": total_loss / seen,
-            "train_acc": total_correct / seen,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
             "seconds": time.perf_counter() - t0,
         }
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            members = _loss_stats(model, x, y, 4 * config.batch_size)
-            record.update(
-                {
-                    "member_loss_mean": members["loss_mean"],
-                    "member_loss_var": members["loss_var"],
-                    "member_acc": members["acc"],
-                }
-            )
-            if heldout is not None:
-                non = _loss_stats(model, hx, hy, 4 * config.batch_size)
-                record.update(
-                    {
-                        "nonmember_loss_mean": non["loss_mean"],
-                        "nonmember_loss_var": non["loss_var"],
-                        "heldout_acc": non["acc"],
-                    }
-                )
+            record.update(_member_stats(model, (x, y), None if heldout is None else (hx, hy), config.batch_size))
         history.append(record)
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, model, optimizer, epoch + 1, history, config)
@@ -419,7 +454,7 @@ def fit(
             write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_acc']:.3f}")
+            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}")
     if bar is not None:
         bar.close()
     model.eval()
