@@ -207,12 +207,6 @@ def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -
         pairs = getattr(args, key, None)
         if pairs:
             raw[key] = {**raw.get(key, {}), **dict(pairs)}
-    if getattr(args, "data_dir", None):
-        raw.setdefault("dataset_options", {})
-        if raw.get("dataset") not in ("digits", "synthetic", "npz") and not str(raw.get("dataset", "")).endswith(
-            ".npz"
-        ):
-            raw["dataset_options"] = {**raw["dataset_options"], "cache": args.data_dir}
     for key in _TRAIN_FLAGS:
         value = getattr(args, key, None)
         if value is not None:
