@@ -82,7 +82,9 @@ def loss_overhead(quick: bool) -> list[dict]:
                 for _ in range(block):
                     step(fn)
                 times.append((time.perf_counter() - t0) / block)
-        ratio = statistics.median(ours) / statistics.median(ref)
+        # the fastest block of each: on this machine the same step runs at two speeds from block to block
+        # (memory effects), and the minimum compares the two losses at their best rather than by luck of mode
+        ratio = min(ours) / min(ref)
         goal = name in ("ccel", "ccql", "focal")
         out.append(
             figure(
@@ -91,8 +93,9 @@ def loss_overhead(quick: bool) -> list[dict]:
                 "x F.cross_entropy",
                 "<= 1.3" if goal else "(no goal)",
                 ratio <= 1.3 if goal else None,
-                ms=1e3 * statistics.median(ours),
-                reference_ms=1e3 * statistics.median(ref),
+                ms=1e3 * min(ours),
+                reference_ms=1e3 * min(ref),
+                median_ratio=statistics.median(ours) / statistics.median(ref),
             )
         )
     return out

@@ -120,18 +120,21 @@ def _ccl_value_and_slope(ce: Tensor, alpha: float, concave: str, convex: str, ga
     Written with few element-wise passes: on a CPU each pass over (N,) costs about what its arithmetic does."""
     p = torch.exp(-ce)
     if concave == "exp":
-        e = torch.exp(p)
-        f_value = e.neg()
-        minus_f_derivative_times_p = e.mul_(p)  # e is not needed any more
+        minus_f = torch.exp(p)  # -f(p) = e^p
+        minus_f_derivative_times_p = minus_f * p
     else:
-        f_value = torch.addcmul(p, p, p, value=0.5).neg_()
+        minus_f = torch.addcmul(p, p, p, value=0.5)
         minus_f_derivative_times_p = torch.addcmul(p, p, p)
     if convex == "focal":
         conv_value, conv_slope = _focal_value_and_slope(ce, gamma)
+        value = torch.add(conv_value.mul_(alpha), minus_f, alpha=alpha - 1)
+        slope = torch.add(conv_slope.mul_(alpha), minus_f_derivative_times_p, alpha=1 - alpha)
     else:
-        conv_value, conv_slope = ce, 1.0
-    value = torch.add(f_value.mul_(1 - alpha), conv_value, alpha=alpha)
-    slope = minus_f_derivative_times_p.mul_(1 - alpha).add_(conv_slope * alpha if convex == "focal" else alpha)
+        value = torch.add(ce, minus_f, alpha=(alpha - 1) / alpha) if alpha > 0 else minus_f.neg()
+        value_scale = alpha if alpha > 0 else 1.0
+        slope = minus_f_derivative_times_p.mul_(1 - alpha).add_(alpha)
+        if value_scale != 1:
+            value.mul_(value_scale)
     if beta != 1:
         value.mul_(beta)
         slope.mul_(beta)
