@@ -402,12 +402,34 @@ def end_to_end(quick: bool) -> list[dict]:
     return out
 
 
+def cuda_cifar(quick: bool) -> list[dict]:
+    """CUDA only: seconds per CIFAR-10-shaped ResNet-18 epoch (27,000 images, batch 256, augmentation, bf16,
+    channels_last: the `ccl compare --dataset cifar10 --model resnet18` recipe) and models per hour for a K=64
+    audit at 100 epochs. Random images of CIFAR's shape: the time does not depend on the pixels."""
+    if not torch.cuda.is_available():
+        return [figure("cuda_cifar/resnet18_epoch", float("nan"), "s", "(report)", None,
+                       note="not measured: no CUDA device on this machine")]
+    n = 2_048 if quick else 27_000
+    x = torch.randn(n, 3, 32, 32)
+    y = torch.randint(0, 10, (n,))
+    model = ccl.models.create("resnet18", num_classes=10, input_shape=(3, 32, 32), seed=0)
+    cfg = TrainConfig(epochs=3, batch_size=256, lr=0.1, augment=True, device="cuda", eval_every=3, progress=False)
+    result = fit(model, ccl.losses.create("ccel"), (x, y), config=cfg)
+    epoch_s = statistics.median(h["seconds"] for h in result.history[1:])
+    per_model_100 = 100 * epoch_s
+    return [figure("cuda_cifar/resnet18_epoch", epoch_s, "s per epoch", "(report)", None,
+                   images=n, device=torch.cuda.get_device_name(0)),
+            figure("cuda_cifar/k64_models_per_hour", 3600 / per_model_100, "models/hour (100 epochs)", "(report)",
+                   None)]
+
+
 SECTIONS = {
     "loss_overhead": loss_overhead,
     "training_efficiency": training_efficiency,
     "stacked_training": stacked_training,
     "attack_scoring": attack_scoring,
     "end_to_end": end_to_end,
+    "cuda_cifar": cuda_cifar,
 }
 
 
@@ -437,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "ccl": ccl.__version__,
         "torch": torch.__version__,
+        "allocator": {k: os.environ.get(k) for k in STABLE_ALLOCATOR},
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
