@@ -105,6 +105,11 @@ def test_existing_run_is_never_overwritten_and_resume_reuses_models(tmp_path, ca
     after = model_folders(out)
     assert before < after and len(after) == 5
     assert json.loads((out / "results" / "ce" / "seed-0" / "metrics.json").read_text())["num_references"] == 4
+    # a changed recipe is never mixed with results of the old one: they are recomputed
+    first = (out / "results" / "ce" / "seed-0" / "metrics.json").read_text()
+    assert run_cli("audit", *base, "--resume", "--num-references", "4", "--epochs", "2") == 0
+    redone = json.loads((out / "results" / "ce" / "seed-0" / "metrics.json").read_text())
+    assert redone != json.loads(first) and len(redone["target_history"]) == 2
 
 
 def test_yaml_config_is_validated_and_flags_override_it(tmp_path, capsys):

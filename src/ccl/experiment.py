@@ -82,6 +82,14 @@ def model_key(config: ExperimentConfig, job: ModelJob) -> str:
     )[:20]
 
 
+def result_key(config: ExperimentConfig, defense: DefenseSpec, seed: int) -> str:
+    """A hash of everything that determines one (defense, seed) result: a resumed run recomputes a result
+    whose recipe, attacks or number of reference models changed since it was written."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("seeds", "defenses", "stacked")}
+    settings["train"] = {k: v for k, v in settings["train"].items() if k not in _NOT_RECIPE}
+    return _digest({"settings": settings, "defense": defense.to_dict(), "seed": seed})[:20]
+
+
 def _model_seed(seed: int, role_index: int) -> int:
     """Independent seeds for the target (index 0) and each reference model (index k + 1)."""
     return int(np.random.SeedSequence([seed, role_index, 7]).generate_state(1)[0] % 2**31)
@@ -283,6 +291,7 @@ def evaluate_defense(
     summary = {
         "defense": defense.label,
         "slug": defense.slug,
+        "result_key": result_key(config, defense, seed),
         "loss": defense.to_dict(),
         "seed": seed,
         "train_acc": float(predicted[:p][is_member].mean()),
@@ -353,7 +362,7 @@ def run_experiment(
                 out_dir = run_dir / "results" / defense.slug / f"seed-{seed}"
                 if (out_dir / "metrics.json").exists():
                     done = json.loads((out_dir / "metrics.json").read_text())
-                    if done.get("num_references") == config.num_references:
+                    if done.get("result_key") == result_key(config, defense, seed):
                         if bar is not None:
                             bar.update(per_model)
                         continue
