@@ -135,6 +135,7 @@ def test_yaml_config_is_validated_and_flags_override_it(tmp_path, capsys):
         (["compare", "--defenses", "ccel:alpha=2"], "`alpha`.*2"),
         (["compare", "--attacks", "lira2"], "Unknown attack 'lira2'"),
         (["compare", "--epochs", "0"], "`epochs`"),
+        (["compare", "--attacks", "lira", "--num-references", "2"], "'lira' needs at least 4 reference models"),
         (["report", "does-not-exist"], "not a ccl run directory"),
         (["audit", "--defenses", "ce"], None),  # audit takes --loss, not --defenses: argparse exits 2
     ],

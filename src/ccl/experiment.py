@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import attacks, data, metrics, models, signals
+from . import attacks, data, metrics, signals
 from ._io import atomic_path, write_json
 from .config import DefenseSpec, ExperimentConfig
 from .data import Dataset, MembershipSplit
@@ -134,13 +134,7 @@ def _train_stacked(
 def _train_one(
     config: ExperimentConfig, dataset: Dataset, job: ModelJob, folder: Path, query_index: np.ndarray
 ) -> np.ndarray:
-    model = models.create(
-        config.model,
-        num_classes=dataset.num_classes,
-        input_shape=dataset.input_shape,
-        seed=job.seed,
-        **config.model_options,
-    )
+    model = _build_model(config, dataset, job.seed)
     train_cfg = dataclasses.replace(config.train, seed=job.seed)
     heldout_index = np.setdiff1d(query_index, job.members)
     result = fit(
@@ -321,6 +315,19 @@ def evaluate_defense(
     return summary
 
 
+def _check_attacks_can_run(config: ExperimentConfig) -> None:
+    """Named attacks that the setup cannot support fail now, not after hours of training."""
+    for name in config.attacks or []:
+        attack = attacks.create(name)
+        if config.num_references < attack.min_references:
+            raise ValueError(
+                f"Attack {name!r} needs at least {attack.min_references} reference models; "
+                f"num_references is {config.num_references}."
+            )
+        if attack.needs_population and config.population_fraction == 0:
+            raise ValueError(f"Attack {name!r} needs a population: set population_fraction above 0.")
+
+
 def run_experiment(
     config: ExperimentConfig,
     run_dir: str | os.PathLike,
@@ -337,6 +344,7 @@ def run_experiment(
     from .report import aggregate  # noqa: PLC0415
 
     run_dir = Path(run_dir)
+    _check_attacks_can_run(config)
     prepare_run_dir(run_dir, config, resume=resume)
     cache = Path(cache_dir) if cache_dir is not None else run_dir / "models"
     dataset = load_dataset(config)
