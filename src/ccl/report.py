@@ -289,8 +289,9 @@ def _html(rows: list[dict], images, config: dict, run_info: dict, results: list[
     attacks = list(rows[0]["attacks"])
     seeds = sorted({r["seed"] for r in results})
     spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed; 95% bootstrap intervals in metrics.json"
-    head = "".join(f"<th colspan=4>{html.escape(a)}</th>" for a in attacks)
-    sub = "".join("<th>AUC</th><th>adv</th><th>TPR@0.1%</th><th>TPR@1%</th>" for _ in attacks)
+    headline = [a for a in ("loss", "lira", "rmia") if a in attacks] or attacks[:3]
+    head = "".join(f"<th colspan=2>{html.escape(a)}</th>" for a in headline)
+    sub = "".join("<th>AUC</th><th>TPR@1%FPR %</th>" for _ in headline)
     body = []
     for r in rows:
         cells = [
@@ -298,15 +299,24 @@ def _html(rows: list[dict], images, config: dict, run_info: dict, results: list[
             f"<td>{_fmt(r['test_acc'], r['test_acc_std'], True)}</td>",
             f"<td>{_fmt(r['train_acc'], r['train_acc_std'], True)}</td>",
         ]
-        for a in attacks:
+        for a in headline:
             e = r["attacks"][a]
             cells += [
                 f"<td>{_fmt(e['auc'], e['auc_std'])}</td>",
-                f"<td>{_fmt(e['advantage'], e['advantage_std'])}</td>",
-                f"<td>{_fmt(e['tpr@0.001'], e['tpr@0.001_std'], True)}</td>",
                 f"<td>{_fmt(e['tpr@0.01'], e['tpr@0.01_std'], True)}</td>",
             ]
         body.append("<tr>" + "".join(cells) + "</tr>")
+    full = []  # every attack, one row per (defense, attack)
+    for r in rows:
+        for i, a in enumerate(attacks):
+            e = r["attacks"][a]
+            name = f"<td rowspan={len(attacks)}>{html.escape(r['defense'])}</td>" if i == 0 else ""
+            full.append(
+                f"<tr>{name}<td>{html.escape(a)}</td><td>{_fmt(e['auc'], e['auc_std'])}</td>"
+                f"<td>{_fmt(e['advantage'], e['advantage_std'])}</td>"
+                f"<td>{_fmt(e['tpr@0.001'], e['tpr@0.001_std'], True)}</td>"
+                f"<td>{_fmt(e['tpr@0.01'], e['tpr@0.01_std'], True)}</td></tr>"
+            )
     figs = "".join(f"<h2>{html.escape(t)}</h2><img alt='{n}' src='data:image/png;base64,{b}'>" for n, t, b in images)
     first = results[0]
     queries = "original + flipped" if config.get("flip_queries") else "without augmentation"
@@ -329,6 +339,9 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;font-size:12px;overflow
 <table><tr><th rowspan=2>defense</th><th rowspan=2>test acc %</th><th rowspan=2>train acc %</th>{head}</tr>
 <tr>{sub}</tr>{"".join(body)}</table>
 {figs}
+<h2>Every attack ({spread})</h2>
+<table><tr><th>defense</th><th>attack</th><th>AUC</th><th>advantage</th><th>TPR@0.1%FPR %</th><th>TPR@1%FPR %</th></tr>
+{"".join(full)}</table>
 <h2>Configuration</h2><pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>
 <h2>Run</h2><pre>{html.escape(json.dumps(run_info, indent=2))}</pre>
 </body></html>
