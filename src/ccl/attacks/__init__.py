@@ -35,9 +35,14 @@ __all__ = [
 ]
 
 _REGISTRY: Registry[Attack] = Registry("attack")
-for _signal in ("loss", "confidence", "entropy", "modified_entropy"):
+# Yeom et al.'s loss attack uses one global threshold; Song & Mittal fit theirs per class.
+_REGISTRY.register("loss", ThresholdAttack, defaults={"signal": "loss"}, doc="threshold on the loss (global)")
+for _signal in ("confidence", "entropy", "modified_entropy"):
     _REGISTRY.register(
-        _signal, ThresholdAttack, defaults={"signal": _signal}, doc=f"threshold on the {_signal.replace('_', ' ')}"
+        _signal,
+        ThresholdAttack,
+        defaults={"signal": _signal, "per_class": True},
+        doc=f"threshold on the {_signal.replace('_', ' ')} (per class)",
     )
 _REGISTRY.register("shadow_classifier", ShadowClassifierAttack, doc="Shokri et al.'s attack classifier")
 _REGISTRY.register("lira", LiRA, defaults={"online": True}, doc="LiRA, online (IN and OUT Gaussians)")
