@@ -151,6 +151,35 @@ def test_bad_input_gets_a_clear_error(argv, message, capsys, tmp_path, monkeypat
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_a_failed_download_leaves_no_run_directory(tmp_path, monkeypatch, capsys):
+    from ccl.data import datasets
+    from ccl.data.download import RemoteFile
+
+    monkeypatch.setenv("CCL_DATA_DIR", str(tmp_path / "cache"))  # main() sets it from --data-dir; undone after
+    missing = tmp_path / "nowhere" / "cifar-10-python.tar.gz"
+    monkeypatch.setitem(datasets.REMOTE, "cifar10", RemoteFile(missing.name, (missing.as_uri(),), "md5", "0" * 32))
+    out = tmp_path / "run"
+    assert (
+        run_cli(
+            "audit",
+            "--dataset",
+            "cifar10",
+            "--model",
+            "cnn",
+            "--loss",
+            "ce",
+            "--data-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+            "--quiet",
+        )
+        == 2
+    )
+    assert "Fetch it by hand" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_demo_settings_are_valid_and_sized_for_a_laptop():
     args = cli.make_parser().parse_args(["demo"])
     config = cli.build_config(args, cli.DEMO)

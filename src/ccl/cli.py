@@ -274,8 +274,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if len(config.defenses) != 1 or len(config.seeds) != 1:
         raise ConfigError("`ccl train` trains one model: give one --loss and one seed.")
     out = args.out or Path("runs/train")
+    dataset = load_dataset(config)  # before the run directory exists: a failed download leaves nothing behind
     prepare_run_dir(out, config, resume=args.resume)
-    dataset = load_dataset(config)
     seed = config.seeds[0]
     split = data.membership_split(len(dataset), seed=seed, population_fraction=config.population_fraction)
     split.save(out / "splits" / f"seed-{seed}.npz")

@@ -345,9 +345,9 @@ def run_experiment(
 
     run_dir = Path(run_dir)
     _check_attacks_can_run(config)
+    dataset = load_dataset(config)  # before the run directory exists: a failed download leaves nothing behind
     prepare_run_dir(run_dir, config, resume=resume)
     cache = Path(cache_dir) if cache_dir is not None else run_dir / "models"
-    dataset = load_dataset(config)
     per_model = 1 + config.num_references
     total = per_model * len(config.defenses) * len(config.seeds)
     bar = None
