@@ -337,6 +337,9 @@ FAST_CASES = [
     ("ccel", {"alpha": 0.5, "beta": 0.05, "convex": "focal", "gamma": 2.0}),
     ("ccql", {"alpha": 0.5}),
     ("ccql", {"alpha": 0.8, "convex": "focal", "gamma": 0.5}),
+    ("ccel", {"alpha": 0.4, "convex": "focal", "gamma": 0.0}),
+    ("ccel", {"alpha": 0.0}),
+    ("ccql", {"alpha": 1.0}),
 ]
 
 
@@ -361,3 +364,12 @@ def test_fused_gradient_comes_back_in_the_logits_dtype(dtype):
     z = logits.to(dtype).requires_grad_(True)
     ccl.losses.create("ccel")(z, target).backward()
     assert z.grad.dtype == dtype and torch.isfinite(z.grad).all()
+
+
+def test_closed_form_slopes_leave_the_cross_entropy_they_read_untouched():
+    ce = torch.rand(50) * 3
+    for convex, gamma in (("ce", 2.0), ("focal", 0.0), ("focal", 2.0)):
+        for concave in ("exp", "quadratic"):
+            before = ce.clone()
+            F._ccl_value_and_slope(ce, 0.3, concave, convex, gamma, 2.0)
+            assert torch.equal(ce, before), (convex, gamma, concave)

@@ -125,16 +125,10 @@ def _ccl_value_and_slope(ce: Tensor, alpha: float, concave: str, convex: str, ga
     else:
         minus_f = torch.addcmul(p, p, p, value=0.5)
         minus_f_derivative_times_p = torch.addcmul(p, p, p)
-    if convex == "focal":
-        conv_value, conv_slope = _focal_value_and_slope(ce, gamma)
-        value = torch.add(conv_value.mul_(alpha), minus_f, alpha=alpha - 1)
-        slope = torch.add(conv_slope.mul_(alpha), minus_f_derivative_times_p, alpha=1 - alpha)
-    else:
-        value = torch.add(ce, minus_f, alpha=(alpha - 1) / alpha) if alpha > 0 else minus_f.neg()
-        value_scale = alpha if alpha > 0 else 1.0
-        slope = minus_f_derivative_times_p.mul_(1 - alpha).add_(alpha)
-        if value_scale != 1:
-            value.mul_(value_scale)
+    conv_value, conv_slope = _focal_value_and_slope(ce, gamma) if convex == "focal" else (ce, None)
+    value = torch.add(minus_f.mul_(alpha - 1), conv_value, alpha=alpha)  # alpha * conv + (1 - alpha) * f
+    slope = minus_f_derivative_times_p.mul_(1 - alpha)
+    slope = slope.add_(alpha) if conv_slope is None else slope.add_(conv_slope, alpha=alpha)
     if beta != 1:
         value.mul_(beta)
         slope.mul_(beta)
