@@ -407,8 +407,16 @@ def cuda_cifar(quick: bool) -> list[dict]:
     channels_last: the `ccl compare --dataset cifar10 --model resnet18` recipe) and models per hour for a K=64
     audit at 100 epochs. Random images of CIFAR's shape: the time does not depend on the pixels."""
     if not torch.cuda.is_available():
-        return [figure("cuda_cifar/resnet18_epoch", float("nan"), "s", "(report)", None,
-                       note="not measured: no CUDA device on this machine")]
+        return [
+            figure(
+                "cuda_cifar/resnet18_epoch",
+                float("nan"),
+                "s",
+                "(report)",
+                None,
+                note="not measured: no CUDA device on this machine",
+            )
+        ]
     n = 2_048 if quick else 27_000
     x = torch.randn(n, 3, 32, 32)
     y = torch.randint(0, 10, (n,))
@@ -417,10 +425,18 @@ def cuda_cifar(quick: bool) -> list[dict]:
     result = fit(model, ccl.losses.create("ccel"), (x, y), config=cfg)
     epoch_s = statistics.median(h["seconds"] for h in result.history[1:])
     per_model_100 = 100 * epoch_s
-    return [figure("cuda_cifar/resnet18_epoch", epoch_s, "s per epoch", "(report)", None,
-                   images=n, device=torch.cuda.get_device_name(0)),
-            figure("cuda_cifar/k64_models_per_hour", 3600 / per_model_100, "models/hour (100 epochs)", "(report)",
-                   None)]
+    return [
+        figure(
+            "cuda_cifar/resnet18_epoch",
+            epoch_s,
+            "s per epoch",
+            "(report)",
+            None,
+            images=n,
+            device=torch.cuda.get_device_name(0),
+        ),
+        figure("cuda_cifar/k64_models_per_hour", 3600 / per_model_100, "models/hour (100 epochs)", "(report)", None),
+    ]
 
 
 SECTIONS = {

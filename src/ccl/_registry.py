@@ -28,9 +28,6 @@ class Registry(Generic[T]):
     def available(self) -> list[str]:
         return sorted(self._factories)
 
-    def describe(self) -> dict[str, str]:
-        return {name: doc for name, (_, _, doc) in sorted(self._factories.items())}
-
     def defaults(self, name: str) -> dict[str, Any]:
         return dict(self._entry(name)[1])
 

@@ -264,7 +264,7 @@ def _print_table(out: Path) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from . import data, models
+    from . import data
     from ._io import write_json
     from .experiment import load_dataset
     from .run_dir import prepare_run_dir
@@ -279,13 +279,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     seed = config.seeds[0]
     split = data.membership_split(len(dataset), seed=seed, population_fraction=config.population_fraction)
     split.save(out / "splits" / f"seed-{seed}.npz")
-    model = models.create(
-        config.model,
-        num_classes=dataset.num_classes,
-        input_shape=dataset.input_shape,
-        seed=seed,
-        **config.model_options,
-    )
+    model = config.build_model(dataset, seed=seed)
     try:
         result = fit(
             model,

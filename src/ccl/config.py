@@ -149,10 +149,14 @@ class ExperimentConfig:
                 if name not in attacks.available():
                     raise ConfigError(unknown_name("attack", name, attacks.available()))
 
-    def build_model(self, *, num_classes: int, input_shape: tuple[int, ...], seed: int):
-        """The configured architecture, its initial weights drawn from `seed` alone."""
+    def build_model(self, dataset, *, seed: int):
+        """The configured architecture for `dataset` (a `ccl.data.Dataset`), its initial weights drawn from `seed`."""
         return models.create(
-            self.model, num_classes=num_classes, input_shape=input_shape, seed=seed, **self.model_options
+            self.model,
+            num_classes=dataset.num_classes,
+            input_shape=dataset.input_shape,
+            seed=seed,
+            **self.model_options,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -102,10 +102,6 @@ def jobs_for(config: ExperimentConfig, defense: DefenseSpec, seed: int, split: M
     return jobs
 
 
-def _build_model(config: ExperimentConfig, dataset: Dataset, seed: int) -> torch.nn.Module:
-    return config.build_model(num_classes=dataset.num_classes, input_shape=dataset.input_shape, seed=seed)
-
-
 def _train_stacked(
     config: ExperimentConfig,
     dataset: Dataset,
@@ -116,7 +112,7 @@ def _train_stacked(
     """Trains `jobs` (one defense, equal member counts) stacked; returns each model's logits on `query_index`."""
     configs = [dataclasses.replace(config.train, seed=j.seed) for j in jobs]
     stack = fit_stacked(
-        [_build_model(config, dataset, j.seed) for j in jobs],
+        [config.build_model(dataset, seed=j.seed) for j in jobs],
         jobs[0].defense.build(),
         dataset.x,
         dataset.y,
@@ -134,7 +130,7 @@ def _train_stacked(
 def _train_one(
     config: ExperimentConfig, dataset: Dataset, job: ModelJob, folder: Path, query_index: np.ndarray
 ) -> np.ndarray:
-    model = _build_model(config, dataset, job.seed)
+    model = config.build_model(dataset, seed=job.seed)
     train_cfg = dataclasses.replace(config.train, seed=job.seed)
     heldout_index = np.setdiff1d(query_index, job.members)
     result = fit(
@@ -162,10 +158,11 @@ def train_models(
 ) -> np.ndarray:
     """Trains (or loads from the cache) every job's model; returns their logits on `query_index`, stacked
     `(len(jobs), Q, [A,] C)`. Each model's outputs are saved as soon as it is trained."""
+    keys = [model_key(config, job) for job in jobs]  # hashes every job's member indices: once
     outputs: dict[int, np.ndarray] = {}
     todo = []
-    for i, job in enumerate(jobs):
-        folder = cache / model_key(config, job)
+    for i in range(len(jobs)):
+        folder = cache / keys[i]
         out_file = folder / "outputs.npz"
         if out_file.exists():
             try:
@@ -189,15 +186,13 @@ def train_models(
         groups += [[i] for i in refs]
     for group in groups:
         if len(group) > 1:
-            keys = "-".join(model_key(config, jobs[i]) for i in group)
-            ckpt = cache / "stacked" / (hashlib.sha256(keys.encode()).hexdigest()[:20] + ".pt")
+            group_key = "-".join(keys[i] for i in group)
+            ckpt = cache / "stacked" / (hashlib.sha256(group_key.encode()).hexdigest()[:20] + ".pt")
             logits = _train_stacked(config, dataset, [jobs[i] for i in group], query_index, checkpoint=str(ckpt))
         else:
-            logits = [
-                _train_one(config, dataset, jobs[i], cache / model_key(config, jobs[i]), query_index) for i in group
-            ]
+            logits = [_train_one(config, dataset, jobs[i], cache / keys[i], query_index) for i in group]
         for i, lg in zip(group, logits, strict=True):
-            folder = cache / model_key(config, jobs[i])
+            folder = cache / keys[i]
             folder.mkdir(parents=True, exist_ok=True)
             with atomic_path(folder / "outputs.npz") as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, logits=lg, query_index=query_index)

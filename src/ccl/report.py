@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ._io import atomic_path, write_json, write_text
+from ._io import write_bytes, write_json, write_text
 from .metrics import roc_curve
 from .run_dir import RunDirectoryError
 
@@ -242,8 +242,7 @@ def _save(fig, path: Path) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     _plt().close(fig)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+    write_bytes(path, buf.getvalue())
     return base64.b64encode(buf.getvalue()).decode()
 
 

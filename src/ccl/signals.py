@@ -21,7 +21,7 @@ import torch
 
 from ._checks import expected
 
-__all__ = ["confidence", "entropy", "log_probs", "loss", "modified_entropy", "scaled_logit", "SIGNALS"]
+__all__ = ["confidence", "entropy", "loss", "modified_entropy", "scaled_logit", "SIGNALS"]
 
 
 def _inputs(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,11 +51,6 @@ def _inputs(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if not bool(torch.isfinite(z).all()):
         raise ValueError(expected("logits", "finite values", "an array containing NaN or inf"))
     return z, y.expand(z.shape[:-1])
-
-
-def log_probs(logits: Any) -> np.ndarray:
-    """`log_softmax` over the last axis, float64."""
-    return torch.as_tensor(np.asarray(logits), dtype=torch.float64).log_softmax(-1).numpy()
 
 
 def _log_p_y_and_rest(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -179,10 +179,6 @@ def predict_stacked(
     return logits if flip_queries else logits[:, :, 0]
 
 
-def _build(config: ExperimentConfig, dataset: Dataset, seed: int) -> torch.nn.Module:
-    return config.build_model(num_classes=dataset.num_classes, input_shape=dataset.input_shape, seed=seed)
-
-
 def _time_steps(step, *, min_seconds: float = 0.2, min_repeats: int = 3) -> float:
     """Seconds per call of `step`, after one warm-up call, over at least `min_seconds`."""
     step()
@@ -203,7 +199,7 @@ def measure_speedup(config: ExperimentConfig, dataset: Dataset, k: int) -> float
     xb = dataset.x[:b].to(device)
     yb = dataset.y[:b].to(device)
     loss_fn = config.defenses[0].build()
-    singles = [_build(config, dataset, s).to(device) for s in range(k)]
+    singles = [config.build_model(dataset, seed=s).to(device) for s in range(k)]
     opts = [make_optimizer(mod.parameters(), cfg) for mod in singles]
 
     def sequential():
@@ -214,7 +210,7 @@ def measure_speedup(config: ExperimentConfig, dataset: Dataset, k: int) -> float
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    stack = StackedModels([_build(config, dataset, s) for s in range(k)]).to(device).train()
+    stack = StackedModels([config.build_model(dataset, seed=s) for s in range(k)]).to(device).train()
     sopt = make_optimizer(stack.params.values(), cfg)
     xs, ys = xb.expand(k, *xb.shape), yb.expand(k, *yb.shape)
 

@@ -21,7 +21,7 @@ import torch
 
 from .._checks import check_positive_int, expected
 from .._io import atomic_path
-from .download import RemoteFile, cache_dir, fetch
+from .download import RemoteFile, fetch
 
 __all__ = ["DataError", "Dataset", "from_arrays", "load_npz", "make_synthetic"]
 
@@ -281,7 +281,3 @@ def load_tabular(
         (x.shape[1],),
         str(path),
     )
-
-
-def default_cache_dir() -> Path:
-    return cache_dir()
