@@ -34,7 +34,9 @@ import torch.nn.functional as F
 
 import ccl
 from ccl.attacks import AttackInputs
-from ccl.training import TrainConfig, fit
+from ccl.training import Recipe, Runtime, fit
+
+QUIET = Runtime(progress=False)
 
 HERE = Path(__file__).resolve().parent
 STABLE_ALLOCATOR = {"MALLOC_TRIM_THRESHOLD_": str(256 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
@@ -113,8 +115,10 @@ def training_efficiency(quick: bool) -> list[dict]:
     x = (torch.rand(n, 600) < 0.3).float()
     y = torch.randint(0, 100, (n,))
     model = ccl.models.create("mlp", num_classes=100, input_shape=(600,), seed=0)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=0.01, device="cpu", eval_every=epochs, progress=False)
-    result = fit(model, ccl.losses.create("ce"), (x, y), config=cfg)
+    cfg = Recipe(epochs=epochs, batch_size=batch, lr=0.01)
+    result = fit(
+        model, ccl.losses.create("ce"), (x, y), recipe=cfg, runtime=QUIET.replace(device="cpu", eval_every=epochs)
+    )
     epoch_seconds = statistics.median(h["seconds"] for h in result.history[1:] or result.history)
     macs = sum(a * b for a, b in zip(PURCHASE_LAYERS[:-1], PURCHASE_LAYERS[1:], strict=True))
     flops_per_sample = 6 * macs  # forward 2 MACs, backward 4 (input and weight gradients)
@@ -165,22 +169,35 @@ def stacked_training(quick: bool) -> list[dict]:
                 x = torch.randn(2 * s["n"], *s["input_shape"], generator=g)
                 y = torch.randint(0, 10, (2 * s["n"],), generator=g)
                 members = [np.random.default_rng(i).permutation(2 * s["n"])[: s["n"]] for i in range(k)]
-                cfgs = [
-                    TrainConfig(epochs=1, batch_size=128, lr=0.01, seed=i, device=device, progress=False, eval_every=1)
-                    for i in range(k)
-                ]
+                cfgs = [Recipe(epochs=1, batch_size=128, lr=0.01, seed=i) for i in range(k)]
+                runtime = QUIET.replace(device=device)
 
                 def build(i, s=s):
                     return ccl.models.create(
                         s["name"], num_classes=10, input_shape=s["input_shape"], seed=i, **s["params"]
                     )
 
-                def sequential(k=k, x=x, y=y, members=members, cfgs=cfgs, build=build):
+                def sequential(k=k, x=x, y=y, members=members, cfgs=cfgs, build=build, rt=runtime):
                     for i in range(k):
-                        fit(build(i), ccl.losses.create("ce"), (x[members[i]], y[members[i]]), config=cfgs[i])
+                        fit(
+                            build(i),
+                            ccl.losses.create("ce"),
+                            (x[members[i]], y[members[i]]),
+                            recipe=cfgs[i],
+                            runtime=rt,
+                        )
 
-                def stacked(k=k, x=x, y=y, members=members, cfgs=cfgs, build=build):
-                    fit_stacked([build(i) for i in range(k)], ccl.losses.create("ce"), x, y, members, configs=cfgs)
+                def stacked(k=k, x=x, y=y, members=members, cfgs=cfgs, build=build, rt=runtime):
+                    fit_stacked(
+                        [build(i) for i in range(k)],
+                        ccl.losses.create("ce"),
+                        x,
+                        y,
+                        members,
+                        recipe=cfgs[0],
+                        seeds=list(range(k)),
+                        runtime=rt,
+                    )
 
                 t_seq = median_time(sequential, repeats=1 if quick else 3, warmup=1)
                 t_stack = median_time(stacked, repeats=1 if quick else 3, warmup=1)
@@ -421,8 +438,10 @@ def cuda_cifar(quick: bool) -> list[dict]:
     x = torch.randn(n, 3, 32, 32)
     y = torch.randint(0, 10, (n,))
     model = ccl.models.create("resnet18", num_classes=10, input_shape=(3, 32, 32), seed=0)
-    cfg = TrainConfig(epochs=3, batch_size=256, lr=0.1, augment=True, device="cuda", eval_every=3, progress=False)
-    result = fit(model, ccl.losses.create("ccel"), (x, y), config=cfg)
+    cfg = Recipe(epochs=3, batch_size=256, lr=0.1, augment=True)
+    result = fit(
+        model, ccl.losses.create("ccel"), (x, y), recipe=cfg, runtime=QUIET.replace(device="cuda", eval_every=3)
+    )
     epoch_s = statistics.median(h["seconds"] for h in result.history[1:])
     per_model_100 = 100 * epoch_s
     return [

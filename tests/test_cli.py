@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ccl import cli
 from ccl.config import ConfigError, ExperimentConfig
@@ -105,11 +106,17 @@ def test_existing_run_is_never_overwritten_and_resume_reuses_models(tmp_path, ca
     after = model_folders(out)
     assert before < after and len(after) == 5
     assert json.loads((out / "results" / "ce" / "seed-0" / "metrics.json").read_text())["num_references"] == 4
-    # a changed recipe is never mixed with results of the old one: they are recomputed
+    # a changed recipe is never mixed with finished work: the resume is refused and nothing changes
     first = (out / "results" / "ce" / "seed-0" / "metrics.json").read_text()
-    assert run_cli("audit", *base, "--resume", "--num-references", "4", "--epochs", "2") == 0
-    redone = json.loads((out / "results" / "ce" / "seed-0" / "metrics.json").read_text())
-    assert redone != json.loads(first) and len(redone["target_history"]) == 2
+    config_before = (out / "config.yaml").read_text()
+    assert run_cli("audit", *base, "--resume", "--num-references", "4", "--epochs", "2") == 2
+    err = capsys.readouterr().err
+    assert "--resume cannot change train.epochs 3 -> 2" in err and "another --out" in err
+    assert (out / "results" / "ce" / "seed-0" / "metrics.json").read_text() == first
+    assert (out / "config.yaml").read_text() == config_before
+    # every invocation that ran is in run.json's history (the refused one never opened the directory)
+    history = json.loads((out / "run.json").read_text())["invocations"]
+    assert len(history) == 3 and all(h["resume"] for h in history[1:])
 
 
 def test_yaml_config_is_validated_and_flags_override_it(tmp_path, capsys):
@@ -246,8 +253,33 @@ def test_ctrl_c_keeps_completed_models_and_resume_finishes(tmp_path):
 
 def test_train_command(tmp_path, capsys):
     out = tmp_path / "t"
-    assert run_cli("train", *TINY, "--loss", "ccel:alpha=0.5", "--out", str(out)) == 0
+    tiny = [a for a in TINY if a not in ("--bootstrap", "10")]
+    assert run_cli("train", *tiny, "--loss", "ccel:alpha=0.5", "--out", str(out)) == 0
     assert (out / "model" / "checkpoint.pt").exists() and (out / "model" / "log.jsonl").exists()
     assert "held-out acc" in capsys.readouterr().out
     with pytest.raises(ConfigError):
         cli.build_config(cli.make_parser().parse_args(["train", "--loss", "nope"]))
+
+
+def test_train_uses_the_audit_seed_rule(tmp_path):
+    """`ccl train --seed 3` trains the very model an audit with seed 3 trains as its target."""
+    tiny = [a for a in TINY if a not in ("--bootstrap", "10")]
+    assert run_cli("train", *tiny, "--seed", "3", "--out", str(tmp_path / "t")) == 0
+    assert run_cli("audit", *TINY, "--seeds", "3", "--num-references", "2", "--out", str(tmp_path / "a")) == 0
+    from ccl.training import load_checkpoint
+
+    trained = load_checkpoint(tmp_path / "t" / "model" / "checkpoint.pt")["model"]
+    (target,) = [p for p in (tmp_path / "a" / "models").glob("*/checkpoint.pt")]
+    for name, value in load_checkpoint(target)["model"].items():
+        assert torch.equal(value, trained[name]), name
+
+
+@pytest.mark.parametrize(
+    "flag", [["--attacks", "loss"], ["--num-references", "4"], ["--seeds", "1"], ["--stacked", "on"]]
+)
+def test_train_refuses_audit_flags_by_name(tmp_path, capsys, flag):
+    out = tmp_path / "T"
+    assert run_cli("train", "--dataset", "digits", *flag, "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert flag[0] in err and "Traceback" not in err
+    assert not out.exists()

@@ -15,9 +15,11 @@ import pytest
 import torch
 
 import ccl
-from ccl.training import TrainConfig, TrainingError, augment_batch, fit, lr_at
+from ccl.training import Recipe, Runtime, TrainingError, augment_batch, fit, lr_at
 
-TINY = dict(epochs=4, batch_size=32, lr=0.05, progress=False)
+QUIET = Runtime(progress=False)
+
+TINY = dict(epochs=4, batch_size=32, lr=0.05)
 
 
 def tiny_problem(seed=0):
@@ -70,10 +72,11 @@ def test_fit_learns_logs_and_is_deterministic(tmp_path):
         ccl.losses.create("ccel"),
         train,
         heldout=heldout,
-        config=TrainConfig(**TINY),
+        recipe=Recipe(**TINY),
+        runtime=QUIET,
         checkpoint_dir=tmp_path / "a",
     )
-    r2 = fit(tiny_model(), ccl.losses.create("ccel"), train, heldout=heldout, config=TrainConfig(**TINY))
+    r2 = fit(tiny_model(), ccl.losses.create("ccel"), train, heldout=heldout, recipe=Recipe(**TINY), runtime=QUIET)
     for pa, pb in zip(r1.model.state_dict().values(), r2.model.state_dict().values(), strict=True):
         assert torch.equal(pa, pb)
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
@@ -90,7 +93,7 @@ def test_fit_learns_logs_and_is_deterministic(tmp_path):
     ):
         assert key in log[-1]
     assert log[-1]["member_acc"] > 0.6
-    r3 = fit(tiny_model(), ccl.losses.create("ccel"), train, config=TrainConfig(**{**TINY, "seed": 1}))
+    r3 = fit(tiny_model(), ccl.losses.create("ccel"), train, recipe=Recipe(**{**TINY, "seed": 1}), runtime=QUIET)
     assert not torch.equal(r3.model.net[1].weight, r1.model.net[1].weight)
 
 
@@ -102,7 +105,8 @@ def test_member_loss_variance_matches_a_direct_computation(optimizer):
         ccl.losses.create("ce"),
         train,
         heldout=heldout,
-        config=TrainConfig(**{**TINY, "optimizer": optimizer, "lr": 0.01}),
+        recipe=Recipe(**{**TINY, "optimizer": optimizer, "lr": 0.01}),
+        runtime=QUIET,
     )
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(r.model(train[0]), train[1], reduction="none").double()
@@ -112,20 +116,26 @@ def test_member_loss_variance_matches_a_direct_computation(optimizer):
 
 def test_checkpoint_resume_continues_exactly(tmp_path):
     train, heldout = tiny_problem()
-    full = fit(tiny_model(), ccl.losses.create("relaxloss", alpha=0.5), train, config=TrainConfig(**TINY))
-    part = TrainConfig(**{**TINY})
+    full = fit(tiny_model(), ccl.losses.create("relaxloss", alpha=0.5), train, recipe=Recipe(**TINY), runtime=QUIET)
+    part = Recipe(**{**TINY})
     # train two epochs, then "crash": rebuild everything and continue from the checkpoint
     fit(
         tiny_model(),
         ccl.losses.create("relaxloss", alpha=0.5),
         train,
-        config=TrainConfig(**{**TINY, "epochs": 4}),
+        recipe=Recipe(**{**TINY, "epochs": 4}),
+        runtime=QUIET,
         checkpoint_dir=tmp_path,
     )
     state = ccl.training.load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 4
     resumed = fit(
-        tiny_model(seed=99), ccl.losses.create("relaxloss", alpha=0.5), train, config=part, checkpoint_dir=tmp_path
+        tiny_model(seed=99),
+        ccl.losses.create("relaxloss", alpha=0.5),
+        train,
+        recipe=part,
+        runtime=QUIET,
+        checkpoint_dir=tmp_path,
     )
     assert resumed.resumed_from_epoch == 4
     for pa, pb in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
@@ -135,14 +145,16 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
             tiny_model(),
             ccl.losses.create("ce"),
             train,
-            config=TrainConfig(**{**TINY, "lr": 0.5}),
+            recipe=Recipe(**{**TINY, "lr": 0.5}),
+            runtime=QUIET,
             checkpoint_dir=tmp_path,
         )
 
 
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, time, torch, ccl
-    from ccl.training import TrainConfig, fit
+    from ccl.training import Recipe, Runtime, fit
+    QUIET = Runtime(progress=False)
     data = ccl.data.load("synthetic", num_samples=200, num_features=10, num_classes=3, seed=0)
     model = ccl.models.create("mlp", num_classes=3, input_shape=(10,), hidden=(32,), seed=0)
     slow = sys.argv[2] == "slow"
@@ -151,8 +163,8 @@ _KILL_SCRIPT = textwrap.dedent("""
         if slow:
             time.sleep(0.01)  # gives the test time to kill mid-epoch
         return base(out, y)
-    cfg = TrainConfig(epochs=8, batch_size=16, lr=0.05, progress=False)
-    r = fit(model, loss_fn, (data.x[:100], data.y[:100]), config=cfg, checkpoint_dir=sys.argv[1])
+    cfg = Recipe(epochs=8, batch_size=16, lr=0.05)
+    r = fit(model, loss_fn, (data.x[:100], data.y[:100]), recipe=cfg, runtime=QUIET, checkpoint_dir=sys.argv[1])
     torch.save(r.model.state_dict(), sys.argv[1] + "/final.pt")
 """)
 
@@ -197,7 +209,7 @@ def test_non_finite_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path):
         return loss * float("nan") if calls["n"] == 6 else loss  # 4 batches per epoch: epoch 1, batch 1
 
     with pytest.raises(TrainingError, match="epoch 1 .*batch 1.*checkpoint.pt"):
-        fit(tiny_model(), exploding, train, config=TrainConfig(**TINY), checkpoint_dir=tmp_path)
+        fit(tiny_model(), exploding, train, recipe=Recipe(**TINY), runtime=QUIET, checkpoint_dir=tmp_path)
     assert ccl.training.load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
@@ -208,7 +220,8 @@ def test_diverging_training_with_a_ccl_loss_names_epoch_and_batch(tmp_path):
             tiny_model(),
             ccl.losses.create("ccel"),
             train,
-            config=TrainConfig(**{**TINY, "lr": 1e30}),
+            recipe=Recipe(**{**TINY, "lr": 1e30}),
+            runtime=QUIET,
             checkpoint_dir=tmp_path,
         )
 
@@ -216,32 +229,32 @@ def test_diverging_training_with_a_ccl_loss_names_epoch_and_batch(tmp_path):
 def test_bad_data_gets_clear_errors():
     train, _ = tiny_problem()
     ce = ccl.losses.create("ce")
-    cfg = TrainConfig(**TINY)
+    cfg = Recipe(**TINY)
     with pytest.raises(ValueError, match="train labels.*\\[0, 3\\).*\\[0, 7\\]"):
-        fit(tiny_model(), ce, (train[0], torch.arange(100) % 8), config=cfg)
+        fit(tiny_model(), ce, (train[0], torch.arange(100) % 8), recipe=cfg, runtime=QUIET)
     with pytest.raises(ValueError, match="cannot take inputs of shape \\(7,\\)"):
-        fit(tiny_model(), ce, (torch.randn(10, 7), torch.zeros(10, dtype=torch.long)), config=cfg)
+        fit(tiny_model(), ce, (torch.randn(10, 7), torch.zeros(10, dtype=torch.long)), recipe=cfg, runtime=QUIET)
     with pytest.raises(ValueError, match="`train`.*non-empty"):
-        fit(tiny_model(), ce, (torch.randn(0, 10), torch.zeros(0, dtype=torch.long)), config=cfg)
+        fit(tiny_model(), ce, (torch.randn(0, 10), torch.zeros(0, dtype=torch.long)), recipe=cfg, runtime=QUIET)
     with pytest.raises(ValueError, match="`augment`"):
-        fit(tiny_model(), ce, train, config=TrainConfig(**{**TINY, "augment": True}))
+        fit(tiny_model(), ce, train, recipe=Recipe(**{**TINY, "augment": True}), runtime=QUIET)
     with pytest.raises(ValueError, match="`optimizer`.*'sgd'.*'rmsprop'"):
-        TrainConfig(optimizer="rmsprop")
+        Recipe(optimizer="rmsprop")
     with pytest.raises(ValueError, match="`lr`"):
-        TrainConfig(lr=-1.0)
+        Recipe(lr=-1.0)
 
 
 def test_corrupt_checkpoint_is_refused_with_its_path(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     train, _ = tiny_problem()
     with pytest.raises(ValueError, match="checkpoint.pt.*corrupt"):
-        fit(tiny_model(), ccl.losses.create("ce"), train, config=TrainConfig(**TINY), checkpoint_dir=tmp_path)
+        fit(tiny_model(), ccl.losses.create("ce"), train, recipe=Recipe(**TINY), runtime=QUIET, checkpoint_dir=tmp_path)
 
 
 def test_lr_schedules():
-    cfg = TrainConfig(epochs=100, lr=0.1, schedule="multistep", milestones=(0.5, 0.75))
+    cfg = Recipe(epochs=100, lr=0.1, schedule="multistep", milestones=(0.5, 0.75))
     assert [lr_at(e, cfg) for e in (0, 49, 50, 74, 75, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    cos = TrainConfig(epochs=10, lr=0.2, schedule="cosine")
+    cos = Recipe(epochs=10, lr=0.2, schedule="cosine")
     assert lr_at(0, cos) == pytest.approx(0.2) and lr_at(5, cos) == pytest.approx(0.1)
 
 
@@ -268,7 +281,8 @@ def test_image_training_with_augmentation_and_flip_queries():
         model,
         ccl.losses.create("ce"),
         (data.x[:256], data.y[:256]),
-        config=TrainConfig(epochs=2, batch_size=64, lr=0.05, augment=True, progress=False),
+        recipe=Recipe(epochs=2, batch_size=64, lr=0.05, augment=True),
+        runtime=QUIET,
     )
     logits = ccl.training.predict_logits(r.model, data.x[:10], flip_queries=True)
     assert logits.shape == (10, 2, 10)

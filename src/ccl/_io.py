@@ -1,20 +1,44 @@
-"""Atomic file writes: write to a temporary file in the same folder, flush, fsync, then rename over the target.
+"""Files that are never half-written, JSON that is always valid, and locks that name their holder.
 
-A reader therefore sees either the old complete file or the new complete file, never a partial one, even when
-the process is killed mid-write.
+- Atomic writes: write to a temporary file in the same folder, flush, fsync, then rename over the target, so a
+  reader sees either the old complete file or the new complete file, even when the process is killed
+  mid-write. The result gets the permissions the umask gives an ordinary new file (not the 0600 of `mkstemp`).
+  A temporary file's name carries its writer's pid, so a later run removes only the leftovers of dead writers.
+- JSON: NaN and infinities are written as `null` (bare `NaN` is not JSON); numpy scalars and arrays as numbers.
+- Locks: `exclusive_lock(path)` takes an `flock` on `path` without waiting; a second process gets a
+  `RunLockedError` that names the pid of the holder. The kernel drops the lock when its holder dies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "remove_stale_temporaries", "write_bytes", "write_json", "write_text"]
+from .errors import RunLockedError
+
+__all__ = [
+    "atomic_path",
+    "exclusive_lock",
+    "json_safe",
+    "remove_stale_temporaries",
+    "write_bytes",
+    "write_json",
+    "write_text",
+]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -22,11 +46,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path next to `path`; on success it is renamed to `path`, on failure removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
@@ -35,12 +60,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Deletes temporary files that a killed writer left in `folder` (their real files are untouched)."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _writer_pid(tmp: Path) -> int | None:
+    """The pid in `.NAME.PID.RANDOM.tmp`, or None for a name without one."""
+    parts = tmp.name[: -len(".tmp")].rsplit(".", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, *, recursive: bool = False) -> int:
+    """Deletes temporary files that killed writers left in `folder` (their real files are untouched); a
+    temporary file of a live process is kept. Returns how many were removed."""
     folder = Path(folder)
-    if folder.is_dir():
-        for tmp in folder.glob(".*.tmp"):
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for tmp in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+        pid = _writer_pid(tmp)
+        if pid is None or (pid != os.getpid() and not _pid_alive(pid)):
             tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _write(path: str | os.PathLike, mode: str, writer: Callable[[IO], Any]) -> None:
@@ -56,17 +104,61 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     _write(path, "w", lambda fh: fh.write(text))
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """`obj` with NaN and infinities as None, numpy scalars and arrays as Python numbers and lists, paths as
+    strings, tuples as lists: what `json.dumps(..., allow_nan=False)` accepts."""
     import numpy as np
 
-    if isinstance(obj, np.generic):
-        return obj.item()
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, Path):
         return str(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def dumps_json(obj: Any) -> str:
+    """Valid, deterministic JSON text (sorted keys, NaN as null)."""
+    return json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, dumps_json(obj))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, what: str) -> Iterator[None]:
+    """Holds an exclusive, non-blocking `flock` on `path` (created if needed) while the block runs. If another
+    process holds it, raises `RunLockedError` naming `what` and the holder's pid."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunLockedError(
+                f"{what} is in use by another ccl process (pid {holder}; lock file {path}). Wait for it to finish "
+                "or stop it; two processes must not write the same run."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

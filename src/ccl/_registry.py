@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from ._checks import unknown_name
+from .errors import InvalidArgumentError
 
 T = TypeVar("T")
 
@@ -33,7 +34,7 @@ class Registry(Generic[T]):
 
     def _entry(self, name: str) -> tuple[Callable[..., T], dict[str, Any], str]:
         if not isinstance(name, str) or name not in self._factories:
-            raise ValueError(unknown_name(self.kind, name, self._factories))
+            raise InvalidArgumentError(unknown_name(self.kind, name, self._factories))
         return self._factories[name]
 
     def parameters(self, name: str) -> list[str]:
@@ -49,11 +50,9 @@ class Registry(Generic[T]):
         valid = self.parameters(name)
         for key in params:
             if key not in valid:
-                raise ValueError(
-                    unknown_name(f"parameter of {self.kind} {name!r}", key, valid).replace(
-                        "Valid parameter of", "Valid parameters of"
-                    )
-                )
+                msg = unknown_name(f"parameter of {self.kind} {name!r}", key, valid)
+                msg = msg.replace("Valid parameter of", "Valid parameters of").replace("'s:", "':")
+                raise InvalidArgumentError(msg)
 
     def create(self, name: str, **params: Any) -> T:
         factory, defaults, _ = self._entry(name)

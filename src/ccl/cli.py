@@ -1,13 +1,14 @@
 """The `ccl` command line: train, audit, compare, demo, report.
 
-Every option can also come from a YAML file (`--config`); flags given on the command line win over the file,
-and the file wins over the defaults. Run `ccl <command> --help` for examples.
+Thin by design: it parses flags, turns them into a layer of settings, lets `ccl.config.merge` apply the
+precedence (defaults < the demo's settings or a resumed run's config.yaml < `--config` YAML < flags), and calls
+the pipeline (`ccl.audit`). A `CclError` is printed as one line (exit 2); any other exception is a bug and shows
+its traceback; `--debug` shows the traceback of every error. Run `ccl <command> --help` for examples.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import ConfigError, ExperimentConfig, load_config
+from .config import ConfigError, ExperimentConfig, load_config, merge, parse_runtime
+from .errors import CclError
+from .training import Runtime
 
-__all__ = ["DEMO", "build_config", "main"]
+__all__ = ["DEMO", "build_config", "build_runtime", "main"]
 
 #: `ccl demo`: compare on scikit-learn's bundled digits, sized for a few minutes on a 2-core CPU.
 DEMO: dict[str, Any] = {
@@ -82,12 +85,44 @@ EXAMPLES = {
 
 def _key_value(text: str) -> tuple[str, Any]:
     key, eq, value = text.partition("=")
-    if not eq or not key:
+    if not eq or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot read the value of {text!r} (YAML syntax)") from None
 
 
-def _experiment_options(p: argparse.ArgumentParser, *, defenses: str) -> None:
+#: Flags of the training recipe (`train:` in YAML) and of the runtime (`runtime:`), by argparse dest.
+_RECIPE_FLAGS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "augment",
+    "precision",
+)
+_RUNTIME_FLAGS = ("device", "compile", "threads")
+#: Top-level flags; the audit-only ones are not offered by `ccl train`.
+_COMMON_FLAGS = ("dataset", "model", "defenses", "seeds", "population_fraction")
+_AUDIT_FLAGS = ("num_references", "attacks", "flip_queries", "bootstrap", "stacked")
+
+
+_TRAIN_REFUSES = (
+    "--seeds",
+    "--num-references",
+    "--attacks",
+    "--flip-queries",
+    "--bootstrap",
+    "--stacked",
+    "--cache-dir",
+)
+
+
+def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
     g = p.add_argument_group("experiment")
     g.add_argument("--config", type=Path, help="YAML file with any of the options below (flags override it)")
     g.add_argument("--dataset", help="dataset name (see `ccl report --list`) or a .npz file with X and y")
@@ -99,7 +134,6 @@ def _experiment_options(p: argparse.ArgumentParser, *, defenses: str) -> None:
         metavar="KEY=VALUE",
         help="dataset option, e.g. num_samples=2000 for synthetic (repeatable)",
     )
-    g.add_argument("--data-dir", help="where downloaded datasets are cached (default $CCL_DATA_DIR or ~/.cache/ccl)")
     g.add_argument("--model", help="architecture: mlp, cnn, resnet18, resnet34, densenet121, wrn")
     g.add_argument(
         "--model-option",
@@ -109,13 +143,13 @@ def _experiment_options(p: argparse.ArgumentParser, *, defenses: str) -> None:
         metavar="KEY=VALUE",
         help="architecture option, e.g. hidden=[256,128] (repeatable)",
     )
-    if defenses == "one":
+    if kind in ("train", "audit"):
         g.add_argument(
             "--loss",
             dest="defenses",
             type=lambda s: [s],
             metavar="SPEC",
-            help="the training loss, e.g. ce, ccel:alpha=0.5, relaxloss:alpha=1.0",
+            help="the training loss, e.g. ce, ccel:alpha=0.5, relaxloss:alpha=1.0 (default: ce)",
         )
     else:
         g.add_argument(
@@ -124,171 +158,170 @@ def _experiment_options(p: argparse.ArgumentParser, *, defenses: str) -> None:
             metavar="SPEC",
             help="losses to compare, e.g. ce focal ccel:alpha=0.2 ccel:alpha=0.8 ccql",
         )
-    g.add_argument("--seeds", nargs="+", type=int, help="seeds (each draws its own split and models)")
-    if defenses != "train":
-        g.add_argument("--num-references", type=int, help="reference models per target (same recipe)")
+    if kind == "train":
+        for flag in _TRAIN_REFUSES:  # audit options: refused with a clear message, not silently ignored
+            p.add_argument(flag, dest="audit_only_" + flag[2:].replace("-", "_"), nargs="*", help=argparse.SUPPRESS)
+        g.add_argument(
+            "--seed",
+            dest="seeds",
+            type=lambda s: [int(s)],
+            metavar="SEED",
+            help="the seed of the split and the model (default: 0)",
+        )
+    else:
+        g.add_argument("--seeds", nargs="+", type=int, help="seeds (each draws its own split and models; default: 0)")
+        g.add_argument("--num-references", type=int, help="reference models per target, same recipe (default: 8)")
         g.add_argument("--attacks", nargs="+", help="attacks to run (default: all the setup supports)")
         g.add_argument(
             "--flip-queries",
             action="store_true",
             default=None,
-            help="also query the flipped image (images only); off: no augmentation at query time",
+            help="also query the flipped image (images only); default: no augmentation at query time",
         )
-        g.add_argument("--bootstrap", type=int, help="bootstrap resamples for confidence intervals (0: none)")
+        g.add_argument("--bootstrap", type=int, help="bootstrap resamples for confidence intervals (default: 200)")
         g.add_argument(
             "--stacked",
             choices=["auto", "on", "off"],
-            help="train reference models stacked with torch.func (auto: measured, the faster path)",
+            help="train reference models stacked with torch.func (default auto: on for mlp, off for "
+            "convolutional models; part of the recipe)",
         )
-    g.add_argument("--population-fraction", type=float, help="share of records no model trains on")
-    t = p.add_argument_group("training recipe")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
-    t.add_argument("--lr", type=float)
-    t.add_argument("--momentum", type=float)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--schedule", choices=["constant", "multistep", "cosine"])
+    g.add_argument("--population-fraction", type=float, help="share of records no model trains on (default: 0.1)")
+    t = p.add_argument_group("training recipe (YAML: train:)")
+    t.add_argument("--epochs", type=int, help="default: 30")
+    t.add_argument("--batch-size", type=int, help="default: 128")
+    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="default: sgd")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: 0.1)")
+    t.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
+    t.add_argument("--weight-decay", type=float, help="default: 5e-4")
+    t.add_argument("--schedule", choices=["constant", "multistep", "cosine"], help="default: cosine")
     t.add_argument("--augment", action="store_true", default=None, help="random crop + flip while training (images)")
-    t.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="default auto: bf16 on CUDA")
+    r = p.add_argument_group("runtime (YAML: runtime:; never changes a result's recipe)")
+    r.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    r.add_argument(
+        "--data-dir", type=Path, help="where downloaded datasets are cached (default $CCL_DATA_DIR or ~/.cache/ccl)"
+    )
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, help="run directory (never overwritten; see --resume)")
-    o.add_argument("--resume", action="store_true", help="continue the run in --out, reusing what it holds")
-    o.add_argument("--cache-dir", type=Path, help="trained-model cache shared across runs (default: OUT/models)")
-    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its config.yaml; flags may add seeds, defenses, reference "
+        "models and attacks, or change runtime options",
+    )
+    if kind != "train":
+        o.add_argument("--cache-dir", type=Path, help="trained-model cache shared across runs (default: OUT/models)")
 
 
-_TRAIN_FLAGS = (
-    "epochs",
-    "batch_size",
-    "optimizer",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "schedule",
-    "augment",
-    "device",
-    "precision",
-    "compile",
-)
-_TOP_FLAGS = (
-    "dataset",
-    "model",
-    "defenses",
-    "seeds",
-    "num_references",
-    "attacks",
-    "flip_queries",
-    "bootstrap",
-    "stacked",
-    "population_fraction",
-)
+def flag_layer(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the flags given on the command line set (None: not given), as a layer for `merge`."""
+    layer: dict[str, Any] = {}
+    for key in _COMMON_FLAGS + _AUDIT_FLAGS:
+        if getattr(args, key, None) is not None:
+            layer[key] = getattr(args, key)
+    for key in ("dataset_options", "model_options"):
+        if getattr(args, key, None):
+            layer[key] = dict(args.dataset_options if key == "dataset_options" else args.model_options)
+    train = {k: getattr(args, k) for k in _RECIPE_FLAGS if getattr(args, k, None) is not None}
+    if train:
+        layer["train"] = train
+    return layer
+
+
+def _file_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(experiment settings, runtime settings) of the `--config` file."""
+    if getattr(args, "config", None) is None:
+        return {}, {}
+    raw = load_config(args.config)
+    runtime = raw.pop("runtime", None) or {}
+    if not isinstance(runtime, dict):
+        raise ConfigError(f"{args.config}: 'runtime:' must be a mapping (device, threads, ...).")
+    return raw, runtime
 
 
 def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Defaults, then `base` (e.g. the demo's settings), then the YAML file, then the flags given."""
-    raw: dict[str, Any] = dict(base or {})
-    raw["train"] = dict(raw.get("train", {}))
-    if getattr(args, "config", None) is not None:
-        file_raw = load_config(args.config)
-        train_file = file_raw.pop("train", {}) or {}
-        raw.update(file_raw)
-        if isinstance(train_file, dict):
-            raw["train"].update(train_file)
-        else:
-            raw["train"] = train_file
-    for key in _TOP_FLAGS:
-        value = getattr(args, key, None)
-        if value is not None:
-            raw[key] = value
-    for key in ("dataset_options", "model_options"):
-        pairs = getattr(args, key, None)
-        if pairs:
-            raw[key] = {**raw.get(key, {}), **dict(pairs)}
-    for key in _TRAIN_FLAGS:
-        value = getattr(args, key, None)
-        if value is not None:
-            raw["train"][key] = value
+    """Defaults < `base` (e.g. the demo's settings) < the YAML file < the flags given."""
+    file_raw, _ = _file_layers(args)
+    return ExperimentConfig.from_dict(merge(base, file_raw, flag_layer(args)))
+
+
+def build_runtime(args: argparse.Namespace) -> Runtime:
+    _, file_runtime = _file_layers(args)
+    flags = {k: getattr(args, k) for k in _RUNTIME_FLAGS if getattr(args, k, None) is not None}
     if getattr(args, "quiet", False):
-        raw["train"]["progress"] = False
-    return ExperimentConfig.from_dict(raw)
+        flags["progress"] = False
+    return parse_runtime(merge({"runtime": file_runtime}, {"runtime": flags})["runtime"])
 
 
-def _run_experiment(args: argparse.Namespace, config: ExperimentConfig, default_out: str) -> int:
-    from .experiment import run_experiment
-    from .report import render_report
+def _resolve(args: argparse.Namespace, default_out: str, base: dict[str, Any] | None = None):
+    """(config, runtime, out): a new run's config from the layers, or a resumed run's from its config.yaml."""
+    from .run_dir import RunDirectory
 
     out = args.out or Path(default_out)
-    if args.resume and (out / "config.yaml").exists() and args.config is None and _given_only_resume_flags(args):
-        saved = load_config(out / "config.yaml")
-        if args.num_references is not None:
-            saved["num_references"] = args.num_references
-        config = ExperimentConfig.from_dict(saved)
+    runtime = build_runtime(args)
+    if args.resume:
+        file_raw, _ = _file_layers(args)
+        rd = RunDirectory(out)
+        rd.check_target(resume=True)
+        config = rd.resume_config(file_raw, flag_layer(args))
+    else:
+        config = build_config(args, base)
+    return config, runtime, out
+
+
+def _interrupted(command: str, out: Path) -> int:
+    print(
+        f"\nInterrupted. Completed models and results are kept in {out}; continue with:\n"
+        f"  ccl {command} --resume --out {out}",
+        file=sys.stderr,
+    )
+    return 130
+
+
+def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] | None = None) -> int:
+    from .audit import run_audit
+    from .audit.preflight import check_dependencies
+    from .report import render_report
+    from .results import table_lines
+
+    config, runtime, out = _resolve(args, default_out, base)
+    if args.command == "audit" and len(config.defenses) != 1:
+        raise ConfigError("`ccl audit` audits one training recipe: give one --loss (use `ccl compare` for more).")
+    check_dependencies("report")  # the report is drawn at the end: fail now, not after training
     try:
-        run_experiment(config, out, resume=args.resume, cache_dir=args.cache_dir, progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(
-            f"\nInterrupted. Completed models and results are kept in {out}; continue with:\n"
-            f"  ccl {args.command} --resume --out {out}",
-            file=sys.stderr,
+        agg = run_audit(
+            config,
+            out,
+            runtime=runtime,
+            resume=args.resume,
+            cache_dir=args.cache_dir,
+            data_dir=args.data_dir,
+            command=["ccl", *sys.argv[1:]],
         )
-        return 130
+    except KeyboardInterrupt:
+        return _interrupted(args.command, out)
     report = render_report(out)
-    _print_table(out)
+    print("\n".join(table_lines(agg)))
     print(f"\nReport: {report}")
     return 0
 
 
-def _given_only_resume_flags(args: argparse.Namespace) -> bool:
-    """True when no experiment option but --num-references was given: resume the saved config as it is."""
-    keys = [k for k in _TOP_FLAGS if k != "num_references"] + list(_TRAIN_FLAGS) + ["dataset_options", "model_options"]
-    return all(getattr(args, k, None) in (None, []) for k in keys)
-
-
-def _print_table(out: Path) -> None:
-    import json
-
-    rows = json.loads((out / "metrics.json").read_text())["rows"]
-    attacks = [a for a in ("loss", "lira", "rmia") if a in rows[0]["attacks"]]
-    header = f"{'defense':24s} {'test acc':>9s}" + "".join(f" {a + ' AUC':>10s} {a + ' TPR@1%':>12s}" for a in attacks)
-    print(header)
-    for r in rows:
-        line = f"{r['defense']:24s} {100 * r['test_acc']:8.1f}%"
-        for a in attacks:
-            e = r["attacks"][a]
-            tpr = e["tpr@0.01"]
-            line += f" {e['auc']:10.3f} {'n/a' if tpr != tpr else f'{100 * tpr:.1f}%':>12s}"
-        print(line)
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from . import data
-    from ._io import write_json
-    from .experiment import load_dataset
-    from .run_dir import prepare_run_dir
-    from .training import fit
+    from .audit import run_train
 
-    config = build_config(args, {"num_references": 0})
-    if len(config.defenses) != 1 or len(config.seeds) != 1:
-        raise ConfigError("`ccl train` trains one model: give one --loss and one seed.")
-    out = args.out or Path("runs/train")
-    dataset = load_dataset(config)  # before the run directory exists: a failed download leaves nothing behind
-    prepare_run_dir(out, config, resume=args.resume)
-    seed = config.seeds[0]
-    split = data.membership_split(len(dataset), seed=seed, population_fraction=config.population_fraction)
-    split.save(out / "splits" / f"seed-{seed}.npz")
-    model = config.build_model(dataset, seed=seed)
+    given = [k[len("audit_only_") :] for k, v in vars(args).items() if k.startswith("audit_only_") and v is not None]
+    if given:
+        raise ConfigError(
+            f"--{given[0].replace('_', '-')} is an option of `ccl audit`/`ccl compare`; `ccl train` trains one model "
+            "and attacks nothing (use --seed for its seed)."
+        )
+    config, runtime, out = _resolve(args, "runs/train", {"num_references": 0})
     try:
-        result = fit(
-            model,
-            config.defenses[0].build(),
-            dataset.subset(split.target_members),
-            heldout=dataset.subset(split.target_nonmembers),
-            config=config.train,
-            checkpoint_dir=out / "model",
-            resume=True,
+        result = run_train(
+            config, out, runtime=runtime, resume=args.resume, data_dir=args.data_dir, command=["ccl", *sys.argv[1:]]
         )
     except KeyboardInterrupt:
         print(
@@ -297,7 +330,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         return 130
     last = result.history[-1]
-    write_json(out / "metrics.json", {"defense": config.defenses[0].label, "seed": seed, **last})
     print(
         f"train acc {100 * last['member_acc']:.1f}%  held-out acc {100 * last.get('heldout_acc', float('nan')):.1f}%"
         f"  member loss var {last['member_loss_var']:.4g}\nRun directory: {out}"
@@ -306,40 +338,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    config = build_config(args)
-    if len(config.defenses) != 1:
-        raise ConfigError("`ccl audit` audits one training recipe: give one --loss (use `ccl compare` for more).")
-    return _run_experiment(args, config, "runs/audit")
+    return _run_audit(args, "runs/audit")
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    return _run_experiment(args, build_config(args), "runs/compare")
+    return _run_audit(args, "runs/compare")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    return _run_experiment(args, build_config(args, DEMO), "runs/demo")
+    return _run_audit(args, "runs/demo", DEMO)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import render_report
+    from .results import load_aggregate, table_lines
 
     if args.list:
-        from . import attacks, data, losses, models
-
-        for title, names in (
-            ("datasets", data.available()),
-            ("models", models.available()),
-            ("losses", losses.available()),
-            ("attacks", attacks.available()),
-        ):
-            print(f"{title}: {', '.join(names)}")
+        _print_registries()
         return 0
     if args.run_dir is None:
         raise ConfigError("Give the run directory: ccl report RUN_DIR")
     path = render_report(args.run_dir)
-    _print_table(args.run_dir)
+    if (args.run_dir / "metrics.json").exists():
+        print("\n".join(table_lines(load_aggregate(args.run_dir))))
     print(f"\nReport: {path}")
     return 0
+
+
+def _print_registries() -> None:
+    from . import attacks, data, losses, models
+
+    for title, registry in (("datasets", data), ("models", models), ("losses", losses), ("attacks", attacks)):
+        print(f"{title}: {', '.join(registry.available())}")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -349,14 +379,15 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="Run `ccl COMMAND --help` for a command's options and examples.",
     )
     parser.add_argument("--version", action="version", version=f"ccl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
     specs = {
-        "train": ("train one model with a loss on a dataset", _cmd_train, "train"),
-        "audit": ("train a target and reference models with one recipe, run every attack", _cmd_audit, "one"),
-        "compare": ("compare defenses x seeds on the privacy-utility trade-off", _cmd_compare, "many"),
-        "demo": ("`compare` on the bundled digits data, in a few minutes on a laptop CPU", _cmd_demo, "many"),
+        "train": ("train one model with a loss on a dataset", _cmd_train),
+        "audit": ("train a target and reference models with one recipe, run every attack", _cmd_audit),
+        "compare": ("compare defenses x seeds on the privacy-utility trade-off", _cmd_compare),
+        "demo": ("`compare` on the bundled digits data, in a few minutes on a laptop CPU", _cmd_demo),
     }
-    for name, (help_, func, kind) in specs.items():
+    for name, (help_, func) in specs.items():
         p = sub.add_parser(
             name,
             help=help_,
@@ -364,9 +395,7 @@ def make_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog="examples:\n" + textwrap.dedent(EXAMPLES[name]),
         )
-        _experiment_options(p, defenses="one" if kind == "train" else kind)
-        if kind == "train":
-            p.set_defaults(num_references=None)
+        _experiment_options(p, kind=name)
         p.set_defaults(func=func)
     p = sub.add_parser(
         "report",
@@ -383,11 +412,11 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "data_dir", None):
-        os.environ["CCL_DATA_DIR"] = str(args.data_dir)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, TypeError, RuntimeError) as err:
+    except CclError as err:
+        if args.debug:
+            raise
         print(f"ccl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,8 @@ from ._checks import check_in_range, check_positive_int, expected
 
 __all__ = [
     "DEFAULT_FPRS",
+    "metric_names",
+    "tpr_key",
     "DegenerateMetricWarning",
     "AttackMetrics",
     "Interval",
@@ -194,6 +196,16 @@ def bootstrap_ci(
     return Interval(float(low), float(high))
 
 
+def tpr_key(fpr: float) -> str:
+    """The one spelling of the TPR-at-FPR metric's key, e.g. `tpr_key(0.01) == "tpr@0.01"`."""
+    return f"tpr@{float(fpr):g}"
+
+
+def metric_names(fprs: Sequence[float] = DEFAULT_FPRS) -> tuple[str, ...]:
+    """The keys of `AttackMetrics.as_dict()` that hold a metric (each also has a `KEY_ci` interval)."""
+    return ("auc", "advantage", *(tpr_key(f) for f in fprs))
+
+
 @dataclass(frozen=True)
 class AttackMetrics:
     """The headline metrics of one attack, each with a bootstrap confidence interval (or NaN bounds)."""
@@ -217,8 +229,8 @@ class AttackMetrics:
             "n_nonmembers": self.n_nonmembers,
         }
         for f, v in self.tpr_at_fpr.items():
-            out[f"tpr@{f:g}"] = v
-            out[f"tpr@{f:g}_ci"] = list(self.tpr_at_fpr_ci[f])
+            out[tpr_key(f)] = v
+            out[tpr_key(f) + "_ci"] = list(self.tpr_at_fpr_ci[f])
         return out
 
 

@@ -11,12 +11,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_positive_int, expected
 from ._registry import Registry
+from .errors import CclError, InvalidArgumentError, InvalidArgumentTypeError
 
 __all__ = ["CNN", "MLP", "DenseNet", "ResNet", "WideResNet", "available", "create"]
 
@@ -39,7 +41,7 @@ class MLP(nn.Module):
         super().__init__()
         acts = {"tanh": nn.Tanh, "relu": nn.ReLU}
         if activation not in acts:
-            raise ValueError(expected("activation", f"one of {sorted(acts)}", activation))
+            raise InvalidArgumentError(expected("activation", f"one of {sorted(acts)}", activation))
         widths = [math.prod(input_shape), *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for a, b in zip(widths[:-1], widths[1:], strict=True):
@@ -177,7 +179,7 @@ class WideResNet(nn.Module):
     def __init__(self, *, num_classes: int, input_shape: Sequence[int], depth: int = 28, width: int = 2) -> None:
         super().__init__()
         if (depth - 4) % 6:
-            raise ValueError(expected("depth", "6n + 4 (e.g. 16, 22, 28, 40)", depth))
+            raise InvalidArgumentError(expected("depth", "6n + 4 (e.g. 16, 22, 28, 40)", depth))
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
         layers: list[nn.Module] = [nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=False)]
@@ -207,6 +209,10 @@ _REGISTRY.register("densenet121", DenseNet, doc="CIFAR DenseNet-121")
 _REGISTRY.register("wrn", WideResNet, doc="WideResNet-28-k (depth=28, width=k)")
 
 
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+
 def create(
     name: str, *, num_classes: int, input_shape: Sequence[int], seed: int | None = None, **params: Any
 ) -> nn.Module:
@@ -216,17 +222,37 @@ def create(
         ValueError: unknown name or parameter, `num_classes < 2`, or an image model with a non-image input shape.
     """
     check_positive_int("num_classes", num_classes, minimum=2)
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+        raise InvalidArgumentTypeError(expected("input_shape", "a tuple of positive ints such as (64,)", input_shape))
+    if not input_shape or not all(_positive_int(s) for s in input_shape):
+        raise InvalidArgumentError(expected("input_shape", "a non-empty tuple of positive ints", input_shape))
     shape = tuple(int(s) for s in input_shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(expected("input_shape", "a tuple of positive sizes", input_shape))
     if name in _IMAGE_MODELS and len(shape) != 3:
-        raise ValueError(expected("input_shape", f"(channels, height, width) for the image model {name!r}", shape))
+        raise InvalidArgumentError(
+            expected("input_shape", f"(channels, height, width) for the image model {name!r}", shape)
+        )
     _REGISTRY.check_params(name, params)
-    if seed is None:
-        return _REGISTRY.create(name, num_classes=num_classes, input_shape=shape, **params)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return _REGISTRY.create(name, num_classes=num_classes, input_shape=shape, **params)
+    hidden = params.get("hidden")
+    if hidden is not None and (
+        isinstance(hidden, (str, bytes))
+        or not isinstance(hidden, Sequence)
+        or not all(_positive_int(h) for h in hidden)
+    ):
+        raise InvalidArgumentError(expected("hidden", "a list of positive layer widths such as [256, 128]", hidden))
+    for key in ("width", "depth", "growth"):
+        if key in params:
+            check_positive_int(key, params[key])
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            return _REGISTRY.create(name, num_classes=num_classes, input_shape=shape, **params)
+    except (TypeError, ValueError, RuntimeError) as err:
+        if isinstance(err, CclError):
+            raise
+        raise InvalidArgumentError(
+            f"Cannot build model {name!r} with options {params} for inputs {shape}: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def available() -> list[str]:

@@ -1,29 +1,64 @@
-"""The run directory: created once, never overwritten silently, resumable.
+"""The run directory: created once, never overwritten, locked while in use, and the one owner of `--resume`.
 
-`prepare_run_dir` writes the resolved `config.yaml` and `run.json` (code version and git commit, library
-versions, command line) into a new directory, or checks an existing one before `--resume` continues it.
+Layout:
+    config.yaml               the resolved experiment (recipe, defenses, seeds, attacks); never a runtime option
+    run.json                  {"invocations": [...]}: one entry per command run on the directory (command, ccl
+                              version, git commit, library versions, UTC time, runtime options)
+    .lock                     held (flock) by the process working in the directory; names its pid
+    splits/seed-<s>.npz       membership splits
+    models/<key>/             one folder per trained model, named by a hash of what determines it
+    results/<defense>/seed-<s>/scores.npz, result.json
+    metrics.json, table.csv, report.html, plots/*.png
+
+What `--resume` may change (`check_resume`): runtime options (device, progress, threads, ...), and it may add
+seeds, defenses, reference models and attacks; the work already done is reused and only the new work runs.
+Anything else (the dataset, the model, the recipe, the population, bootstrap, FPRs, query augmentation,
+stacking) would change the recipe of finished work, and is refused with a message that says how to start a new
+run instead. A resume starts from the stored `config.yaml`, never from the defaults.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import datetime
+import json
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import __version__
-from ._io import remove_stale_temporaries, write_json, write_text
-from .config import ExperimentConfig
+from ._io import dumps_json, exclusive_lock, remove_stale_temporaries, write_text
+from .config import ExperimentConfig, load_config, merge
+from .errors import CclError, ConfigError, RunDirectoryError
+from .training import Runtime
 
-__all__ = ["RunDirectoryError", "prepare_run_dir"]
+__all__ = ["RunDirectory", "RunDirectoryError", "check_resume", "invocation_record"]
 
-
-class RunDirectoryError(ValueError):
-    """The run directory is missing, incomplete, corrupt, or would be overwritten."""
+#: Settings that fix the recipe of finished work: a resume must keep them.
+_FIXED = (
+    "dataset",
+    "dataset_options",
+    "model",
+    "model_options",
+    "train",
+    "population_fraction",
+    "flip_queries",
+    "bootstrap",
+    "stacked",
+    "fprs",
+)
+#: The command-line flag of each setting, for messages.
+_FLAG = {
+    "dataset_options": "--data-option",
+    "model_options": "--model-option",
+    "train": "a training-recipe flag (--epochs, --lr, ...)",
+}
 
 
 def _git_commit() -> str | None:
@@ -37,33 +72,173 @@ def _git_commit() -> str | None:
         return None
 
 
-def prepare_run_dir(run_dir: Path, config: ExperimentConfig, *, resume: bool) -> ExperimentConfig:
-    """Creates a new run directory, or checks an existing one for `resume`. Never overwrites silently."""
-    config_file = run_dir / "config.yaml"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not resume:
-            raise RunDirectoryError(
-                f"{run_dir} already exists and is not empty. Pass --resume to continue the run "
-                "in it, or choose another --out."
+def invocation_record(*, command: Sequence[str] | None, runtime: Runtime, resume: bool) -> dict[str, Any]:
+    """What run.json keeps of one command run on a directory."""
+    return {
+        "command": list(command) if command is not None else list(sys.argv),
+        "resume": resume,
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "ccl_version": __version__,
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "runtime": runtime.to_dict(),
+    }
+
+
+def _describe_change(key: str, old: Any, new: Any) -> str:
+    if key == "train":
+        changed = [k for k in old if old[k] != new.get(k)]
+        return ", ".join(f"train.{k} {old[k]!r} -> {new.get(k)!r}" for k in changed)
+    return f"{key} {old!r} -> {new!r}"
+
+
+def check_resume(stored: ExperimentConfig, new: ExperimentConfig, *, where: Path | str = "the run") -> None:
+    """Raises `ConfigError` unless `new` only adds work to `stored` (more seeds, defenses, reference models or
+    attacks); everything that fixes the recipe of finished work must be equal."""
+    old_d, new_d = stored.to_dict(), new.to_dict()
+    for key in _FIXED:
+        if old_d[key] != new_d[key]:
+            flag = _FLAG.get(key, "--" + key.replace("_", "-"))
+            raise ConfigError(
+                f"--resume cannot change {_describe_change(key, old_d[key], new_d[key])} ({flag}): finished work in "
+                f"{where} was done with the stored value. Start a new run with another --out (trained models are "
+                "reused where they match through --cache-dir), or resume without that change."
             )
-        if not config_file.exists():
-            raise RunDirectoryError(f"{run_dir} is not a ccl run directory (no config.yaml); cannot resume it.")
-        remove_stale_temporaries(run_dir)
-    elif resume and not run_dir.exists():
-        raise RunDirectoryError(f"Nothing to resume: {run_dir} does not exist.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(config_file, config.to_yaml())
-    write_json(
-        run_dir / "run.json",
-        {
-            "ccl_version": __version__,
-            "git_commit": _git_commit(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "command": sys.argv,
-            "cwd_relative": os.path.relpath(run_dir),
-        },
-    )
-    return config
+    lost = [s for s in stored.seeds if s not in new.seeds]
+    if lost:
+        raise ConfigError(f"--resume may add seeds but not drop them: {lost} are part of {where}.")
+    labels = [d.label for d in new.defenses]
+    lost = [d.label for d in stored.defenses if d.label not in labels]
+    if lost:
+        raise ConfigError(f"--resume may add defenses but not drop them: {lost} are part of {where}.")
+    if new.num_references < stored.num_references:
+        raise ConfigError(
+            f"--resume may raise --num-references but not lower it ({stored.num_references} -> "
+            f"{new.num_references}); start a new run for fewer reference models."
+        )
+    if stored.attacks is None and new.attacks is not None:
+        raise ConfigError(f"{where} runs every attack the setup supports; --resume cannot restrict --attacks.")
+    if stored.attacks is not None and new.attacks is not None:
+        lost = [a for a in stored.attacks if a not in new.attacks]
+        if lost:
+            raise ConfigError(f"--resume may add attacks but not drop them: {lost} are part of {where}.")
+
+
+class RunDirectory:
+    """One run's folder. `RunDirectory(path).open(config, ...)` creates it (or checks it for resume), takes its
+    lock and records the invocation; everything that writes into it happens inside that block."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / "run.json"
+
+    def split_file(self, seed: int) -> Path:
+        return self.path / "splits" / f"seed-{seed}.npz"
+
+    def result_dir(self, slug: str, seed: int) -> Path:
+        return self.path / "results" / slug / f"seed-{seed}"
+
+    # ------------------------------------------------------------------------------------------------------
+    def check_target(self, *, resume: bool) -> None:
+        """Checks `--out` before anything is trained: a path that is (or lies below) a file, an existing run
+        without --resume, or a resume of nothing fail now with the path named."""
+        for parent in [self.path, *self.path.parents]:
+            if parent.exists() and not parent.is_dir():
+                raise RunDirectoryError(
+                    f"--out {self.path}: {parent} is a file, not a directory; choose another --out."
+                )
+            if parent.exists():
+                break
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not resume:
+                raise RunDirectoryError(
+                    f"{self.path} already exists and is not empty. Pass --resume to continue the run in it, or "
+                    "choose another --out."
+                )
+            if not self.config_file.is_file():
+                raise RunDirectoryError(f"{self.path} is not a ccl run directory (no config.yaml); cannot resume it.")
+        elif resume:
+            raise RunDirectoryError(f"Nothing to resume: {self.path} does not exist or is empty.")
+
+    def stored_raw(self) -> dict[str, Any]:
+        """The stored config.yaml as a mapping; a corrupt one is named."""
+        if not self.config_file.is_file():
+            raise RunDirectoryError(f"{self.path} is not a ccl run directory (no config.yaml).")
+        try:
+            return load_config(self.config_file)
+        except ConfigError as err:
+            raise RunDirectoryError(f"The run's {self.config_file} is corrupt: {err}") from None
+
+    def stored_config(self) -> ExperimentConfig:
+        try:
+            return ExperimentConfig.from_dict(self.stored_raw())
+        except ConfigError as err:
+            raise RunDirectoryError(f"The run's {self.config_file} is not a valid configuration: {err}") from None
+
+    def resume_config(self, *overrides: dict[str, Any] | None) -> ExperimentConfig:
+        """The stored configuration with `overrides` (a YAML file's, the flags') applied, checked to only add
+        work (see `check_resume`)."""
+        stored = self.stored_config()
+        new = ExperimentConfig.from_dict(merge(self.stored_raw(), *overrides))
+        check_resume(stored, new, where=self.path)
+        return new
+
+    def invocations(self) -> list[dict[str, Any]]:
+        if not self.run_file.exists():
+            return []
+        try:
+            return list(json.loads(self.run_file.read_text())["invocations"])
+        except (ValueError, KeyError, TypeError):
+            return []  # an unreadable history is not worth stopping a run for; the new entry starts a new one
+
+    @contextlib.contextmanager
+    def open(
+        self,
+        config: ExperimentConfig,
+        *,
+        resume: bool,
+        runtime: Runtime | None = None,
+        command: Sequence[str] | None = None,
+    ) -> Iterator[RunDirectory]:
+        """Creates the directory (or checks it for `resume`), holds its lock, removes temporary files of dead
+        writers, writes config.yaml and appends this invocation to run.json; yields self."""
+        self.check_target(resume=resume)
+        if resume:
+            check_resume(self.stored_config(), config, where=self.path)
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirectoryError(f"Cannot create the run directory {self.path}: {err.strerror}.") from None
+        try:
+            with exclusive_lock(self.path / ".lock", what=f"The run directory {self.path}"):
+                remove_stale_temporaries(self.path, recursive=True)
+                write_text(self.config_file, config.to_yaml())
+                history = self.invocations() + [
+                    invocation_record(command=command, runtime=runtime or Runtime(), resume=resume)
+                ]
+                write_text(self.run_file, dumps_json({"invocations": history}))
+                yield self
+        except CclError:
+            if created and not resume and self._only_bookkeeping():
+                self._remove_bookkeeping()
+            raise
+
+    def _only_bookkeeping(self) -> bool:
+        return {p.name for p in self.path.iterdir()} <= {"config.yaml", "run.json", ".lock"}
+
+    def _remove_bookkeeping(self) -> None:
+        for name in ("config.yaml", "run.json", ".lock"):
+            (self.path / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()

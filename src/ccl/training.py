@@ -1,14 +1,25 @@
-"""The training engine: one readable `fit` for any classifier and any loss of `ccl.losses`.
+"""The training engine: one readable loop for any classifier and any loss of `ccl.losses`.
+
+Two typed configs keep what determines the weights apart from how a run is executed:
+- `Recipe` (frozen): optimizer, schedule, epochs, batch size, precision, augmentation, seed. Two models trained
+  with the same recipe on the same records are the same model; cache keys and checkpoints compare the recipe.
+- `Runtime` (frozen): device, channels_last, compile, eval_every, progress, threads. Changing one never
+  invalidates a model or a checkpoint.
+
+`fit` trains one model; `ccl.stacked.fit_stacked` trains K models of one recipe in lockstep. Both run the same
+epoch loop (`train_models`) over a `Models` adapter (one module, or K stacked with `torch.func`), so the
+learning-rate schedule, `set_epoch`, the seeded batch order, augmentation, autocast, the finiteness checks and
+the optimizer step are written once.
 
 What it guarantees:
-- Deterministic: the shuffling and augmentation of epoch `e` come from a generator seeded with
-  `(seed, e)`, so the same seed gives bit-identical weights on CPU, also across an interruption and resume.
-- Resumable: a checkpoint (model, optimizer, epoch, history) is written atomically after every epoch and
-  loaded with `weights_only=True`; `fit` continues from it. A non-finite loss stops training with an error that
-  names the epoch and batch, and the last good checkpoint stays.
+- Deterministic: the shuffling and augmentation of epoch `e` of a model with seed `s` come from a generator
+  seeded with `(s, e)`, so the same seed gives bit-identical weights on CPU, also across an interruption.
+- Resumable: a checkpoint (weights, optimizer, epoch, history, recipe) is written atomically after every epoch
+  and loaded with `weights_only=True`. A non-finite loss, or weights that are no longer finite (their squared
+  norm overflows float32), stops training with an error naming the epoch (and batch), keeping the last good
+  checkpoint.
 - Observable: a JSONL log with one line per epoch: train loss and accuracy, held-out accuracy, and the mean and
-  variance of the cross-entropy on members (the training set) and non-members (held-out), the CCL paper's key
-  quantity.
+  variance of the cross-entropy on members and non-members, the CCL paper's key quantity.
 - Fast where it can be: data stays on the device; augmentation (random crop with 4-pixel padding, horizontal
   flip) runs on whole batches, only while training; on CUDA, bf16 autocast and channels_last by default.
 
@@ -16,20 +27,21 @@ Example:
     >>> data = ccl.data.load("digits")
     >>> model = ccl.models.create("mlp", num_classes=10, input_shape=data.input_shape, hidden=(256,), seed=0)
     >>> result = ccl.training.fit(model, ccl.losses.create("ccel"), (data.x, data.y),
-    ...                           config=ccl.training.TrainConfig(epochs=20, lr=0.05))
+    ...                           recipe=ccl.training.Recipe(epochs=20, lr=0.05))
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -38,10 +50,12 @@ from torch import Tensor, nn
 
 from ._checks import check_choice, check_in_range, check_positive_int, expected
 from ._io import atomic_path, remove_stale_temporaries, write_text
+from .errors import InvalidArgumentError, InvalidArgumentTypeError, RunDirectoryError, TrainingError
 
 __all__ = [
     "FitResult",
-    "TrainConfig",
+    "Recipe",
+    "Runtime",
     "TrainingError",
     "augment_batch",
     "autocast_dtype",
@@ -52,18 +66,15 @@ __all__ = [
     "make_optimizer",
     "predict_logits",
     "resolve_device",
+    "train_models",
 ]
 
 CHECKPOINT = "checkpoint.pt"
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the epoch and batch."""
-
-
-@dataclass
-class TrainConfig:
-    """The training recipe. Every field is part of what determines the trained model."""
+@dataclass(frozen=True)
+class Recipe:
+    """What determines the trained weights (with the model, its initial weights and the records)."""
 
     epochs: int = 30
     batch_size: int = 128
@@ -75,13 +86,8 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)  # multistep: fractions of `epochs` where lr *= lr_decay
     lr_decay: float = 0.1
     augment: bool = False  # random crop + flip on image batches, training only
-    seed: int = 0
-    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16" | "fp16"
-    channels_last: bool | None = None  # None: on for image models on CUDA
-    compile: bool = False  # torch.compile the model (CUDA; off by default)
-    eval_every: int = 1  # epochs between member/non-member loss statistics in the log
-    progress: bool = True
+    seed: int = 0  # batch order, augmentation and dropout (the initial weights come from the model's seed)
 
     def __post_init__(self) -> None:
         check_positive_int("epochs", self.epochs)
@@ -91,19 +97,51 @@ class TrainConfig:
         check_in_range("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
         check_in_range("weight_decay", self.weight_decay, low=0.0)
         check_choice("schedule", self.schedule, ("constant", "multistep", "cosine"))
-        self.milestones = tuple(float(m) for m in self.milestones)
+        if isinstance(self.milestones, (str, bytes)) or not isinstance(self.milestones, Iterable):
+            raise InvalidArgumentTypeError(expected("milestones", "a list of fractions in [0, 1]", self.milestones))
+        object.__setattr__(self, "milestones", tuple(self.milestones))
         for m in self.milestones:
             check_in_range("milestones", m, low=0.0, high=1.0)
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
         check_in_range("lr_decay", self.lr_decay, low=0.0, high=1.0, low_inclusive=False)
+        if not isinstance(self.augment, bool):
+            raise InvalidArgumentTypeError(expected("augment", "true or false", self.augment))
         check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        check_positive_int("eval_every", self.eval_every)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise TypeError(expected("seed", "an integer", self.seed))
+            raise InvalidArgumentTypeError(expected("seed", "an integer", self.seed))
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
         return d
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How training runs; never part of what determines a model (changing it invalidates nothing)."""
+
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    channels_last: bool | None = None  # None: on for image models on CUDA
+    compile: bool = False  # torch.compile the model (CUDA; off by default)
+    eval_every: int = 1  # epochs between member/non-member loss statistics in the log
+    progress: bool = True
+    threads: int | None = None  # CPU threads for torch; None: leave torch's setting (the CLI picks one)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str):
+            raise InvalidArgumentTypeError(expected("device", "a device name such as 'cpu' or 'cuda'", self.device))
+        check_positive_int("eval_every", self.eval_every)
+        if self.threads is not None:
+            check_positive_int("threads", self.threads)
+
+    def replace(self, **changes: Any) -> Runtime:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -116,14 +154,14 @@ class FitResult:
 # ----------------------------------------------------------------------------------------------------------
 # Small named helpers
 # ----------------------------------------------------------------------------------------------------------
-def lr_at(epoch: int, config: TrainConfig) -> float:
-    """The learning rate of `epoch` (0-based) under the configured schedule."""
-    if config.schedule == "constant":
-        return config.lr
-    if config.schedule == "multistep":
-        passed = sum(epoch >= round(m * config.epochs) for m in config.milestones)
-        return config.lr * config.lr_decay**passed
-    return 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
+def lr_at(epoch: int, recipe: Recipe) -> float:
+    """The learning rate of `epoch` (0-based) under the recipe's schedule."""
+    if recipe.schedule == "constant":
+        return recipe.lr
+    if recipe.schedule == "multistep":
+        passed = sum(epoch >= round(m * recipe.epochs) for m in recipe.milestones)
+        return recipe.lr * recipe.lr_decay**passed
+    return 0.5 * recipe.lr * (1 + math.cos(math.pi * epoch / recipe.epochs))
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -147,41 +185,71 @@ def augment_batch(x: Tensor, generator: torch.Generator, *, padding: int = 4) ->
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(
+            expected("device", "auto, cpu, cuda, cuda:N or another torch device", name)
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(expected("device", "an available device (no CUDA device is present)", name))
+        raise InvalidArgumentError(expected("device", "an available device (no CUDA device is present)", name))
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidArgumentError(expected("device", f"a CUDA index below {torch.cuda.device_count()}", name))
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InvalidArgumentError(expected("device", "auto, cpu, cuda or cuda:N", name))
     return device
 
 
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    precision = config.precision
+def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
+    precision = recipe.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def make_optimizer(params: Iterable[Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[Tensor], recipe: Recipe) -> torch.optim.Optimizer:
     params = list(params)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Runs the block with `threads` intra-op CPU threads (None: unchanged), restoring the old number after."""
+    if threads is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _check_data(name: str, data: Any) -> tuple[Tensor, Tensor]:
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise TypeError(expected(name, "a pair (x, y) of tensors", type(data).__name__))
-    x, y = (torch.as_tensor(v) for v in data)
+        raise InvalidArgumentTypeError(expected(name, "a pair (x, y) of tensors", type(data).__name__))
+    try:
+        x, y = (torch.as_tensor(v) for v in data)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InvalidArgumentTypeError(expected(name, "a pair (x, y) of numeric arrays", str(err))) from None
     if x.shape[0] == 0:
-        raise ValueError(expected(name, "a non-empty split", "0 records"))
+        raise InvalidArgumentError(expected(name, "a non-empty split", "0 records"))
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(expected(f"{name} labels", f"shape ({x.shape[0]},) matching x", tuple(y.shape)))
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise TypeError(expected(f"{name} labels", "integer class indices", y.dtype))
+        raise InvalidArgumentError(expected(f"{name} labels", f"shape ({x.shape[0]},) matching x", tuple(y.shape)))
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        raise InvalidArgumentTypeError(expected(f"{name} labels", "integer class indices", y.dtype))
+    if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise InvalidArgumentTypeError(expected(f"{name} inputs", "a real-valued array", x.dtype))
     return x.float(), y.long()
 
 
@@ -191,14 +259,15 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
     try:
         with torch.no_grad():
             out = model(x[:2])
-    except RuntimeError as err:
-        raise ValueError(
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise InvalidArgumentError(
             f"The model cannot take inputs of shape {tuple(x.shape[1:])} (per record): {str(err).splitlines()[0]}"
         ) from None
     finally:
         model.train(was_training)
-    if out.ndim != 2:
-        raise ValueError(f"The model must return logits (N, C); it returned shape {tuple(out.shape)}.")
+    if not isinstance(out, Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise InvalidArgumentError(f"The model must return logits (N, C); it returned {shape}.")
     return int(out.shape[1])
 
 
@@ -213,7 +282,7 @@ def predict_logits(
 ) -> np.ndarray:
     """The model's logits on `x` in eval mode, float32 numpy `(N, C)`; with `flip_queries=True`, the original
     and the horizontally flipped image, `(N, 2, C)`. No augmentation unless asked for."""
-    device = resolve_device(device) if isinstance(device, str) else device
+    device = resolve_device(device)
     model.eval()
     model.to(device)
     outs = []
@@ -237,59 +306,6 @@ def _loss_stats(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> dict
     return {"loss_mean": ce.mean().item(), "loss_var": ce.var(unbiased=False).item(), "acc": correct / x.shape[0]}
 
 
-def _train_epoch(
-    forward,
-    model: nn.Module,
-    loss_fn,
-    optimizer: torch.optim.Optimizer,
-    scaler,
-    x: Tensor,
-    y: Tensor,
-    epoch: int,
-    *,
-    config: TrainConfig,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-) -> tuple[float, float, int]:
-    """One pass over `(x, y)` in the epoch's seeded order. Returns the mean loss, the accuracy, and the first batch
-    whose loss was not finite (-1: none). Sums stay on the device, so a GPU syncs once per epoch, not per batch."""
-    n = x.shape[0]
-    gen = epoch_generator(config.seed, epoch, device)
-    torch.manual_seed(int(np.random.SeedSequence([config.seed, epoch, 1]).generate_state(1)[0]))  # dropout etc.
-    order = torch.randperm(n, generator=gen, device=device)
-    if n % config.batch_size == 1 and n > 1:
-        order = order[:-1]  # a batch of one record breaks BatchNorm; it is skipped this epoch (a random one)
-    model.train()
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    bad_batch = torch.full((), -1, dtype=torch.long, device=device)
-    for batch, i in enumerate(range(0, order.numel(), config.batch_size)):
-        idx = order[i : i + config.batch_size]
-        xb, yb = x[idx], y[idx]
-        if config.augment:
-            xb = augment_batch(xb, gen)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = forward(xb)  # (B, C)
-            try:
-                loss = loss_fn(out, yb)
-            except ValueError:  # ccl's losses refuse non-finite logits: training has diverged
-                if bool(torch.isfinite(out).all()):
-                    raise
-                loss = None
-        # On a CPU checking now is free: stop before a bad step. On a GPU the check waits for the epoch's end.
-        if loss is None or (device.type == "cpu" and not math.isfinite(loss.item())):
-            return math.nan, math.nan, int(bad_batch) if int(bad_batch) >= 0 else batch
-        bad_batch = torch.where((bad_batch < 0) & ~torch.isfinite(loss), batch, bad_batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        total_loss += loss.detach().float() * idx.numel()
-        correct += (out.argmax(1) == yb).sum()
-    seen = order.numel()
-    return total_loss.item() / seen, correct.item() / seen, int(bad_batch)
-
-
 def _member_stats(
     model: nn.Module, members: tuple[Tensor, Tensor], heldout: tuple[Tensor, Tensor] | None, batch_size: int
 ) -> dict[str, float]:
@@ -308,43 +324,233 @@ def _member_stats(
     return out
 
 
-def _save_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: list[dict], config: TrainConfig
-) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "history": json.dumps(history),
-        "config": json.dumps(config.to_dict()),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Loads a checkpoint written by `fit` (with `weights_only=True`: no code runs from the file)."""
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Loads a checkpoint written by `fit` or `fit_stacked` (with `weights_only=True`: no code runs from it)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        state["history"] = json.loads(state.get("history", "[]"))
+        state["recipe"] = json.loads(state["recipe"])
     except Exception as err:
-        raise ValueError(
-            f"Cannot load the checkpoint {path}: it is corrupt, truncated or not a ccl checkpoint "
-            f"({type(err).__name__}). Delete it to start over."
-        ) from err
-    state["history"] = json.loads(state["history"])
-    state["config"] = json.loads(state["config"])
+        raise RunDirectoryError(
+            f"Cannot load the checkpoint {path}: it is corrupt, truncated or not a ccl checkpoint of this version "
+            f"({type(err).__name__}). Delete it to train that model again."
+        ) from None
     return state
 
 
 # ----------------------------------------------------------------------------------------------------------
-# fit
+# The one training loop, over one model or K stacked models
 # ----------------------------------------------------------------------------------------------------------
+class Models(Protocol):
+    """What the loop needs of the models it trains: K of them, run on `(K, B, ...)` batches."""
+
+    k: int
+
+    def forward(self, xb: Tensor) -> Tensor:  # (K, B, ...) -> (K, B, C)
+        ...
+
+    def parameters(self) -> list[Tensor]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def weights_finite(self) -> Tensor:  # (K,) bool: parameters finite and their squared norm representable
+        ...
+
+
+class OneModel:
+    """One `nn.Module` as a stack of K = 1 (the plain path: no `torch.func`, hooks and all)."""
+
+    k = 1
+
+    def __init__(self, model: nn.Module, forward: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.model = model
+        self._forward = forward or model
+
+    def forward(self, xb: Tensor) -> Tensor:
+        return self._forward(xb[0])[None]
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.model.parameters())
+
+    def train(self, mode: bool = True) -> OneModel:
+        self.model.train(mode)
+        return self
+
+    def weights_finite(self) -> Tensor:
+        norms = [p.detach().float().square().sum() for p in self.model.parameters()]
+        return torch.isfinite(torch.stack(norms).sum())[None] if norms else torch.ones(1, dtype=torch.bool)
+
+
+@dataclass
+class _EpochOutcome:
+    loss: Tensor  # (K,) mean training loss
+    acc: Tensor  # (K,) training accuracy
+    bad_model: int  # -1: every loss finite
+    bad_batch: int
+
+
+def _train_epoch(
+    models: Models,
+    loss_fn,
+    optimizer: torch.optim.Optimizer,
+    scaler,
+    x: Tensor,
+    y: Tensor,
+    member_idx: Tensor,
+    seeds: list[int],
+    epoch: int,
+    *,
+    recipe: Recipe,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> _EpochOutcome:
+    """One pass of every model over its members `member_idx (K, m)`, each in its own seeded order. Sums stay on
+    the device, so a GPU syncs once per epoch, not per batch; on a CPU a bad loss stops before its step."""
+    k, m = member_idx.shape
+    gens = [epoch_generator(s, epoch, device) for s in seeds]
+    torch.manual_seed(int(np.random.SeedSequence([seeds[0], epoch, 1]).generate_state(1)[0]))  # dropout etc.
+    orders = torch.stack([torch.randperm(m, generator=g, device=device) for g in gens])  # (K, m)
+    if m % recipe.batch_size == 1 and m > 1:
+        orders = orders[:, :-1]  # a batch of one record breaks BatchNorm; it is skipped this epoch (a random one)
+    models.train(True)
+    total_loss = torch.zeros(k, device=device)
+    correct = torch.zeros(k, dtype=torch.long, device=device)
+    bad = torch.full((2,), -1, dtype=torch.long, device=device)  # (model, batch) of the first non-finite loss
+    for batch, i in enumerate(range(0, orders.shape[1], recipe.batch_size)):
+        idx = member_idx.gather(1, orders[:, i : i + recipe.batch_size])  # (K, b) dataset indices
+        xb, yb = x[idx], y[idx]  # (K, b, ...), (K, b)
+        if recipe.augment:
+            xb = torch.stack([augment_batch(xb[j], gens[j]) for j in range(k)])
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = models.forward(xb)  # (K, b, C)
+            try:
+                losses = torch.stack([loss_fn(out[j], yb[j]) for j in range(k)])  # (K,)
+            except ValueError:  # ccl's losses refuse non-finite logits: a model has diverged
+                if bool(torch.isfinite(out).all()):
+                    raise
+                losses = torch.isfinite(out).flatten(1).all(1).float().log()  # -inf marks the diverged models
+        finite = torch.isfinite(losses)
+        if device.type == "cpu" and not bool(finite.all()):  # free on a CPU: stop before a bad step
+            return _EpochOutcome(total_loss, correct.float(), int((~finite).nonzero()[0]), batch)
+        first_bad = torch.where(finite.all(), -1, (~finite).int().argmax())
+        bad = torch.where(bad[0] < 0, torch.stack([first_bad, torch.where(first_bad < 0, -1, batch)]), bad)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses.sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total_loss += losses.detach().float() * idx.shape[1]
+        correct += (out.argmax(-1) == yb).sum(1)
+    seen = orders.shape[1]
+    bad_model, bad_batch = bad.tolist()
+    return _EpochOutcome(total_loss / seen, correct.float() / seen, bad_model, bad_batch)
+
+
+def train_models(
+    models: Models,
+    loss_fn,
+    x: Tensor,
+    y: Tensor,
+    member_idx: Tensor,
+    *,
+    recipe: Recipe,
+    seeds: list[int],
+    device: torch.device,
+    start_epoch: int = 0,
+    optimizer_state: dict | None = None,
+    on_epoch_end: Callable[[int, torch.optim.Optimizer, dict[str, Tensor]], None] | None = None,
+    names: list[str] | None = None,
+    progress: bool = False,
+    description: str = "train",
+    checkpoint: str | os.PathLike | None = None,
+) -> None:
+    """Trains `models` (K of one recipe, on `device`) on the records `member_idx (K, m)` of `(x, y)` from
+    `start_epoch` to `recipe.epochs`, model j with `seeds[j]`. After each epoch `on_epoch_end(epoch, optimizer,
+    {"loss", "acc"})` runs (checkpoints and logs go there). Raises `TrainingError` naming the model, the epoch
+    and the batch when a loss or the weights stop being finite."""
+    names = names or [f"model {j}" for j in range(models.k)]
+
+    def kept() -> str:
+        return (
+            f"the last good checkpoint is {checkpoint}"
+            if checkpoint and os.path.exists(checkpoint)
+            else "no checkpoint was written"
+        )
+
+    amp_dtype = autocast_dtype(recipe, device)
+    optimizer = make_optimizer(models.parameters(), recipe)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=recipe.epochs, initial=start_epoch, desc=description, unit="epoch", leave=False)
+    try:
+        for epoch in range(start_epoch, recipe.epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch, recipe)
+            if hasattr(loss_fn, "set_epoch"):
+                loss_fn.set_epoch(epoch)
+            outcome = _train_epoch(
+                models,
+                loss_fn,
+                optimizer,
+                scaler,
+                x,
+                y,
+                member_idx,
+                seeds,
+                epoch,
+                recipe=recipe,
+                device=device,
+                amp_dtype=amp_dtype,
+            )
+            if outcome.bad_model >= 0:
+                raise TrainingError(
+                    f"The loss of {names[outcome.bad_model]} became non-finite at epoch {epoch} (0-based), batch "
+                    f"{outcome.bad_batch}; {kept()}. Lower the learning rate (--lr) or "
+                    "check the data."
+                )
+            finite = models.weights_finite()
+            if not bool(finite.all()):
+                bad = int((~finite).nonzero()[0])
+                raise TrainingError(
+                    f"The weights of {names[bad]} diverged at epoch {epoch} (0-based): they are no longer finite "
+                    f"(or their squared norm overflows float32); {kept()}. Lower the "
+                    "learning rate (--lr) or check the data."
+                )
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, optimizer, {"loss": outcome.loss, "acc": outcome.acc})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(outcome.loss.mean()):.3f}", acc=f"{float(outcome.acc.mean()):.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fit: one model
+# ----------------------------------------------------------------------------------------------------------
+def _check_labels(name: str, labels: Tensor, num_classes: int) -> None:
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise InvalidArgumentError(
+            expected(
+                f"{name} labels",
+                f"class indices in [0, {num_classes}) (the model's outputs)",
+                f"labels in [{int(labels.min())}, {int(labels.max())}]",
+            )
+        )
+
+
 def fit(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     train: tuple[Tensor, Tensor],
     *,
-    config: TrainConfig | None = None,
+    recipe: Recipe | None = None,
+    runtime: Runtime | None = None,
     heldout: tuple[Tensor, Tensor] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     log_path: str | os.PathLike | None = None,
@@ -358,104 +564,106 @@ def fit(
         loss_fn: a loss of `ccl.losses` (or any `f(logits, target) -> scalar`); `set_epoch(epoch)` is called
             at the start of each epoch when it has one (RelaxLoss).
         train: `(x (N, ...), y (N,))`, the members.
-        config: the recipe; `TrainConfig()` by default.
+        recipe: what determines the weights; `Recipe()` by default.
+        runtime: device, progress bar, compile, log frequency; `Runtime()` by default.
         heldout: `(x, y)` never trained on, for held-out accuracy and the non-member loss statistics.
         checkpoint_dir: where `checkpoint.pt` is written after every epoch; with `resume=True` an existing one
-            is continued from.
+            is continued from (it must have been written with the same recipe; the runtime may differ).
         log_path: the JSONL log (default: `checkpoint_dir/log.jsonl` when `checkpoint_dir` is given).
 
     Raises:
-        ValueError / TypeError: bad data (empty split, labels outside [0, C), shapes the model cannot take).
-        TrainingError: a non-finite loss; the message names the epoch and batch.
+        InvalidArgumentError / InvalidArgumentTypeError: bad data (empty split, labels outside [0, C), shapes
+            the model cannot take, augmentation of non-image data).
+        TrainingError: a non-finite loss or diverged weights; the message names the epoch and batch.
     """
-    config = config or TrainConfig()
+    recipe = recipe or Recipe()
+    runtime = runtime or Runtime()
+    if not isinstance(recipe, Recipe):
+        raise InvalidArgumentTypeError(expected("recipe", "a ccl.training.Recipe", type(recipe).__name__))
+    if not isinstance(runtime, Runtime):
+        raise InvalidArgumentTypeError(expected("runtime", "a ccl.training.Runtime", type(runtime).__name__))
     x, y = _check_data("train", train)
     num_classes = _num_classes(model, x)
-    for name, labels in (("train", y), ("heldout", None if heldout is None else torch.as_tensor(heldout[1]))):
-        if labels is not None and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(
-                expected(
-                    f"{name} labels",
-                    f"class indices in [0, {num_classes}) (the model's outputs)",
-                    f"labels in [{int(labels.min())}, {int(labels.max())}]",
-                )
-            )
+    _check_labels("train", y, num_classes)
     if heldout is not None:
         hx, hy = _check_data("heldout", heldout)
+        _check_labels("heldout", hy, num_classes)
         if hx.shape[1:] != x.shape[1:]:
-            raise ValueError(expected("heldout", f"records of shape {tuple(x.shape[1:])} like train", hx.shape[1:]))
+            raise InvalidArgumentError(
+                expected("heldout", f"records of shape {tuple(x.shape[1:])} like train", tuple(hx.shape[1:]))
+            )
 
-    device = resolve_device(config.device)
-    amp_dtype = autocast_dtype(config, device)
+    device = resolve_device(runtime.device)
     images = x.ndim == 4
-    if config.augment and not images:
-        raise ValueError(expected("augment", "False for non-image data (x of shape (N, C, H, W) needed)", True))
-    channels_last = config.channels_last if config.channels_last is not None else (images and device.type == "cuda")
+    if recipe.augment and not images:
+        raise InvalidArgumentError(expected("augment", "False for non-image data (x of shape (N, C, H, W))", True))
+    channels_last = runtime.channels_last if runtime.channels_last is not None else (images and device.type == "cuda")
     memory_format = torch.channels_last if channels_last and images else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
     if heldout is not None:
         hx, hy = hx.to(device).contiguous(memory_format=memory_format), hy.to(device)
-    optimizer = make_optimizer(model.parameters(), config)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    forward = torch.compile(model) if config.compile else model
+    forward = torch.compile(model) if runtime.compile else model
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if log_path is None and checkpoint_dir is not None:
         log_path = Path(checkpoint_dir) / "log.jsonl"
     history: list[dict] = []
-    start = 0
+    start, optimizer_state = 0, None
     if checkpoint_dir is not None:
         remove_stale_temporaries(checkpoint_dir)
     if ckpt_path is not None and resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state["config"] != json.loads(json.dumps(config.to_dict())):
-            raise ValueError(
+        state = load_checkpoint(ckpt_path, map_location=device)
+        if state["recipe"] != recipe.to_dict():
+            raise RunDirectoryError(
                 f"The checkpoint {ckpt_path} was written with another recipe; use another directory or resume=False."
             )
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = int(state["epoch"]), state["history"]
+        optimizer_state, start, history = state["optimizer"], int(state["epoch"]), state["history"]
 
-    bar = None
-    if config.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.epochs, initial=start, desc=description, unit="epoch", leave=False)
-    for epoch in range(start, config.epochs):
-        t0 = time.perf_counter()
-        lr = lr_at(epoch, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if hasattr(loss_fn, "set_epoch"):
-            loss_fn.set_epoch(epoch)
-        train_loss, train_acc, bad_batch = _train_epoch(
-            forward, model, loss_fn, optimizer, scaler, x, y, epoch, config=config, device=device, amp_dtype=amp_dtype
-        )
-        if bad_batch >= 0:
-            raise TrainingError(
-                f"The loss became non-finite at epoch {epoch} (0-based), batch {bad_batch}. The last good "
-                f"checkpoint is {ckpt_path if ckpt_path and ckpt_path.exists() else 'none'}; lower the learning "
-                "rate or check the data."
-            )
+    def on_epoch_end(epoch: int, optimizer: torch.optim.Optimizer, stats: dict[str, Tensor]) -> None:
         record = {
             "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "seconds": time.perf_counter() - t0,
+            "lr": lr_at(epoch, recipe),
+            "train_loss": float(stats["loss"][0]),
+            "train_acc": float(stats["acc"][0]),
+            "seconds": time.perf_counter() - clock[0],
         }
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            record.update(_member_stats(model, (x, y), None if heldout is None else (hx, hy), config.batch_size))
+        if (epoch + 1) % runtime.eval_every == 0 or epoch + 1 == recipe.epochs:
+            record.update(_member_stats(model, (x, y), None if heldout is None else (hx, hy), recipe.batch_size))
         history.append(record)
         if ckpt_path is not None:
-            _save_checkpoint(ckpt_path, model, optimizer, epoch + 1, history, config)
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "history": json.dumps(history),
+                "recipe": json.dumps(recipe.to_dict()),
+            }
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(state, tmp)
         if log_path is not None:
             write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}")
-    if bar is not None:
-        bar.close()
+        clock[0] = time.perf_counter()
+
+    clock = [time.perf_counter()]
+    with torch_threads(runtime.threads):
+        train_models(
+            OneModel(model, forward),
+            loss_fn,
+            x,
+            y,
+            torch.arange(x.shape[0], device=device)[None],
+            recipe=recipe,
+            seeds=[recipe.seed],
+            device=device,
+            start_epoch=start,
+            optimizer_state=optimizer_state,
+            on_epoch_end=on_epoch_end,
+            names=["the model"],
+            progress=runtime.progress,
+            description=description,
+            checkpoint=ckpt_path,
+        )
     model.eval()
     return FitResult(model, history, start)

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._checks import expected
+from ..errors import CclError
 
 __all__ = ["AttackInputs", "NotEnoughReferencesError"]
 
 
-class NotEnoughReferencesError(ValueError):
+class NotEnoughReferencesError(CclError, ValueError):
     """An attack needs more reference models (or IN/OUT observations per record) than were given."""
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "from_arrays",
     "load",
     "membership_split",
+    "parameters",
     "shadow_split",
 ]
 
@@ -53,6 +54,11 @@ def load(name: str, **options: Any) -> Dataset:
     if isinstance(name, (str, os.PathLike)) and str(name).endswith(".npz"):
         return load_npz(name, **options)
     return _REGISTRY.create(name, **options)
+
+
+def parameters(name: str) -> list[str]:
+    """The options a registered dataset's loader takes."""
+    return _REGISTRY.parameters(name)
 
 
 def available() -> list[str]:

@@ -21,13 +21,10 @@ import torch
 
 from .._checks import check_positive_int, expected
 from .._io import atomic_path
+from ..errors import DataError
 from .download import RemoteFile, fetch
 
 __all__ = ["DataError", "Dataset", "from_arrays", "load_npz", "make_synthetic"]
-
-
-class DataError(ValueError):
-    """A dataset file is missing, malformed, corrupt or truncated; the message names the file."""
 
 
 @dataclass(frozen=True)

@@ -19,17 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._io import atomic_path, write_text
+from ..errors import CclError
 
 __all__ = ["ChecksumError", "DownloadError", "RemoteFile", "cache_dir", "fetch", "file_digest"]
 
 ENV_VAR = "CCL_DATA_DIR"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(CclError, RuntimeError):
     """A file could not be downloaded; the message says which file to fetch by hand and where to put it."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(CclError, ValueError):
     """A file's checksum differs from the expected one; the file is refused."""
 
 

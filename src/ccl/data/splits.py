@@ -26,6 +26,7 @@ import numpy as np
 
 from .._checks import check_in_range, check_positive_int, expected
 from .._io import atomic_path
+from ..errors import InvalidArgumentError, RunDirectoryError
 
 __all__ = ["MembershipSplit", "membership_split", "shadow_split"]
 
@@ -100,7 +101,9 @@ class MembershipSplit:
                     f["pool"], f["target_in"], f["reference_in"], f["population"], int(f["num_records"]), int(f["seed"])
                 )
         except (OSError, KeyError, ValueError) as err:
-            raise ValueError(f"Cannot read the membership split {path} ({err}); it is missing or corrupt.") from err
+            raise RunDirectoryError(
+                f"Cannot read the membership split {path} ({err}); it is missing or corrupt."
+            ) from err
 
 
 def membership_split(
@@ -122,7 +125,9 @@ def membership_split(
     population, pool = np.sort(order[:n_pop]), np.sort(order[n_pop:])
     p = pool.size
     if p < 2:
-        raise ValueError(expected("population_fraction", "a value that leaves at least 2 records to audit", frac))
+        raise InvalidArgumentError(
+            expected("population_fraction", "a value that leaves at least 2 records to audit", frac)
+        )
     target_in = np.zeros(p, bool)
     target_in[rng_target.permutation(p)[: p // 2]] = True
     # Models come in complementary pairs: a random half of the pool for model 2j, the other half for model 2j+1.

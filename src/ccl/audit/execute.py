@@ -1,0 +1,179 @@
+"""Step 2 of an audit: train the planned jobs (or find them in the cache) and keep each model's outputs.
+
+The interface a distributed executor implements is `Executor.run(jobs, context)`: jobs in, each job's outputs
+(its logits on the query records) and checkpoint out, under `cache/<job.key>/`, written atomically; a job whose
+outputs are already in the cache is never trained again (idempotent by key). `train_group` is the unit of work:
+one job alone, or up to `MAX_STACK` stacked jobs of one group, trained by the one training loop.
+
+Cache layout (`cache/<key>/`): checkpoint.pt and log.jsonl (single jobs), outputs.npz (logits and the query
+index they answer), job.json (what the job was). Stacked groups checkpoint under `cache/stacked/`. While a job
+trains, its folder holds a lock: two processes sharing a `--cache-dir` never train one model twice at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .._io import atomic_path, exclusive_lock, write_json
+from ..data import Dataset
+from ..errors import RunDirectoryError
+from ..models import create as create_model
+from ..stacked import MAX_STACK, fit_stacked, predict_stacked
+from ..training import Runtime, fit, predict_logits, resolve_device
+from .plan import ModelJob
+
+__all__ = ["Executor", "ExecutionContext", "LocalExecutor", "ModelCache", "group_jobs", "train_group"]
+
+
+class ModelCache:
+    """Trained models' outputs, content-keyed: `cache/<key>/outputs.npz`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise RunDirectoryError(f"--cache-dir {self.root} is a file, not a directory; choose another.")
+
+    def folder(self, job: ModelJob) -> Path:
+        return self.root / job.key
+
+    def outputs(self, job: ModelJob, query_index: np.ndarray) -> np.ndarray | None:
+        """The cached logits of `job` on `query_index`, or None when it has not been trained (for them)."""
+        path = self.folder(job) / "outputs.npz"
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if np.array_equal(f["query_index"], query_index):
+                    return f["logits"]
+        except Exception as err:
+            raise RunDirectoryError(
+                f"The cached model outputs {path} are corrupt ({type(err).__name__}); delete the folder "
+                f"{path.parent} and resume."
+            ) from None
+        return None
+
+    def save(self, job: ModelJob, logits: np.ndarray, query_index: np.ndarray) -> None:
+        folder = self.folder(job)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(
+            folder / "job.json",
+            {
+                "role": job.role,
+                "defense": job.defense.to_dict(),
+                "seed": job.seed,
+                "trainer": job.trainer,
+                "num_members": int(job.members.size),
+            },
+        )
+        with atomic_path(folder / "outputs.npz") as tmp, open(tmp, "wb") as fh:  # written last: marks completion
+            np.savez(fh, logits=logits, query_index=query_index)
+
+    @contextlib.contextmanager
+    def locked(self, jobs: list[ModelJob]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for job in sorted(jobs, key=lambda j: j.key):
+                stack.enter_context(exclusive_lock(self.folder(job) / ".lock", what=f"The cached model {job.key}"))
+            yield
+
+
+@dataclass
+class ExecutionContext:
+    """What every job of one audit shares: the data, the records to query, how to run."""
+
+    dataset: Dataset
+    query_index: np.ndarray
+    flip_queries: bool
+    runtime: Runtime
+    cache: ModelCache
+
+
+def _build(job: ModelJob, dataset: Dataset) -> torch.nn.Module:
+    return create_model(
+        job.model, num_classes=dataset.num_classes, input_shape=dataset.input_shape, seed=job.seed, **job.model_options
+    )
+
+
+def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]:
+    """Trains `jobs` (one single job, or stacked jobs of one group) and returns their logits on the query
+    records; each job's outputs are saved to the cache before this returns."""
+    data, query = ctx.dataset, torch.as_tensor(ctx.query_index)
+    runtime = ctx.runtime.replace(progress=False) if len(jobs) > 1 else ctx.runtime
+    with ctx.cache.locked(jobs):
+        if len(jobs) == 1 and jobs[0].trainer == "single":
+            job = jobs[0]
+            heldout_index = np.setdiff1d(ctx.query_index, job.members)
+            result = fit(
+                _build(job, data),
+                job.defense.build(),
+                data.subset(job.members),
+                heldout=data.subset(heldout_index) if heldout_index.size else None,
+                recipe=job.recipe,
+                runtime=runtime,
+                checkpoint_dir=ctx.cache.folder(job),
+                description=f"{job.defense.label} {job.role}",
+            )
+            logits = [predict_logits(result.model, data.x[query], device=runtime.device, flip_queries=ctx.flip_queries)]
+        else:
+            name = hashlib.sha256("-".join(j.key for j in jobs).encode()).hexdigest()[:20]
+            stack = fit_stacked(
+                [_build(j, data) for j in jobs],
+                jobs[0].defense.build(),
+                data.x,
+                data.y,
+                [j.members for j in jobs],
+                recipe=jobs[0].recipe,
+                seeds=[j.seed for j in jobs],
+                runtime=runtime,
+                checkpoint=ctx.cache.root / "stacked" / f"{name}.pt",
+            )
+            device = resolve_device(runtime.device)
+            logits = list(predict_stacked(stack, data.x[query], flip_queries=ctx.flip_queries, device=device))
+        for job, lg in zip(jobs, logits, strict=True):
+            ctx.cache.save(job, lg, ctx.query_index)
+    return logits
+
+
+def group_jobs(jobs: list[ModelJob]) -> list[list[ModelJob]]:
+    """Single jobs alone; stacked jobs of one group in chunks of at most `MAX_STACK` (in plan order)."""
+    groups: list[list[ModelJob]] = []
+    stacked: dict[str, list[ModelJob]] = {}
+    for job in jobs:
+        if job.trainer == "stacked":
+            stacked.setdefault(job.group, []).append(job)
+        else:
+            groups.append([job])
+    for members in stacked.values():
+        groups += [members[i : i + MAX_STACK] for i in range(0, len(members), MAX_STACK)]
+    return groups
+
+
+class Executor(Protocol):
+    """Trains jobs into the cache. Implementations must be idempotent by key and leave only complete files."""
+
+    def run(
+        self, jobs: list[ModelJob], ctx: ExecutionContext, *, on_done: Callable[[int], None] | None = None
+    ) -> None: ...
+
+
+class LocalExecutor:
+    """Trains the jobs in this process, one group after another."""
+
+    def run(self, jobs: list[ModelJob], ctx: ExecutionContext, *, on_done: Callable[[int], None] | None = None) -> None:
+        todo = []
+        for job in jobs:
+            if ctx.cache.outputs(job, ctx.query_index) is None:
+                todo.append(job)
+            elif on_done:
+                on_done(1)
+        for group in group_jobs(todo):
+            train_group(group, ctx)
+            if on_done:
+                on_done(len(group))

@@ -1,0 +1,157 @@
+"""The audit pipeline, in the order the data flows: preflight -> plan -> execute -> score -> results.
+
+For each seed, one membership split is drawn and shared by every defense (a paired comparison). For each
+(defense, seed), the target and `num_references` reference models are planned as content-keyed jobs, trained
+(or found in the cache) by an executor, queried without augmentation (unless `flip_queries`), scored by every
+attack the setup supports, and written as a typed result. The aggregate over seeds is written once, at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .. import data
+from .._io import write_json
+from ..config import ExperimentConfig
+from ..errors import ConfigError
+from ..results import Aggregate, DefenseResult, aggregate, save_scores, write_aggregate
+from ..run_dir import RunDirectory
+from ..training import FitResult, Runtime, fit, torch_threads
+from .execute import ExecutionContext, Executor, LocalExecutor, ModelCache
+from .plan import model_seed, plan_jobs, result_key
+from .preflight import preflight
+from .score import score_defense
+
+__all__ = ["run_audit", "run_train"]
+
+
+def run_audit(
+    config: ExperimentConfig,
+    run_dir: str | os.PathLike,
+    *,
+    runtime: Runtime | None = None,
+    resume: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    executor: Executor | None = None,
+    data_dir: str | os.PathLike | None = None,
+    command: Sequence[str] | None = None,
+) -> Aggregate:
+    """Runs every (defense, seed) of `config` into `run_dir` and returns the aggregate.
+
+    With `resume=True` the directory must hold a run whose stored configuration `config` only adds work to
+    (`ccl.run_dir.check_resume`); finished results are kept and trained models come from the cache
+    (`cache_dir`, default `run_dir/models`). `data_dir` is where downloaded datasets are cached."""
+    runtime = runtime or Runtime()
+    rd = RunDirectory(run_dir)
+    rd.check_target(resume=resume)
+    if resume:
+        from ..run_dir import check_resume
+
+        check_resume(rd.stored_config(), config, where=rd.path)
+    cache = ModelCache(cache_dir if cache_dir is not None else rd.path / "models")
+    dataset = preflight(config, runtime, data_dir=data_dir)  # before the run directory exists
+    executor = executor or LocalExecutor()
+    per_model = 1 + config.num_references
+    bar = None
+    with rd.open(config, resume=resume, runtime=runtime, command=command), torch_threads(runtime.threads):
+        if runtime.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=per_model * len(config.defenses) * len(config.seeds), desc="models", unit="model")
+        tick = bar.update if bar is not None else None
+        try:
+            results: list[DefenseResult] = []
+            for seed in config.seeds:
+                split = data.membership_split(
+                    len(dataset),
+                    num_references=config.num_references,
+                    seed=seed,
+                    population_fraction=config.population_fraction,
+                )
+                split.save(rd.split_file(seed))
+                query_index = np.concatenate([split.pool, split.population])
+                labels = dataset.y[torch.as_tensor(query_index)].numpy()
+                ctx = ExecutionContext(dataset, query_index, config.flip_queries, runtime, cache)
+                for defense in config.defenses:
+                    out_dir = rd.result_dir(defense.slug, seed)
+                    key = result_key(config, defense, seed)
+                    if (out_dir / "metrics.json").exists():
+                        done = DefenseResult.load(out_dir / "metrics.json")
+                        if done.result_key == key:
+                            results.append(done)
+                            if tick:
+                                tick(per_model)
+                            continue
+                    jobs = plan_jobs(config, defense, seed, split)
+                    executor.run(jobs, ctx, on_done=tick)
+                    logits = np.stack([cache.outputs(j, query_index) for j in jobs])  # (1 + K, Q, [A,] C)
+                    result, arrays = score_defense(
+                        config,
+                        labels,
+                        split,
+                        defense,
+                        seed,
+                        logits,
+                        result_key=key,
+                        target_log=cache.folder(jobs[0]) / "log.jsonl",
+                    )
+                    save_scores(
+                        out_dir,
+                        is_member=arrays["is_member"],
+                        labels=arrays["labels"],
+                        target_loss=arrays["target_loss"],
+                        scores=arrays["scores"],
+                    )
+                    result.save(out_dir)  # written last: its presence marks the result complete
+                    results.append(result)
+        finally:
+            if bar is not None:
+                bar.close()
+        agg = aggregate(results, order=[d.label for d in config.defenses], fprs=config.fprs)
+        write_aggregate(rd.path, agg)
+    return agg
+
+
+def run_train(
+    config: ExperimentConfig,
+    run_dir: str | os.PathLike,
+    *,
+    runtime: Runtime | None = None,
+    resume: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    command: Sequence[str] | None = None,
+) -> FitResult:
+    """`ccl train`: one model with the config's one defense on the target's members of its one seed, with
+    the audit's seed rule (the model is the audit's target for that seed), into `run_dir/model`."""
+    runtime = runtime or Runtime()
+    if len(config.defenses) != 1 or len(config.seeds) != 1:
+        raise ConfigError("`ccl train` trains one model: give one --loss and one seed.")
+    rd = RunDirectory(run_dir)
+    rd.check_target(resume=resume)
+    if resume:
+        from ..run_dir import check_resume
+
+        check_resume(rd.stored_config(), config, where=rd.path)
+    dataset = preflight(config, runtime, data_dir=data_dir)
+    seed = config.seeds[0]
+    with rd.open(config, resume=resume, runtime=runtime, command=command):
+        split = data.membership_split(len(dataset), seed=seed, population_fraction=config.population_fraction)
+        split.save(rd.split_file(seed))
+        target_seed = model_seed(seed, 0)
+        result = fit(
+            config.build_model(dataset, seed=target_seed),
+            config.defenses[0].build(),
+            dataset.subset(split.target_members),
+            heldout=dataset.subset(split.target_nonmembers),
+            recipe=config.train.replace(seed=target_seed),
+            runtime=runtime,
+            checkpoint_dir=rd.path / "model",
+            resume=True,
+        )
+        last = {k: v for k, v in result.history[-1].items() if k != "seconds"}
+        write_json(rd.path / "metrics.json", {"defense": config.defenses[0].label, "seed": seed, **last})
+    return result

@@ -1,0 +1,102 @@
+"""Step 0 of an audit: every check that can fail runs before the run directory exists or a model trains.
+
+A failed check leaves nothing behind, so a retry needs no `rm`. Checked: optional dependencies, the device, the
+attacks against the number of reference models and the population, the data (it loads, it has two classes or
+more, augmentation only for images), and that the architecture builds for the data and takes its records.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .. import attacks, data
+from .._checks import expected
+from ..config import ExperimentConfig
+from ..data import Dataset
+from ..errors import ConfigError, DataError, InvalidArgumentError, MissingDependencyError
+from ..training import Runtime, resolve_device
+
+__all__ = ["check_attacks", "check_dependencies", "load_dataset", "preflight"]
+
+#: What each optional feature imports, and the extra that installs it.
+EXTRAS = {"report": ("matplotlib", "report"), "digits": ("sklearn", "data")}
+
+
+def check_dependencies(*features: str) -> None:
+    """Raises `MissingDependencyError` naming `pip install 'ccl[EXTRA]'` for the first missing feature."""
+    for feature in features:
+        module, extra = EXTRAS[feature]
+        if importlib.util.find_spec(module) is None:
+            what = "the report's plots" if feature == "report" else f"the {feature!r} dataset"
+            raise MissingDependencyError(
+                f"{what} need {module}, which is not installed: pip install 'ccl[{extra}]' (or 'ccl[all]'). "
+                "Nothing was trained."
+            )
+
+
+def check_attacks(config: ExperimentConfig) -> None:
+    """Named attacks that the setup cannot support fail now, not after hours of training."""
+    for name in config.attacks or []:
+        attack = attacks.create(name)
+        if config.num_references < attack.min_references:
+            raise ConfigError(
+                f"Attack {name!r} needs at least {attack.min_references} reference models; "
+                f"--num-references is {config.num_references}."
+            )
+        if attack.needs_population and config.population_fraction == 0:
+            raise ConfigError(f"Attack {name!r} needs a population: set --population-fraction above 0.")
+
+
+def load_dataset(config: ExperimentConfig, *, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Loads the configured data; `data_dir` is where downloaded datasets are cached (a runtime choice, never
+    part of the configuration)."""
+    if config.dataset == "digits":
+        check_dependencies("digits")
+    options = dict(config.dataset_options)
+    if data_dir is not None and config.dataset in data.available() and "cache" in data.parameters(config.dataset):
+        options.setdefault("cache", os.fspath(data_dir))
+    return data.load(config.dataset, **options)
+
+
+def check_data(config: ExperimentConfig, dataset: Dataset) -> None:
+    classes = int(torch.unique(dataset.y).numel())
+    if classes < 2:
+        raise DataError(f"The dataset {config.dataset!r} has {classes} class; membership audits need at least 2.")
+    images = dataset.x.ndim == 4
+    if config.train.augment and not images:
+        raise ConfigError(
+            expected("augment", "off for non-image data (records of shape (C, H, W))", f"on, for {config.dataset!r}")
+        )
+    if config.flip_queries and not images:
+        raise ConfigError(
+            expected(
+                "flip_queries", "off for non-image data (records of shape (C, H, W))", f"on, for {config.dataset!r}"
+            )
+        )
+    model = config.build_model(dataset, seed=0)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(dataset.x[:2])
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise InvalidArgumentError(
+            f"The model {config.model!r} cannot take the records of {config.dataset!r} (shape "
+            f"{tuple(dataset.input_shape)}): {str(err).splitlines()[0]}"
+        ) from None
+    if out.ndim != 2 or out.shape[1] != dataset.num_classes:
+        raise InvalidArgumentError(
+            f"The model {config.model!r} returns shape {tuple(out.shape)}; expected (N, {dataset.num_classes})."
+        )
+
+
+def preflight(config: ExperimentConfig, runtime: Runtime, *, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Runs every check and returns the loaded dataset."""
+    resolve_device(runtime.device)
+    check_attacks(config)
+    dataset = load_dataset(config, data_dir=data_dir)
+    check_data(config, dataset)
+    data.membership_split(len(dataset), num_references=0, seed=0, population_fraction=config.population_fraction)
+    return dataset

@@ -1,0 +1,290 @@
+"""Typed results: one (defense, seed) result, the aggregate over seeds, and their files.
+
+The pipeline (`ccl.audit`) writes them, once; the report and the command line only read them. Metric keys are
+derived from the configured false-positive rates (`ccl.metrics.metric_names`), never spelled by hand.
+
+Files:
+    results/<defense>/seed-<s>/scores.npz    per-record attack scores, membership truth, the target's loss
+    results/<defense>/seed-<s>/metrics.json  a `DefenseResult` (written last: its presence marks it complete)
+    metrics.json                             the `Aggregate`: one row per defense, mean and spread over seeds
+    table.csv                                the same rows, flat
+
+JSON is always valid: a metric that cannot be computed (e.g. TPR at 0.1% FPR with fewer than 1,000
+non-members) is `null`, never `NaN`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._io import atomic_path, write_json, write_text
+from .errors import RunDirectoryError
+from .metrics import DEFAULT_FPRS, metric_names, tpr_key
+
+__all__ = [
+    "HEADLINE_ATTACKS",
+    "Aggregate",
+    "AggregateRow",
+    "DefenseResult",
+    "aggregate",
+    "load_aggregate",
+    "load_results",
+    "load_scores",
+    "save_scores",
+    "table_lines",
+    "write_aggregate",
+]
+
+#: The attacks the headline tables show, in order, when the run has them.
+HEADLINE_ATTACKS = ("loss", "lira", "rmia")
+
+
+def _nan(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+@dataclass
+class DefenseResult:
+    """One (defense, seed): utility, the target's loss statistics, and every attack's metrics."""
+
+    defense: str  # the defense's label, e.g. "ccel(alpha=0.5)"
+    slug: str  # its file-name-safe form
+    spec: dict[str, Any]  # {"loss": ..., "params": {...}}
+    seed: int
+    result_key: str  # a hash of everything that determined this result
+    train_acc: float
+    test_acc: float
+    member_loss_mean: float
+    member_loss_std: float
+    nonmember_loss_mean: float
+    nonmember_loss_std: float
+    gaussian_predicted_advantage: float
+    num_references: int
+    num_members: int
+    num_nonmembers: int
+    num_population: int
+    fprs: list[float]
+    attacks: dict[str, dict[str, Any]]  # attack -> ccl.metrics.AttackMetrics.as_dict()
+    target_history: list[dict[str, float]] = field(default_factory=list)  # per-epoch log, without timings
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DefenseResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(raw) - {"target_history"}
+        if missing:
+            raise ValueError(f"missing keys {sorted(missing)}")
+        kwargs = {k: raw[k] for k in names if k in raw}
+        for key in (
+            "train_acc",
+            "test_acc",
+            "member_loss_mean",
+            "member_loss_std",
+            "nonmember_loss_mean",
+            "nonmember_loss_std",
+            "gaussian_predicted_advantage",
+        ):
+            kwargs[key] = _nan(kwargs[key])
+        return cls(**kwargs)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        write_json(Path(folder) / "metrics.json", self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DefenseResult:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise RunDirectoryError(
+                f"The result {path} is corrupt or from another version ({err}); delete it and resume the run."
+            ) from None
+
+
+def save_scores(folder: str | os.PathLike, *, is_member, labels, target_loss, scores: dict[str, np.ndarray]) -> None:
+    with atomic_path(Path(folder) / "scores.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            is_member=is_member,
+            labels=labels,
+            target_loss=target_loss,
+            **{f"score_{k}": v for k, v in scores.items()},
+        )
+
+
+def load_scores(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A result's per-record arrays; a missing, truncated or foreign file is named with how to recover."""
+    path = Path(folder) / "scores.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            out = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise RunDirectoryError(f"{path} is missing; delete {path.parent} and resume the run.") from None
+    except Exception as err:
+        raise RunDirectoryError(
+            f"{path} is corrupt or truncated ({type(err).__name__}); delete {path.parent} and resume the run."
+        ) from None
+    if not {"is_member", "target_loss"} <= set(out):
+        raise RunDirectoryError(f"{path} is not a ccl scores file; delete {path.parent} and resume the run.")
+    return out
+
+
+def load_results(run_dir: str | os.PathLike) -> list[DefenseResult]:
+    run_dir = Path(run_dir)
+    return [DefenseResult.load(p) for p in sorted((run_dir / "results").glob("*/seed-*/metrics.json"))]
+
+
+@dataclass
+class AggregateRow:
+    """One defense over its seeds: means, standard deviations over seeds and, with one seed, the bootstrap
+    interval of that seed (`<metric>_ci`)."""
+
+    defense: str
+    slug: str
+    seeds: list[int]
+    values: dict[str, float]  # test_acc, train_acc, member_loss_std, gaussian_predicted_advantage, each + "_std"
+    attacks: dict[str, dict[str, Any]]  # attack -> {metric, metric_std, metric_ci}
+
+    @property
+    def test_acc(self) -> float:
+        return self.values["test_acc"]
+
+    def metric(self, attack: str, name: str) -> tuple[float, float, list[float] | None]:
+        """(mean, std over seeds, interval of a single seed or None)."""
+        e = self.attacks.get(attack, {})
+        return _nan(e.get(name)), _nan(e.get(name + "_std")), e.get(name + "_ci")
+
+
+@dataclass
+class Aggregate:
+    rows: list[AggregateRow]
+    fprs: list[float]
+    num_results: int
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return metric_names(self.fprs)
+
+    @property
+    def attacks(self) -> list[str]:
+        return list(self.rows[0].attacks) if self.rows else []
+
+    @property
+    def headline_attacks(self) -> list[str]:
+        return [a for a in HEADLINE_ATTACKS if a in self.attacks] or self.attacks[:3]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fprs": list(self.fprs),
+            "num_results": self.num_results,
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Aggregate:
+        rows = [AggregateRow(**r) for r in raw["rows"]]
+        return cls(rows=rows, fprs=list(raw["fprs"]), num_results=int(raw["num_results"]))
+
+
+def _mean_std(values: list[Any]) -> tuple[float, float]:
+    v = np.array([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+_VALUES = ("test_acc", "train_acc", "member_loss_std", "gaussian_predicted_advantage")
+
+
+def aggregate(results: list[DefenseResult], *, order: list[str] | None = None, fprs=DEFAULT_FPRS) -> Aggregate:
+    """Mean and spread over seeds of every defense's utility and attack metrics, defenses in `order` (labels)
+    first. With one seed, each metric also carries that seed's bootstrap interval."""
+    names = metric_names(fprs)
+    by_defense: dict[str, list[DefenseResult]] = {}
+    for r in results:
+        by_defense.setdefault(r.defense, []).append(r)
+    order = list(order or [])
+    rows = []
+    for label in [o for o in order if o in by_defense] + sorted(set(by_defense) - set(order)):
+        runs = sorted(by_defense[label], key=lambda r: r.seed)
+        values: dict[str, float] = {}
+        for key in _VALUES:
+            values[key], values[key + "_std"] = _mean_std([getattr(r, key) for r in runs])
+        attacks: dict[str, dict[str, Any]] = {}
+        for attack in runs[0].attacks:
+            entry: dict[str, Any] = {}
+            for metric in names:
+                entry[metric], entry[metric + "_std"] = _mean_std([r.attacks.get(attack, {}).get(metric) for r in runs])
+                if len(runs) == 1:
+                    entry[metric + "_ci"] = runs[0].attacks[attack].get(metric + "_ci")
+            attacks[attack] = entry
+        rows.append(AggregateRow(label, runs[0].slug, [r.seed for r in runs], values, attacks))
+    return Aggregate(rows=rows, fprs=[float(f) for f in fprs], num_results=len(results))
+
+
+def write_aggregate(run_dir: str | os.PathLike, agg: Aggregate) -> None:
+    """metrics.json and table.csv (deterministic: the same results give the same bytes)."""
+    run_dir = Path(run_dir)
+    write_json(run_dir / "metrics.json", agg.to_dict())
+    header = ["defense", "seeds", "test_acc", "test_acc_std", "train_acc"]
+    for a in agg.attacks:
+        for m in agg.metric_names:
+            header += [f"{a}_{m}", f"{a}_{m}_std"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for r in agg.rows:
+        line: list[Any] = [
+            r.defense,
+            len(r.seeds),
+            r.values["test_acc"],
+            r.values["test_acc_std"],
+            r.values["train_acc"],
+        ]
+        for a in agg.attacks:
+            for m in agg.metric_names:
+                mean, std, _ = r.metric(a, m)
+                line += [mean, std]
+        w.writerow(
+            ["" if isinstance(v, float) and math.isnan(v) else f"{v:.6g}" if isinstance(v, float) else v for v in line]
+        )
+    write_text(run_dir / "table.csv", buf.getvalue())
+
+
+def load_aggregate(run_dir: str | os.PathLike) -> Aggregate:
+    path = Path(run_dir) / "metrics.json"
+    try:
+        return Aggregate.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise RunDirectoryError(f"{path} is missing: the run has not finished; resume it first.") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise RunDirectoryError(f"{path} is corrupt ({err}); resume the run to write it again.") from None
+
+
+def table_lines(agg: Aggregate, *, fpr: float = 0.01) -> list[str]:
+    """The command line's summary: test accuracy, then AUC and TPR at `fpr` of the headline attacks."""
+    fpr = fpr if fpr in agg.fprs else agg.fprs[-1]
+    key, pct = tpr_key(fpr), f"{100 * fpr:g}%"
+    attacks = agg.headline_attacks
+    lines = [
+        f"{'defense':24s} {'test acc':>9s}" + "".join(f" {a + ' AUC':>10s} {a + ' TPR@' + pct:>13s}" for a in attacks)
+    ]
+    for r in agg.rows:
+        line = f"{r.defense:24s} {100 * r.test_acc:8.1f}%"
+        for a in attacks:
+            auc, tpr = r.metric(a, "auc")[0], r.metric(a, key)[0]
+            line += f" {auc:10.3f} {'n/a' if math.isnan(tpr) else f'{100 * tpr:.1f}%':>13s}"
+        lines.append(line)
+    return lines
