@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,12 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
             "convolutional models; part of the recipe)",
         )
     g.add_argument("--population-fraction", type=float, help="share of records no model trains on (default: 0.1)")
+    g.add_argument(
+        "--standardize",
+        choices=["auto", "on", "off"],
+        help="tabular features to mean 0, variance 1, with statistics of the audit pool (default auto: "
+        "on for your own .npz files, off for the registered datasets)",
+    )
     t = p.add_argument_group("training recipe (YAML: train:)")
     t.add_argument("--epochs", type=int, help="default: 30")
     t.add_argument("--batch-size", type=int, help="default: 128")
@@ -214,6 +221,12 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
     )
     if kind != "train":
         o.add_argument("--cache-dir", type=Path, help="trained-model cache shared across runs (default: OUT/models)")
+        o.add_argument(
+            "--keep-checkpoints",
+            action="store_true",
+            help="keep reference models' checkpoints (default: deleted once their outputs are stored; "
+            "the target's is always kept)",
+        )
 
 
 def flag_layer(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,6 +235,8 @@ def flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     for key in _COMMON_FLAGS + _AUDIT_FLAGS:
         if getattr(args, key, None) is not None:
             layer[key] = getattr(args, key)
+    if getattr(args, "standardize", None) is not None:
+        layer["standardize"] = {"on": True, "off": False}.get(args.standardize, args.standardize)
     for key in ("dataset_options", "model_options"):
         if getattr(args, key, None):
             layer[key] = dict(args.dataset_options if key == "dataset_options" else args.model_options)
@@ -299,6 +314,7 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
             resume=args.resume,
             cache_dir=args.cache_dir,
             data_dir=args.data_dir,
+            keep_checkpoints=args.keep_checkpoints,
             command=["ccl", *sys.argv[1:]],
         )
     except KeyboardInterrupt:
@@ -409,9 +425,16 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"ccl: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning
+    if not args.debug:  # one line per warning, no source excerpt
+        warnings.formatwarning = _format_warning
     try:
         return args.func(args)
     except CclError as err:
@@ -419,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ccl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

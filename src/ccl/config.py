@@ -182,6 +182,7 @@ class ExperimentConfig:
     bootstrap: int = 200  # bootstrap resamples for confidence intervals (0: none)
     stacked: str = "auto"  # "auto" | "on" | "off"
     fprs: list[float] = field(default_factory=lambda: list(metrics.DEFAULT_FPRS))  # where TPR is reported
+    standardize: bool | str = "auto"  # tabular features to mean 0, variance 1: "auto" (user files), true, false
 
     def __post_init__(self) -> None:
         self.validate()
@@ -191,6 +192,8 @@ class ExperimentConfig:
             raise ConfigError(expected("dataset", "a dataset name or a path to a .npz file", self.dataset))
         if self.dataset not in data.available() and not self.dataset.endswith(".npz"):
             raise ConfigError(unknown_name("dataset", self.dataset, data.available()))
+        if self.dataset.endswith(".npz"):  # stored resolved: a resume from another directory finds it
+            self.dataset = str(Path(self.dataset).expanduser().resolve())
         for name in ("dataset_options", "model_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(expected(name, "a mapping of option names to values", getattr(self, name)))
@@ -222,6 +225,8 @@ class ExperimentConfig:
             raise ConfigError(str(err)) from None
         if self.stacked not in ("auto", "on", "off"):
             raise ConfigError(expected("stacked", "one of 'auto', 'on', 'off'", self.stacked))
+        if self.standardize not in (True, False, "auto"):
+            raise ConfigError(expected("standardize", "true, false or 'auto'", self.standardize))
         if not isinstance(self.flip_queries, bool):
             raise ConfigError(expected("flip_queries", "true or false", self.flip_queries))
         if self.attacks is not None:
@@ -239,6 +244,14 @@ class ExperimentConfig:
             except CclError as err:
                 raise ConfigError(str(err)) from None
         self.fprs = sorted(float(f) for f in self.fprs)
+
+    @property
+    def standardizes(self) -> bool:
+        """Whether tabular features are standardised: "auto" does it for the user's own files and leaves the
+        registered datasets as their papers use them (digits in [0, 1], Purchase/Texas/Location binary)."""
+        if self.standardize == "auto":
+            return self.dataset.endswith(".npz") or self.dataset == "npz"
+        return bool(self.standardize)
 
     def build_model(self, dataset, *, seed: int):
         """The configured architecture for `dataset` (a `ccl.data.Dataset`), its initial weights drawn from `seed`."""
@@ -266,6 +279,7 @@ class ExperimentConfig:
             "bootstrap": self.bootstrap,
             "stacked": self.stacked,
             "fprs": list(self.fprs),
+            "standardize": self.standardize,
         }
 
     @classmethod

@@ -1,9 +1,9 @@
-"""The HTML report of a run: tables, plots, configuration; one self-contained file that opens offline.
+"""The HTML report of a run: the headline, tables, plots, configuration; one self-contained file.
 
-`render_report(run_dir)` reads the typed results the pipeline wrote (`ccl.results`: the aggregate in
-`metrics.json`, each (defense, seed) result and its per-record scores), draws the plots (PNG, also embedded in
-the page) and writes `report.html`, with no external scripts, styles or fonts. It renders; it computes no
-result and imports nothing of the pipeline.
+`render_report(run_dir)` reads what the pipeline wrote (`ccl.results`: the aggregate in `metrics.json`, each
+(defense, seed) result and its per-record scores), computes the headline (`ccl.summary`), draws the plots (PNG,
+also embedded in the page) and writes `report.html`, with no external scripts, styles or fonts. It imports
+nothing of the pipeline. Every plot gives a defense the same colour.
 """
 
 from __future__ import annotations
@@ -23,15 +23,8 @@ import yaml
 from ._io import write_bytes, write_text
 from .errors import RunDirectoryError
 from .metrics import roc_curve, tpr_key
-from .results import (
-    Aggregate,
-    AggregateRow,
-    DefenseResult,
-    aggregate,
-    load_aggregate,
-    load_results,
-    load_scores,
-)
+from .results import Aggregate, DefenseResult, aggregate, load_aggregate, load_results, load_scores
+from .summary import Headline, headline, strongest_attack
 
 __all__ = ["render_report"]
 
@@ -48,127 +41,192 @@ def _plt():
     return plt
 
 
-def _scores(run_dir: Path, defense_slug: str, seed: int) -> dict[str, np.ndarray]:
-    return load_scores(run_dir / "results" / defense_slug / f"seed-{seed}")
-
-
-def plot_roc(run_dir: Path, results: list[DefenseResult]):
-    """ROC curves on log-log axes, one panel per attack, one line per defense (first seed)."""
+def _colors(agg: Aggregate) -> dict[str, Any]:
     plt = _plt()
-    first = {r.defense: r for r in sorted(results, key=lambda r: r.seed, reverse=True)}
-    attacks = list(next(iter(first.values())).attacks)
+    cmap = plt.get_cmap("tab10" if len(agg.rows) <= 10 else "tab20")
+    return {r.defense: cmap(i % cmap.N) for i, r in enumerate(agg.rows)}
+
+
+def _scores(run_dir: Path, r: DefenseResult) -> dict[str, np.ndarray]:
+    return load_scores(run_dir / "results" / r.slug / f"seed-{r.seed}")
+
+
+def plot_roc(run_dir: Path, agg: Aggregate, results: list[DefenseResult], colors: dict):
+    """ROC curves on log-log axes, one panel per attack: every seed's curve, one colour per defense. The FPR
+    axis starts at 1/(non-members), the finest rate the audit resolves; curves are steps (TPR at FPR x is the
+    best TPR among thresholds with FPR <= x, as in the tables)."""
+    plt = _plt()
+    attacks = agg.attacks
     cols = min(3, len(attacks))
     rows = math.ceil(len(attacks) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.7 * rows + 0.6), squeeze=False)
+    n_non = min(r.num_nonmembers for r in results)
+    n_mem = min(r.num_members for r in results)
+    low_x, low_y = 1 / n_non, 1 / n_mem
     for ax, attack in zip(axes.flat, attacks, strict=False):
-        for label, r in first.items():
-            s = _scores(run_dir, r.slug, r.seed)
+        for r in sorted(results, key=lambda r: (r.defense, r.seed)):
+            if attack not in r.attacks:
+                continue
+            s = _scores(run_dir, r)
             curve = roc_curve(s[f"score_{attack}"], s["is_member"])
-            ax.plot(np.maximum(curve.fpr, 1e-5), np.maximum(curve.tpr, 1e-5), label=label, lw=1.2)
-        ax.plot([1e-5, 1], [1e-5, 1], color="grey", ls=":", lw=0.8)
+            keep = curve.fpr > 0  # fpr 0 cannot be drawn on a log axis; the step from 1/n on is exact
+            ax.plot(
+                curve.fpr[keep],
+                np.maximum(curve.tpr[keep], low_y / 2),
+                drawstyle="steps-post",
+                color=colors[r.defense],
+                lw=1.0,
+                alpha=0.75,
+            )
+        ax.plot([low_x, 1], [low_x, 1], color="grey", ls=":", lw=0.8)
         ax.set(
             xscale="log",
             yscale="log",
-            xlim=(1e-3 / 2, 1),
-            ylim=(1e-3 / 2, 1),
+            xlim=(low_x, 1),
+            ylim=(low_y / 2, 1.05),
             title=attack,
             xlabel="false-positive rate",
             ylabel="true-positive rate",
         )
     for ax in list(axes.flat)[len(attacks) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[r.defense], lw=2) for r in agg.rows]
+    legend_rows = math.ceil(len(agg.rows) / 5)
+    fig.legend(
+        handles,
+        [r.defense for r in agg.rows],
+        loc="upper center",
+        ncol=min(5, len(agg.rows)),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.25 + 0.15 * legend_rows) / fig.get_figheight()))
     return fig
 
 
-def plot_loss_histograms(run_dir: Path, results: list[DefenseResult]):
+def plot_loss_histograms(run_dir: Path, agg: Aggregate, results: list[DefenseResult]):
     """Member vs non-member cross-entropy of the target (log10 axis: fitted records sit near 0), one panel per
-    defense (first seed)."""
+    defense, the first seed, one shared x-range."""
     plt = _plt()
-    first = {r.defense: r for r in sorted(results, key=lambda r: r.seed, reverse=True)}
-    cols = min(4, len(first))
-    rows = math.ceil(len(first) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
-    for ax, (label, r) in zip(axes.flat, first.items(), strict=False):
-        s = _scores(run_dir, r.slug, r.seed)
-        loss, m = np.log10(np.maximum(s["target_loss"], 1e-8)), s["is_member"]
-        bins = np.linspace(loss.min(), loss.max() + 1e-9, 40)
-        ax.hist(loss[m], bins, alpha=0.6, label="members", density=True)
-        ax.hist(loss[~m], bins, alpha=0.6, label="non-members", density=True)
-        ax.set(title=label, xlabel="log10 cross-entropy")
-    for ax in list(axes.flat)[len(first) :]:
+    first_seed = {}
+    for r in sorted(results, key=lambda r: r.seed, reverse=True):
+        first_seed[r.defense] = r
+    chosen = [first_seed[row.defense] for row in agg.rows if row.defense in first_seed]
+    losses = {r.defense: _scores(run_dir, r) for r in chosen}
+    logs = {d: np.log10(np.maximum(s["target_loss"], 1e-8)) for d, s in losses.items()}
+    lo, hi = min(v.min() for v in logs.values()), max(v.max() for v in logs.values())
+    bins = np.linspace(lo, hi + 1e-9, 40)
+    cols = min(4, len(chosen))
+    rows = math.ceil(len(chosen) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False, sharex=True)
+    for ax, r in zip(axes.flat, chosen, strict=False):
+        loss, m = logs[r.defense], losses[r.defense]["is_member"]
+        ax.hist(loss[m], bins, alpha=0.6, label="members", density=True, color="#d62728")
+        ax.hist(loss[~m], bins, alpha=0.6, label="non-members", density=True, color="#1f77b4")
+        ax.set(title=f"{r.defense} (seed {r.seed})", xlabel="log10 cross-entropy of the target", ylabel="density")
+        ax.title.set_fontsize(9)
+    for ax in list(axes.flat)[len(chosen) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def _primary_attack(rows: list[AggregateRow]) -> str:
-    attacks = rows[0].attacks
-    return next((a for a in ("lira", "rmia", "loss") if a in attacks), next(iter(attacks)))
-
-
-def plot_privacy_utility(rows: list[AggregateRow], fprs: list[float]):
-    """Test accuracy against AUC, TPR at 1% FPR and advantage of the strongest attack, error bars over seeds."""
+def plot_privacy_utility(agg: Aggregate, colors: dict, frontier: list[str], fpr: float):
+    """Test accuracy against the strongest attack's AUC, TPR at `fpr` and advantage; up and left is better.
+    Error bars: std over seeds, or with one seed the bootstrap interval of the attack metric."""
     plt = _plt()
-    attacks = [a for a in ("loss", _primary_attack(rows)) if a in rows[0].attacks]
-    attacks = list(dict.fromkeys(attacks))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    markers = dict(zip(attacks, "os", strict=False))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.0))
+    one_seed = all(len(r.seeds) == 1 for r in agg.rows)
     for ax, metric, name in zip(
-        axes,
-        ("auc", tpr_key(fprs[-1]), "advantage"),
-        ("AUC", f"TPR at {100 * fprs[-1]:g}% FPR", "advantage"),
-        strict=True,
+        axes, ("auc", tpr_key(fpr), "advantage"), ("AUC", f"TPR at {100 * fpr:g}% FPR", "advantage"), strict=True
     ):
-        for attack, marker in markers.items():
-            for i, r in enumerate(rows):
-                mean, std, _ = r.metric(attack, metric)
-                ax.errorbar(
-                    mean,
-                    r.values["test_acc"],
-                    xerr=std,
-                    yerr=r.values["test_acc_std"],
-                    fmt=marker,
-                    color=f"C{i}",
-                    label=r.defense if marker == "o" else None,
-                    capsize=2,
-                )
-        ax.set(xlabel=name, ylabel="test accuracy")
-    axes[0].legend(fontsize=7, title="defense")
-    handles = [axes[1].plot([], [], m, color="black")[0] for m in markers.values()]
-    axes[1].legend(handles, [f"{a} attack" for a in markers], fontsize=7, title="marker")
+        for r in agg.rows:
+            attack = strongest_attack(agg, r.defense)
+            mean, std, ci = r.metric(attack, metric)
+            if one_seed and ci and None not in ci:
+                xerr = [[max(mean - ci[0], 0)], [max(ci[1] - mean, 0)]]
+            else:
+                xerr = None if math.isnan(std) else std
+            yerr = None if one_seed or math.isnan(r.values["test_acc_std"]) else r.values["test_acc_std"]
+            ax.errorbar(
+                mean,
+                r.test_acc,
+                xerr=xerr,
+                yerr=yerr,
+                fmt="o",
+                color=colors[r.defense],
+                capsize=2,
+                label=r.defense,
+                mec="black" if r.defense in frontier else None,
+                ms=7,
+            )
+        ax.set(
+            xlabel=f"{name} of the strongest attack (lower: more private)", ylabel="test accuracy (higher: more useful)"
+        )
+        ax.annotate(
+            "better",
+            xy=(0.04, 0.92),
+            xytext=(0.2, 0.78),
+            xycoords="axes fraction",
+            fontsize=8,
+            arrowprops={"arrowstyle": "->", "color": "grey"},
+            color="grey",
+        )
+    axes[0].legend(fontsize=7, title="defense (black edge: on the frontier)", title_fontsize=7)
+    fig.suptitle(
+        "one seed: bars are 95% bootstrap intervals of the attack metric" if one_seed else "bars: std over seeds",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
 
-def plot_loss_variance(results: list[DefenseResult]):
+def plot_loss_variance(agg: Aggregate, results: list[DefenseResult], colors: dict):
     """Variance of the members' training loss per epoch (the paper's mechanism), target of the first seed."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(5.8, 3.8))
     first = {r.defense: r for r in sorted(results, key=lambda r: r.seed, reverse=True)}
-    for label, r in first.items():
-        hist = [h for h in r.target_history if "member_loss_var" in h]
+    for row in agg.rows:
+        r = first.get(row.defense)
+        hist = [h for h in (r.target_history if r else []) if "member_loss_var" in h]
         if hist:
-            ax.plot([h["epoch"] for h in hist], [h["member_loss_var"] for h in hist], label=label)
-    ax.set(xlabel="epoch", ylabel="variance of members' CE", yscale="log")
+            ax.plot(
+                [h["epoch"] for h in hist],
+                [h["member_loss_var"] for h in hist],
+                label=row.defense,
+                color=colors[row.defense],
+            )
+    ax.set(xlabel="epoch", ylabel="variance of members' cross-entropy", yscale="log")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def plot_gaussian_model(rows: list[AggregateRow]):
-    """The Gaussian model's predicted advantage next to the measured loss-attack advantage."""
+def _fit_mean(results: list[DefenseResult], defense: str, scale: str, key: str) -> float:
+    vals = [r.gaussian_fits.get(scale, {}).get(key) for r in results if r.defense == defense]
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def plot_gaussian_model(agg: Aggregate, results: list[DefenseResult]):
+    """The Gaussian model's predicted advantage (fitted on the cross-entropy, and on the logit-scaled
+    confidence) next to the measured loss-attack advantage; means over seeds."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    labels = [r.defense for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 3.9))
+    labels = [r.defense for r in agg.rows]
     x = np.arange(len(labels))
-    measured = [r.metric("loss", "advantage")[0] for r in rows]
-    ax.bar(x - 0.2, [r.values["gaussian_predicted_advantage"] for r in rows], 0.4, label="Gaussian model")
-    ax.bar(x + 0.2, measured, 0.4, label="measured (loss attack)")
+    measured = [r.metric("loss", "advantage")[0] if "loss" in r.attacks else math.nan for r in agg.rows]
+    on_loss = [_fit_mean(results, d, "loss", "advantage") for d in labels]
+    on_logit = [_fit_mean(results, d, "logit", "advantage") for d in labels]
+    ax.bar(x - 0.27, measured, 0.27, label="measured (loss attack)", color="black")
+    ax.bar(x, on_loss, 0.27, label="Gaussian fit on the cross-entropy (paper)", color="#ff7f0e")
+    ax.bar(x + 0.27, on_logit, 0.27, label="Gaussian fit on logit confidence", color="#2ca02c")
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
-    ax.set(ylabel="membership advantage")
+    ax.set(ylabel="membership advantage (best threshold)")
+    qq = min((_fit_mean(results, d, "loss", "qq_member") for d in labels), default=math.nan)
+    if not math.isnan(qq) and qq < 0.98:
+        ax.set_title(f"members' cross-entropy is far from Gaussian (QQ correlation down to {qq:.2f})", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -182,74 +240,135 @@ def _save(fig, path: Path) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------------------------------------
+def _isnan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _fmt(v: Any, std: Any = None, pct: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if _isnan(v):
         return "n/a"
     scale = 100 if pct else 1
     text = f"{v * scale:.1f}" if pct else f"{v:.3f}"
-    if std is not None and not (isinstance(std, float) and math.isnan(std)) and std:
+    if not _isnan(std) and std:
         text += f" ± {std * scale:.1f}" if pct else f" ± {std:.3f}"
     return text
 
 
-def render_report(run_dir: str | os.PathLike) -> Path:
-    """Draws the plots and writes `report.html` (self-contained); returns its path."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise RunDirectoryError(f"{run_dir} is not a ccl run directory (no config.yaml).")
-    results = load_results(run_dir)
-    if not results:
-        raise RunDirectoryError(
-            f"{run_dir} holds no completed audit results: `ccl report` renders runs of `ccl audit`, `compare` "
-            "and `demo`; resume an unfinished one first (--resume)."
-        )
-    try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        assert isinstance(config, dict)
-    except (yaml.YAMLError, AssertionError, UnicodeDecodeError) as err:
-        raise RunDirectoryError(f"{run_dir / 'config.yaml'} is corrupt ({type(err).__name__}).") from None
-    try:
-        agg = load_aggregate(run_dir)  # what the pipeline wrote
-    except RunDirectoryError:  # an unfinished run: its completed results, aggregated here (nothing is written)
-        agg = aggregate(results, fprs=results[0].fprs)
-    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    plots_dir = run_dir / "plots"
-    figures = [
-        ("roc", "ROC curves (log-log), per attack and defense", plot_roc(run_dir, results)),
-        (
-            "privacy_utility",
-            "Privacy-utility trade-off (mean ± std over seeds)",
-            plot_privacy_utility(agg.rows, agg.fprs),
-        ),
-        ("loss_histograms", "Members' and non-members' loss, per defense", plot_loss_histograms(run_dir, results)),
-        ("loss_variance", "Variance of the members' training loss per epoch", plot_loss_variance(results)),
-        ("gaussian_model", "Gaussian model of the loss attack vs measurement", plot_gaussian_model(agg.rows)),
+def _delta(v: float, ci: tuple[float, float], pct: bool) -> str:
+    if _isnan(v):
+        return "n/a"
+    scale, digits = (100, 1) if pct else (1, 3)
+    unit = " pp" if pct else ""
+    text = f"{v * scale:+.{digits}f}{unit}"
+    if not (_isnan(ci[0]) or _isnan(ci[1])):
+        text += f" [{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]"
+    return text
+
+
+def _headline_html(h: Headline) -> str:
+    pct = f"{100 * h.fpr:g}%"
+    frontier = ", ".join(html.escape(d) for d in h.frontier) or "none"
+    frontier_text = (
+        f"<p>On this run's privacy-utility frontier (test accuracy against the strongest attack's AUC, by their "
+        f"means): <b>{frontier}</b>.</p>"
+    )
+    if h.baseline is None:
+        return "<p>No <code>ce</code> baseline in this run: defenses are not compared with it.</p>" + frontier_text
+    b = h.baseline_values
+    rows = [
+        f"<tr><td>{html.escape(h.baseline)} (baseline)</td><td>{html.escape(h.baseline_attack or '')}</td>"
+        f"<td>{_fmt(b['accuracy'], pct=True)}</td><td>{_fmt(b['auc'])}</td><td>{_fmt(b['tpr'], pct=True)}</td>"
+        "<td></td></tr>"
     ]
-    images = [(name, title, _save(fig, plots_dir / f"{name}.png")) for name, title, fig in figures]
-    write_text(run_dir / "report.html", _html(agg, images, config, run_info, results))
-    return run_dir / "report.html"
+    for c in h.comparisons:
+        verdict = "yes" if c.distinguishable else "no"
+        rows.append(
+            f"<tr><td>{html.escape(c.defense)}</td><td>{html.escape(c.attack)}</td>"
+            f"<td>{_fmt(c.accuracy, pct=True)} ({_delta(c.accuracy_delta, c.accuracy_delta_ci, True)})</td>"
+            f"<td>{_fmt(c.auc)} ({_delta(c.auc_delta, c.auc_delta_ci, False)})</td>"
+            f"<td>{_fmt(c.tpr, pct=True)} ({_delta(c.tpr_delta, c.tpr_delta_ci, True)})</td>"
+            f"<td class=v-{verdict}>{verdict}</td></tr>"
+        )
+    n_dist = sum(c.distinguishable for c in h.comparisons)
+    return (
+        f"<p>Each defense against <code>{html.escape(h.baseline)}</code> under the attack that is strongest "
+        f"against it (highest AUC): change in test accuracy, in AUC and in TPR at {pct} FPR, with 95% intervals "
+        f"({html.escape(h.method)}). {n_dist} of {len(h.comparisons)} defenses differ from "
+        f"{html.escape(h.baseline)} beyond those intervals on at least one of the three.</p>"
+        "<table><tr><th>defense</th><th>strongest attack</th><th>test acc % (change)</th><th>AUC (change)</th>"
+        f"<th>TPR@{pct}FPR % (change)</th><th>distinguishable from {html.escape(h.baseline)}</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        + frontier_text
+    )
 
 
-def _html(agg: Aggregate, images, config: dict, run_info: dict, results: list[DefenseResult]) -> str:
-    rows, attacks = agg.rows, agg.attacks
+def _gaussian_table(agg: Aggregate, results: list[DefenseResult]) -> str:
+    rows = []
+    for r in agg.rows:
+        cells = [html.escape(r.defense), _fmt(r.metric("loss", "advantage")[0] if "loss" in r.attacks else None)]
+        for scale in ("loss", "logit"):
+            g = {
+                k: _fit_mean(results, r.defense, scale, k)
+                for k in (
+                    "member_mean",
+                    "member_std",
+                    "nonmember_mean",
+                    "nonmember_std",
+                    "advantage",
+                    "fpr",
+                    "qq_member",
+                    "qq_nonmember",
+                )
+            }
+            cells += [
+                f"{g['member_mean']:.3g} / {g['member_std']:.3g}",
+                f"{g['nonmember_mean']:.3g} / {g['nonmember_std']:.3g}",
+                f"{_fmt(g['advantage'])} at {100 * g['fpr']:.1f}%",
+                f"{g['qq_member']:.2f} / {g['qq_nonmember']:.2f}",
+            ]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th colspan=4>fitted on {s}</th>" for s in ("the cross-entropy", "phi = -log(p/(1-p))"))
+    cells = ("members mean / std", "non-members mean / std", "predicted advantage at FPR", "QQ r members / non-members")
+    sub = "".join(f"<th>{c}</th>" for c in cells) * 2
+    return (
+        "<p>The paper models member and non-member losses as two Gaussians; the loss attack's best advantage then "
+        "follows in closed form. The model is only as good as the fit: the QQ correlation r is 1 for exactly "
+        "Gaussian data and below about 0.98 for visibly non-Gaussian data. Members' cross-entropies pile up near "
+        "0, so the fit on the cross-entropy usually overstates the advantage; the logit-scaled confidence (a "
+        "monotone transform: the same attack) is much closer to Gaussian. Means over seeds.</p>"
+        f"<table><tr><th rowspan=2>defense</th><th rowspan=2>measured advantage</th>{head}</tr><tr>{sub}</tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def _html(
+    run_dir: Path, agg: Aggregate, results: list[DefenseResult], images, config: dict, run_info: dict, head: Headline
+) -> str:
+    attacks = agg.attacks
     seeds = sorted({r.seed for r in results})
     spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed; 95% bootstrap intervals in metrics.json"
-    headline = agg.headline_attacks
     low, high = tpr_key(agg.fprs[0]), tpr_key(agg.fprs[-1])
-    head = "".join(f"<th colspan=2>{html.escape(a)}</th>" for a in headline)
-    sub = "".join(f"<th>AUC</th><th>TPR@{100 * agg.fprs[-1]:g}%FPR %</th>" for _ in headline)
+    lo_txt, hi_txt = f"{100 * agg.fprs[0]:g}%", f"{100 * agg.fprs[-1]:g}%"
+    headline_attacks = agg.headline_attacks
+    th = "".join(f"<th colspan=2>{html.escape(a)}</th>" for a in headline_attacks)
+    sub = "".join(f"<th>AUC</th><th>TPR@{hi_txt}FPR %</th>" for _ in headline_attacks)
     body = []
-    for r in rows:
+    for r in agg.rows:
         cells = [
             f"<td>{html.escape(r.defense)}</td>",
             f"<td>{_fmt(r.values['test_acc'], r.values['test_acc_std'], True)}</td>",
             f"<td>{_fmt(r.values['train_acc'], r.values['train_acc_std'], True)}</td>",
         ]
-        for a in headline:
+        for a in headline_attacks:
             cells += [f"<td>{_fmt(*r.metric(a, 'auc')[:2])}</td>", f"<td>{_fmt(*r.metric(a, high)[:2], True)}</td>"]
         body.append("<tr>" + "".join(cells) + "</tr>")
     full = []  # every attack, one row per (defense, attack)
-    for r in rows:
+    for r in agg.rows:
         for i, a in enumerate(attacks):
             name = f"<td rowspan={len(attacks)}>{html.escape(r.defense)}</td>" if i == 0 else ""
             full.append(
@@ -258,27 +377,44 @@ def _html(agg: Aggregate, images, config: dict, run_info: dict, results: list[De
                 f"<td>{_fmt(*r.metric(a, low)[:2], True)}</td>"
                 f"<td>{_fmt(*r.metric(a, high)[:2], True)}</td></tr>"
             )
-    figs = "".join(f"<h2>{html.escape(t)}</h2><img alt='{n}' src='data:image/png;base64,{b}'>" for n, t, b in images)
+    figs = "".join(
+        f"<h2>{html.escape(t)}</h2><p class=cap>{html.escape(c)}</p><img alt='{n}' src='data:image/png;base64,{b}'>"
+        + (_gaussian_table(agg, results) if n == "gaussian_model" else "")
+        for n, t, c, b in images
+    )
     first = results[0]
-    lo_txt, hi_txt = f"{100 * agg.fprs[0]:g}%", f"{100 * agg.fprs[-1]:g}%"
     queries = "original + flipped" if config.get("flip_queries") else "without augmentation"
+    notes = sorted({n for r in results for n in r.notes})
+    notes_html = (
+        (
+            "<div class=notes><b>Read with care:</b><ul>"
+            + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+            + "</ul></div>"
+        )
+        if notes
+        else ""
+    )
     protocol = (
         f"Dataset <b>{html.escape(str(config['dataset']))}</b>, model <b>{html.escape(str(config['model']))}</b>, "
         f"{first.num_members} members and {first.num_nonmembers} non-members audited per target "
         f"(disjoint, balanced), {first.num_population} population records never trained on, "
-        f"{config['num_references']} reference models per target trained with the same loss, hyperparameters and "
-        f"epochs, seeds {seeds}. Queries {queries}. "
-        "Test accuracy is measured on records the target never trained on. TPR at an FPR is n/a when fewer than "
-        "1/FPR non-members are audited."
+        f"{first.num_references} reference models per target trained with the same loss, hyperparameters and "
+        f"epochs, seeds {seeds}. Queries {queries}. Test accuracy is measured on records the target never "
+        f"trained on. TPR at an FPR is n/a when fewer than 1/FPR non-members are audited."
     )
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>ccl report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1300px}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}td:first-child{{text-align:left}}
-img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;font-size:12px;overflow:auto}}</style></head><body>
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>ccl report: {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1300px;color:#222}}table{{border-collapse:collapse;
+font-size:13px;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}
+td:first-child{{text-align:left}}img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;font-size:12px;
+overflow:auto}}.v-yes{{background:#fde0c5;font-weight:bold}}.notes{{background:#fff4d6;padding:0.5em 1em;
+border-left:4px solid #e0a800}}.cap{{color:#555;font-size:13px;max-width:900px}}</style></head><body>
 <h1>Privacy-utility report</h1>
 <p>{protocol}</p>
+{notes_html}
+<h2>Headline</h2>
+{_headline_html(head)}
 <h2>Table ({spread})</h2>
-<table><tr><th rowspan=2>defense</th><th rowspan=2>test acc %</th><th rowspan=2>train acc %</th>{head}</tr>
+<table><tr><th rowspan=2>defense</th><th rowspan=2>test acc %</th><th rowspan=2>train acc %</th>{th}</tr>
 <tr>{sub}</tr>{"".join(body)}</table>
 {figs}
 <h2>Every attack ({spread})</h2>
@@ -289,3 +425,68 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;font-size:12px;overflow
 <h2>Run</h2><pre>{html.escape(json.dumps(run_info, indent=2))}</pre>
 </body></html>
 """
+
+
+def render_report(run_dir: str | os.PathLike) -> Path:
+    """Draws the plots and writes `report.html` (self-contained); returns its path."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirectoryError(f"{run_dir} is not a ccl run directory (no config.yaml).")
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a mapping")
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:
+        raise RunDirectoryError(f"{run_dir / 'config.yaml'} is corrupt ({type(err).__name__}).") from None
+    results = load_results(run_dir)
+    if not results:
+        raise RunDirectoryError(
+            f"{run_dir} holds no completed audit results: `ccl report` renders runs of `ccl audit`, `compare` "
+            "and `demo`; resume an unfinished one first (--resume)."
+        )
+    try:
+        agg = load_aggregate(run_dir)  # what the pipeline wrote
+    except RunDirectoryError:  # an unfinished run: its completed results, aggregated here (nothing is written)
+        agg = aggregate(results, fprs=results[0].fprs)
+    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    head = headline(run_dir, agg, results)
+    colors = _colors(agg)
+    seeds = sorted({r.seed for r in results})
+    one = len(seeds) == 1
+    figures = [
+        (
+            "roc",
+            "ROC curves (log-log), per attack",
+            f"Every seed's curve ({', '.join(map(str, seeds))}), one colour per defense. The FPR axis starts at "
+            "1/(non-members audited), the finest rate this audit resolves.",
+            plot_roc(run_dir, agg, results, colors),
+        ),
+        (
+            "privacy_utility",
+            "Privacy-utility trade-off",
+            "Up and to the left is better. Each defense is placed by its strongest attack. "
+            + ("One seed: horizontal bars are 95% bootstrap intervals." if one else "Bars: std over seeds."),
+            plot_privacy_utility(agg, colors, head.frontier, head.fpr),
+        ),
+        (
+            "loss_histograms",
+            "Members' and non-members' loss, per defense",
+            "The target's cross-entropy on its members and non-members (first seed), on one shared axis.",
+            plot_loss_histograms(run_dir, agg, results),
+        ),
+        (
+            "loss_variance",
+            "Variance of the members' training loss per epoch",
+            "The CCL paper's mechanism: a concave term keeps this variance up (target of the first seed).",
+            plot_loss_variance(agg, results, colors),
+        ),
+        (
+            "gaussian_model",
+            "Gaussian model of the loss attack vs measurement",
+            "The closed-form advantage of two fitted Gaussians against the measured loss-attack advantage.",
+            plot_gaussian_model(agg, results),
+        ),
+    ]
+    images = [(n, t, c, _save(fig, run_dir / "plots" / f"{n}.png")) for n, t, c, fig in figures]
+    write_text(run_dir / "report.html", _html(run_dir, agg, results, images, config, run_info, head))
+    return run_dir / "report.html"

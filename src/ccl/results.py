@@ -76,6 +76,8 @@ class DefenseResult:
     fprs: list[float]
     attacks: dict[str, dict[str, Any]]  # attack -> ccl.metrics.AttackMetrics.as_dict()
     target_history: list[dict[str, float]] = field(default_factory=list)  # per-epoch log, without timings
+    notes: list[str] = field(default_factory=list)  # what a reader must know to read the numbers (warnings)
+    gaussian_fits: dict[str, dict[str, float]] = field(default_factory=dict)  # scale -> fitted model (score.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,7 +85,7 @@ class DefenseResult:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DefenseResult:
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(raw) - {"target_history"}
+        missing = names - set(raw) - {"target_history", "notes", "gaussian_fits"}
         if missing:
             raise ValueError(f"missing keys {sorted(missing)}")
         kwargs = {k: raw[k] for k in names if k in raw}
@@ -113,13 +115,18 @@ class DefenseResult:
             ) from None
 
 
-def save_scores(folder: str | os.PathLike, *, is_member, labels, target_loss, scores: dict[str, np.ndarray]) -> None:
+def save_scores(
+    folder: str | os.PathLike, *, is_member, labels, target_loss, heldout_correct, scores: dict[str, np.ndarray]
+) -> None:
+    """Per-record arrays of one result: membership truth, labels and the target's loss on the audit pool, the
+    target's correctness on the held-out records (non-members and population), and each attack's scores."""
     with atomic_path(Path(folder) / "scores.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(
             fh,
             is_member=is_member,
             labels=labels,
             target_loss=target_loss,
+            heldout_correct=heldout_correct,
             **{f"score_{k}": v for k, v in scores.items()},
         )
 

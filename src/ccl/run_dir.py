@@ -13,8 +13,8 @@ Layout:
 What `--resume` may change (`check_resume`): runtime options (device, progress, threads, ...), and it may add
 seeds, defenses, reference models and attacks; the work already done is reused and only the new work runs.
 Anything else (the dataset, the model, the recipe, the population, bootstrap, FPRs, query augmentation,
-stacking) would change the recipe of finished work, and is refused with a message that says how to start a new
-run instead. A resume starts from the stored `config.yaml`, never from the defaults.
+stacking, standardisation) would change the recipe of finished work, and is refused with a message that says
+how to start a new run instead. A resume starts from the stored `config.yaml`, never from the defaults.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ _FIXED = (
     "bootstrap",
     "stacked",
     "fprs",
+    "standardize",
 )
 #: The command-line flag of each setting, for messages.
 _FLAG = {

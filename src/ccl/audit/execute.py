@@ -6,7 +6,9 @@ outputs are already in the cache is never trained again (idempotent by key). `tr
 one job alone, or up to `MAX_STACK` stacked jobs of one group, trained by the one training loop.
 
 Cache layout (`cache/<key>/`): checkpoint.pt and log.jsonl (single jobs), outputs.npz (logits and the query
-index they answer), job.json (what the job was). Stacked groups checkpoint under `cache/stacked/`. While a job
+index they answer), job.json (what the job was). Stacked groups checkpoint under `cache/stacked/`. Once a
+model's outputs are stored, a reference model's checkpoint is deleted unless `keep_checkpoints` (the target's
+is kept: it is the audited model). While a job
 trains, its folder holds a lock: two processes sharing a `--cache-dir` never train one model twice at once.
 """
 
@@ -38,8 +40,12 @@ class ModelCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
-            raise RunDirectoryError(f"--cache-dir {self.root} is a file, not a directory; choose another.")
+        for parent in [self.root, *self.root.parents]:  # the first one that exists must be a directory
+            if parent.exists():
+                if not parent.is_dir():
+                    where = f"{self.root} is a file" if parent == self.root else f"{self.root}: {parent} is a file"
+                    raise RunDirectoryError(f"--cache-dir {where}, not a directory; choose another --cache-dir.")
+                break
 
     def folder(self, job: ModelJob) -> Path:
         return self.root / job.key
@@ -93,6 +99,7 @@ class ExecutionContext:
     flip_queries: bool
     runtime: Runtime
     cache: ModelCache
+    keep_checkpoints: bool = False  # keep reference models' checkpoints (the target's is always kept)
 
 
 def _build(job: ModelJob, dataset: Dataset) -> torch.nn.Module:
@@ -138,6 +145,11 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
             logits = list(predict_stacked(stack, data.x[query], flip_queries=ctx.flip_queries, device=device))
         for job, lg in zip(jobs, logits, strict=True):
             ctx.cache.save(job, lg, ctx.query_index)
+        if not ctx.keep_checkpoints:  # outputs are stored: a reference model's weights are not needed again
+            if len(jobs) > 1 or jobs[0].trainer == "stacked":
+                (ctx.cache.root / "stacked" / f"{name}.pt").unlink(missing_ok=True)
+            elif jobs[0].role != "target":
+                (ctx.cache.folder(jobs[0]) / "checkpoint.pt").unlink(missing_ok=True)
     return logits
 
 

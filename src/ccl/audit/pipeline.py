@@ -17,16 +17,31 @@ import torch
 from .. import data
 from .._io import write_json
 from ..config import ExperimentConfig
+from ..data.transforms import standardize
 from ..errors import ConfigError
 from ..results import Aggregate, DefenseResult, aggregate, save_scores, write_aggregate
 from ..run_dir import RunDirectory
-from ..training import FitResult, Runtime, fit, torch_threads
+from ..training import FitResult, Runtime, fit, resolve_device, torch_threads
 from .execute import ExecutionContext, Executor, LocalExecutor, ModelCache
 from .plan import model_seed, plan_jobs, result_key
 from .preflight import preflight
 from .score import score_defense
 
-__all__ = ["run_audit", "run_train"]
+__all__ = ["choose_threads", "run_audit", "run_train"]
+
+#: Below this many parameters a model is "small": one CPU thread trains it fastest, because torch's threads
+#: oversubscribe a shared machine (measured: one seed of `ccl demo` took 68 s with 1 thread, 317 s with 2 on a
+#: 2-core machine with another process running).
+SMALL_MODEL = 1_000_000
+
+
+def choose_threads(config: ExperimentConfig, dataset, runtime: Runtime) -> Runtime:
+    """The runtime with `threads` set when the user left it open: 1 for a small model on a CPU, else torch's
+    default. Recorded in run.json with the other runtime options."""
+    if runtime.threads is not None or resolve_device(runtime.device).type != "cpu":
+        return runtime
+    params = sum(p.numel() for p in config.build_model(dataset, seed=0).parameters())
+    return runtime.replace(threads=1) if params < SMALL_MODEL else runtime
 
 
 def run_audit(
@@ -38,13 +53,17 @@ def run_audit(
     cache_dir: str | os.PathLike | None = None,
     executor: Executor | None = None,
     data_dir: str | os.PathLike | None = None,
+    keep_checkpoints: bool = False,
     command: Sequence[str] | None = None,
 ) -> Aggregate:
     """Runs every (defense, seed) of `config` into `run_dir` and returns the aggregate.
 
     With `resume=True` the directory must hold a run whose stored configuration `config` only adds work to
     (`ccl.run_dir.check_resume`); finished results are kept and trained models come from the cache
-    (`cache_dir`, default `run_dir/models`). `data_dir` is where downloaded datasets are cached."""
+    (`cache_dir`, default `run_dir/models`). `data_dir` is where downloaded datasets are cached. Reference
+    models' checkpoints are deleted once their outputs are stored, unless `keep_checkpoints`.
+
+    Tabular features are standardised (`config.standardizes`) with statistics of each seed's audit pool."""
     runtime = runtime or Runtime()
     rd = RunDirectory(run_dir)
     rd.check_target(resume=resume)
@@ -54,6 +73,7 @@ def run_audit(
         check_resume(rd.stored_config(), config, where=rd.path)
     cache = ModelCache(cache_dir if cache_dir is not None else rd.path / "models")
     dataset = preflight(config, runtime, data_dir=data_dir)  # before the run directory exists
+    runtime = choose_threads(config, dataset, runtime)
     executor = executor or LocalExecutor()
     per_model = 1 + config.num_references
     bar = None
@@ -75,7 +95,8 @@ def run_audit(
                 split.save(rd.split_file(seed))
                 query_index = np.concatenate([split.pool, split.population])
                 labels = dataset.y[torch.as_tensor(query_index)].numpy()
-                ctx = ExecutionContext(dataset, query_index, config.flip_queries, runtime, cache)
+                seed_data = standardize(dataset, fit_index=split.pool) if config.standardizes else dataset
+                ctx = ExecutionContext(seed_data, query_index, config.flip_queries, runtime, cache, keep_checkpoints)
                 for defense in config.defenses:
                     out_dir = rd.result_dir(defense.slug, seed)
                     key = result_key(config, defense, seed)
@@ -104,6 +125,7 @@ def run_audit(
                         is_member=arrays["is_member"],
                         labels=arrays["labels"],
                         target_loss=arrays["target_loss"],
+                        heldout_correct=arrays["heldout_correct"],
                         scores=arrays["scores"],
                     )
                     result.save(out_dir)  # written last: its presence marks the result complete
@@ -137,10 +159,13 @@ def run_train(
 
         check_resume(rd.stored_config(), config, where=rd.path)
     dataset = preflight(config, runtime, data_dir=data_dir)
+    runtime = choose_threads(config, dataset, runtime)
     seed = config.seeds[0]
-    with rd.open(config, resume=resume, runtime=runtime, command=command):
+    with rd.open(config, resume=resume, runtime=runtime, command=command), torch_threads(runtime.threads):
         split = data.membership_split(len(dataset), seed=seed, population_fraction=config.population_fraction)
         split.save(rd.split_file(seed))
+        if config.standardizes:
+            dataset = standardize(dataset, fit_index=split.pool)
         target_seed = model_seed(seed, 0)
         result = fit(
             config.build_model(dataset, seed=target_seed),

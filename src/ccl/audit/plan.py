@@ -45,14 +45,17 @@ def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
 def dataset_identity(config: ExperimentConfig) -> dict[str, Any]:
     """What identifies the data: name and options, and for a user's file its SHA-256 (not its path)."""
     ident: dict[str, Any] = {"dataset": config.dataset, "options": config.dataset_options}
-    if config.dataset.endswith(".npz"):
-        path = Path(config.dataset)
+    file = config.dataset if config.dataset.endswith(".npz") else config.dataset_options.get("path")
+    if config.dataset in ("npz",) or config.dataset.endswith(".npz"):
+        path = Path(file)
         stat = path.stat()
+        options = {k: v for k, v in config.dataset_options.items() if k != "path"}
         ident = {
             "dataset": "npz",
             "sha256": _file_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size),
-            "options": config.dataset_options,
+            "options": options,
         }
+    ident["standardize"] = config.standardizes
     return ident
 
 

@@ -1,0 +1,239 @@
+"""The headline of a run, computed from its results: each defense against the CE baseline, and the frontier.
+
+For every defense, its *strongest attack* is the attack with the highest mean AUC against it (the worst case
+among those run). The headline compares the defense with the baseline (`ce`) under that attack on three
+numbers: test accuracy, AUC, and TPR at the lowest configured FPR that every result can resolve. Each
+difference comes with a 95% interval:
+- with two or more seeds shared by both, a paired t-interval over seeds (each seed has its own split and
+  models, so it covers training noise and the choice of records);
+- with one seed, a paired bootstrap over records (the same resampled records for both defenses; members and
+  non-members resampled separately), which covers the choice of records only.
+A defense is *distinguishable* from the baseline when one of the three intervals excludes 0.
+
+The privacy-utility frontier holds the defenses that no other defense beats on both axes: test accuracy (higher
+is better) and the strongest attack's AUC (lower is better), by their means.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import DegenerateMetricWarning, roc_auc, tpr_at_fpr, tpr_key
+from .results import Aggregate, DefenseResult, load_scores
+
+__all__ = ["Comparison", "Headline", "frontier", "headline", "strongest_attack"]
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
+_T95 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
+
+
+@dataclass
+class Comparison:
+    """One defense against the baseline under the defense's strongest attack (differences: defense - baseline)."""
+
+    defense: str
+    attack: str
+    accuracy: float
+    auc: float
+    tpr: float
+    accuracy_delta: float
+    auc_delta: float
+    tpr_delta: float
+    accuracy_delta_ci: tuple[float, float]
+    auc_delta_ci: tuple[float, float]
+    tpr_delta_ci: tuple[float, float]
+
+    @property
+    def distinguishable(self) -> bool:
+        return any(lo > 0 or hi < 0 for lo, hi in (self.accuracy_delta_ci, self.auc_delta_ci, self.tpr_delta_ci))
+
+
+@dataclass
+class Headline:
+    baseline: str | None  # None: the run has no CE to compare with
+    baseline_attack: str | None  # the strongest attack against the baseline
+    baseline_values: dict[str, float]  # accuracy, auc, tpr of the baseline under its strongest attack
+    fpr: float
+    method: str  # how the intervals were computed
+    comparisons: list[Comparison]
+    frontier: list[str]
+
+
+def strongest_attack(agg: Aggregate, defense: str) -> str:
+    row = next(r for r in agg.rows if r.defense == defense)
+    aucs = {a: row.metric(a, "auc")[0] for a in row.attacks}
+    finite = {a: v for a, v in aucs.items() if not math.isnan(v)}
+    return max(finite, key=finite.get) if finite else next(iter(aucs))
+
+
+def _report_fpr(agg: Aggregate) -> float:
+    """The lowest configured FPR whose TPR every defense's attacks resolve (else the highest FPR)."""
+    for fpr in sorted(agg.fprs):
+        if all(not math.isnan(r.metric(a, tpr_key(fpr))[0]) for r in agg.rows for a in r.attacks):
+            return fpr
+    return max(agg.fprs)
+
+
+def frontier(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Labels of the Pareto-optimal points `{label: (accuracy, leakage)}` (more accuracy, less leakage), by
+    leakage."""
+    on = []
+    for d, (acc, leak) in points.items():
+        dominated = any(
+            a2 >= acc and l2 <= leak and (a2 > acc or l2 < leak) for e, (a2, l2) in points.items() if e != d
+        )
+        if not dominated and not (math.isnan(acc) or math.isnan(leak)):
+            on.append(d)
+    return sorted(on, key=lambda d: points[d][1])
+
+
+def _t_interval(diffs: np.ndarray) -> tuple[float, float]:
+    n = diffs.size
+    t = _T95[n - 2] if n - 2 < len(_T95) else 1.96
+    half = t * diffs.std(ddof=1) / math.sqrt(n)
+    return float(diffs.mean() - half), float(diffs.mean() + half)
+
+
+def _bootstrap_deltas(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], attack: str, fpr: float, n_resamples: int, seed: int
+) -> list[tuple[float, float]]:
+    """Percentile intervals of (accuracy, AUC, TPR) differences a - b over paired resamples of the records."""
+    rng = np.random.default_rng(seed)
+    m = a["is_member"]
+    pos, neg = np.nonzero(m)[0], np.nonzero(~m)[0]
+    held = np.arange(a["heldout_correct"].size)
+    sa, sb = a[f"score_{attack}"], b[f"score_{attack}"]
+    values = np.empty((n_resamples, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateMetricWarning)
+        for i in range(n_resamples):
+            idx = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+            h = rng.choice(held, held.size)
+            values[i] = (
+                a["heldout_correct"][h].mean() - b["heldout_correct"][h].mean(),
+                roc_auc(sa[idx], m[idx]) - roc_auc(sb[idx], m[idx]),
+                tpr_at_fpr(sa[idx], m[idx], fpr=fpr) - tpr_at_fpr(sb[idx], m[idx], fpr=fpr),
+            )
+    out = []
+    for j in range(3):
+        v = values[:, j]
+        if np.isnan(v).all():
+            out.append((math.nan, math.nan))
+        else:
+            lo, hi = np.nanpercentile(v, [2.5, 97.5])
+            out.append((float(lo), float(hi)))
+    return out
+
+
+def headline(
+    run_dir: str | Path,
+    agg: Aggregate,
+    results: list[DefenseResult],
+    *,
+    baseline: str = "ce",
+    n_resamples: int = 200,
+    seed: int = 0,
+) -> Headline:
+    """Every defense against `baseline` under its strongest attack, with paired 95% intervals, and the
+    frontier; from the aggregate, and (one seed) the stored per-record scores."""
+    run_dir = Path(run_dir)
+    fpr = _report_fpr(agg)
+    key = tpr_key(fpr)
+    strongest = {r.defense: strongest_attack(agg, r.defense) for r in agg.rows}
+    points = {r.defense: (r.test_acc, r.metric(strongest[r.defense], "auc")[0]) for r in agg.rows}
+    labels = [r.defense for r in agg.rows]
+    by = {(r.defense, r.seed): r for r in results}
+    if baseline not in labels:
+        return Headline(None, None, {}, fpr, "", [], frontier(points))
+    base_row = next(r for r in agg.rows if r.defense == baseline)
+    base_attack = strongest[baseline]
+    base_values = {
+        "accuracy": base_row.test_acc,
+        "auc": base_row.metric(base_attack, "auc")[0],
+        "tpr": base_row.metric(base_attack, key)[0],
+    }
+    comparisons, methods = [], set()
+    for row in agg.rows:
+        if row.defense == baseline:
+            continue
+        attack = strongest[row.defense]
+        seeds = [s for s in row.seeds if (baseline, s) in by]
+        if not seeds:
+            continue
+        pairs = [(by[(row.defense, s)], by[(baseline, s)]) for s in seeds]
+        diffs = np.array(
+            [
+                [
+                    d.test_acc - c.test_acc,
+                    _num(d.attacks[attack]["auc"]) - _num(c.attacks[attack]["auc"]),
+                    _num(d.attacks[attack].get(key)) - _num(c.attacks[attack].get(key)),
+                ]
+                for d, c in pairs
+            ]
+        )
+        if len(seeds) >= 2:
+            cis = [_t_interval(diffs[:, j]) for j in range(3)]
+            methods.add(f"paired t-interval over {len(seeds)} seeds")
+        else:
+            d, c = pairs[0]
+            a = load_scores(run_dir / "results" / d.slug / f"seed-{d.seed}")
+            b = load_scores(run_dir / "results" / c.slug / f"seed-{c.seed}")
+            cis = _bootstrap_deltas(a, b, attack, fpr, n_resamples, seed)
+            methods.add("paired bootstrap over records (one seed)")
+        mean = diffs.mean(0)
+        comparisons.append(
+            Comparison(
+                defense=row.defense,
+                attack=attack,
+                accuracy=row.test_acc,
+                auc=row.metric(attack, "auc")[0],
+                tpr=row.metric(attack, key)[0],
+                accuracy_delta=float(mean[0]),
+                auc_delta=float(mean[1]),
+                tpr_delta=float(mean[2]),
+                accuracy_delta_ci=cis[0],
+                auc_delta_ci=cis[1],
+                tpr_delta_ci=cis[2],
+            )
+        )
+    return Headline(baseline, base_attack, base_values, fpr, "; ".join(sorted(methods)), comparisons, frontier(points))
+
+
+def _num(v) -> float:
+    return math.nan if v is None else float(v)
