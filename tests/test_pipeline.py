@@ -286,3 +286,11 @@ def test_the_cli_prints_ccl_errors_as_one_line_and_bugs_with_a_traceback(monkeyp
     monkeypatch.setattr(ccl.audit, "run_audit", bug)
     with pytest.raises(KeyError):
         cli.main(["compare", "--dataset", "synthetic", "--out", str(tmp_path / "y"), "--quiet"])
+
+
+def test_the_example_yaml_is_a_valid_configuration():
+    example = Path(__file__).resolve().parents[1] / "examples" / "compare.yaml"
+    args = cli.make_parser().parse_args(["compare", "--config", str(example)])
+    config = cli.build_config(args)
+    assert config.dataset == "digits" and [d.label for d in config.defenses][0] == "ce"
+    assert config.train.epochs == 60 and cli.build_runtime(args).device == "auto"

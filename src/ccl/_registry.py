@@ -37,6 +37,19 @@ class Registry(Generic[T]):
             raise InvalidArgumentError(unknown_name(self.kind, name, self._factories))
         return self._factories[name]
 
+    def describe(self, name: str) -> tuple[str, dict[str, Any]]:
+        """(doc, {parameter: default}) of a registered name: what `ccl report --list` prints. Parameters the
+        caller always supplies (num_classes, input_shape, ...) have no default and are left out."""
+        factory, defaults, doc = self._entry(name)
+        sig = inspect.signature(factory)
+        params = {}
+        for p in sig.parameters.values():
+            if p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name in defaults:
+                continue
+            if p.default is not p.empty:
+                params[p.name] = p.default
+        return doc, params
+
     def parameters(self, name: str) -> list[str]:
         factory = self._entry(name)[0]
         sig = inspect.signature(factory)

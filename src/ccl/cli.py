@@ -109,7 +109,7 @@ _RECIPE_FLAGS = (
 _RUNTIME_FLAGS = ("device", "compile", "threads")
 #: Top-level flags; the audit-only ones are not offered by `ccl train`.
 _COMMON_FLAGS = ("dataset", "model", "defenses", "seeds", "population_fraction")
-_AUDIT_FLAGS = ("num_references", "attacks", "flip_queries", "bootstrap", "stacked")
+_AUDIT_FLAGS = ("num_references", "attacks", "flip_queries", "bootstrap", "stacked", "canaries", "canary_kind")
 
 
 _TRAIN_REFUSES = (
@@ -179,6 +179,18 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
             default=None,
             help="also query the flipped image (images only); default: no augmentation at query time",
         )
+        g.add_argument(
+            "--canaries",
+            type=int,
+            help="canary records added to the audit pool, each in half the "
+            "models; reported separately (even; default: 0)",
+        )
+        g.add_argument("--canary-kind", choices=["mislabeled", "ood"], help="default: mislabeled")
+        g.add_argument(
+            "--leave-one-out",
+            choices=["auto", "on", "off"],
+            help="also evaluate every model as the target, pooled (default auto: with at least 4 reference models)",
+        )
         g.add_argument("--bootstrap", type=int, help="bootstrap resamples for confidence intervals (default: 200)")
         g.add_argument(
             "--stacked",
@@ -235,6 +247,8 @@ def flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     for key in _COMMON_FLAGS + _AUDIT_FLAGS:
         if getattr(args, key, None) is not None:
             layer[key] = getattr(args, key)
+    if getattr(args, "leave_one_out", None) is not None:
+        layer["leave_one_out"] = {"on": True, "off": False}.get(args.leave_one_out, args.leave_one_out)
     if getattr(args, "standardize", None) is not None:
         layer["standardize"] = {"on": True, "off": False}.get(args.standardize, args.standardize)
     for key in ("dataset_options", "model_options"):
@@ -384,8 +398,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _print_registries() -> None:
     from . import attacks, data, losses, models
 
-    for title, registry in (("datasets", data), ("models", models), ("losses", losses), ("attacks", attacks)):
-        print(f"{title}: {', '.join(registry.available())}")
+    for title, registry in (
+        ("datasets", data),
+        ("models", models),
+        ("losses (defenses)", losses),
+        ("attacks", attacks),
+    ):
+        print(f"{title}:")
+        for name in registry.available():
+            doc, params = registry.describe(name)
+            shown = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in params.items())
+            print(f"  {name:20s} {doc}" + (f"\n  {'':20s} parameters: {shown}" if shown else ""))
+        print()
+    print("A defense is NAME or NAME:key=value,... e.g. ccel:alpha=0.5,beta=1 (see README for the formulas).")
 
 
 def make_parser() -> argparse.ArgumentParser:

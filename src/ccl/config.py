@@ -98,6 +98,8 @@ def parse_defense(spec: str | dict | DefenseSpec) -> DefenseSpec:
 
 
 _TRAIN_KEYS = {f.name for f in dataclasses.fields(Recipe)}
+#: The fewest reference models for the leave-one-out evaluation (LiRA needs 2 IN and 2 OUT per record).
+LEAVE_ONE_OUT_MIN = 4
 _RUNTIME_KEYS = {f.name for f in dataclasses.fields(Runtime)}
 
 
@@ -183,6 +185,9 @@ class ExperimentConfig:
     stacked: str = "auto"  # "auto" | "on" | "off"
     fprs: list[float] = field(default_factory=lambda: list(metrics.DEFAULT_FPRS))  # where TPR is reported
     standardize: bool | str = "auto"  # tabular features to mean 0, variance 1: "auto" (user files), true, false
+    canaries: int = 0  # canary records added to the audit pool, each IN for half the models (even; 0: none)
+    canary_kind: str = "mislabeled"  # "mislabeled" | "ood" (see ccl.data.canaries)
+    leave_one_out: bool | str = "auto"  # every model as the target, pooled: "auto" (with >= 4 reference models)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -225,6 +230,22 @@ class ExperimentConfig:
             raise ConfigError(str(err)) from None
         if self.stacked not in ("auto", "on", "off"):
             raise ConfigError(expected("stacked", "one of 'auto', 'on', 'off'", self.stacked))
+        try:
+            check_positive_int("canaries", self.canaries, minimum=0)
+        except CclError as err:
+            raise ConfigError(str(err)) from None
+        if self.canaries % 2:
+            raise ConfigError(
+                expected("canaries", "an even number (each canary is IN for half the models)", self.canaries)
+            )
+        if self.canary_kind not in ("mislabeled", "ood"):
+            raise ConfigError(expected("canary_kind", "'mislabeled' or 'ood'", self.canary_kind))
+        if self.leave_one_out not in (True, False, "auto"):
+            raise ConfigError(expected("leave_one_out", "true, false or 'auto'", self.leave_one_out))
+        if self.leave_one_out is True and self.num_references < LEAVE_ONE_OUT_MIN:
+            raise ConfigError(
+                expected("num_references", f"at least {LEAVE_ONE_OUT_MIN} with leave_one_out", self.num_references)
+            )
         if self.standardize not in (True, False, "auto"):
             raise ConfigError(expected("standardize", "true, false or 'auto'", self.standardize))
         if not isinstance(self.flip_queries, bool):
@@ -244,6 +265,13 @@ class ExperimentConfig:
             except CclError as err:
                 raise ConfigError(str(err)) from None
         self.fprs = sorted(float(f) for f in self.fprs)
+
+    @property
+    def uses_leave_one_out(self) -> bool:
+        """Whether every model is also evaluated as the target ("auto": with at least 4 reference models)."""
+        if self.leave_one_out == "auto":
+            return self.num_references >= LEAVE_ONE_OUT_MIN
+        return bool(self.leave_one_out)
 
     @property
     def standardizes(self) -> bool:
@@ -280,6 +308,9 @@ class ExperimentConfig:
             "stacked": self.stacked,
             "fprs": list(self.fprs),
             "standardize": self.standardize,
+            "canaries": self.canaries,
+            "canary_kind": self.canary_kind,
+            "leave_one_out": self.leave_one_out,
         }
 
     @classmethod
@@ -330,7 +361,10 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"Cannot read the config file {path}: {err.strerror}.") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"Cannot parse {path} as YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"Cannot parse {path} as YAML{where}: {problem}.") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._checks import check_in_range, check_positive_int, expected
+from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
 __all__ = [
     "DEFAULT_FPRS",
@@ -67,17 +68,21 @@ def _validate(scores: ArrayLike, is_member: ArrayLike) -> tuple[np.ndarray, np.n
     s = np.asarray(scores)
     m = np.asarray(is_member)
     if s.ndim != 1:
-        raise ValueError(expected("scores", "a 1-D array", f"shape {s.shape}"))
+        raise InvalidArgumentError(expected("scores", "a 1-D array", f"shape {s.shape}"))
     if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
-        raise TypeError(expected("scores", "real numbers", s.dtype))
+        raise InvalidArgumentTypeError(expected("scores", "real numbers", s.dtype))
     s = s.astype(np.float64)
     if not np.all(np.isfinite(s)):
-        raise ValueError(expected("scores", "finite numbers", f"{int(np.sum(~np.isfinite(s)))} NaN or inf values"))
+        raise InvalidArgumentError(
+            expected("scores", "finite numbers", f"{int(np.sum(~np.isfinite(s)))} NaN or inf values")
+        )
     if m.shape != s.shape:
-        raise ValueError(expected("is_member", f"an array of shape {s.shape} like `scores`", f"shape {m.shape}"))
+        raise InvalidArgumentError(
+            expected("is_member", f"an array of shape {s.shape} like `scores`", f"shape {m.shape}")
+        )
     if m.dtype != bool:
-        if not np.isin(m, (0, 1)).all():
-            raise ValueError(expected("is_member", "booleans (or 0/1)", f"values {np.unique(m)[:5]}"))
+        if not (np.issubdtype(m.dtype, np.number) and np.isin(m, (0, 1)).all()):
+            raise InvalidArgumentError(expected("is_member", "booleans (or 0/1)", f"values {np.unique(m)[:5]}"))
         m = m.astype(bool)
     return s, m
 
@@ -244,6 +249,14 @@ def evaluate(
     seed: int = 0,
 ) -> AttackMetrics:
     """AUC, advantage and TPR at each FPR in `fprs`, with bootstrap intervals (`n_resamples=0` skips them)."""
+    if isinstance(fprs, (str, bytes)) or not isinstance(fprs, Sequence):
+        raise InvalidArgumentTypeError(expected("fprs", "a list of false-positive rates in (0, 1]", fprs))
+    for f in fprs:
+        check_in_range("fprs", f, low=0.0, high=1.0, low_inclusive=False)
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)):
+        raise InvalidArgumentTypeError(expected("n_resamples", "0 (no intervals) or an integer >= 2", n_resamples))
+    if n_resamples != 0 and n_resamples < 2:
+        raise InvalidArgumentError(expected("n_resamples", "0 (no intervals) or an integer >= 2", n_resamples))
     s, m = _validate(scores, is_member)
     nan = Interval(math.nan, math.nan)
 

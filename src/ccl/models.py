@@ -20,7 +20,7 @@ from ._checks import check_positive_int, expected
 from ._registry import Registry
 from .errors import CclError, InvalidArgumentError, InvalidArgumentTypeError
 
-__all__ = ["CNN", "MLP", "DenseNet", "ResNet", "WideResNet", "available", "create"]
+__all__ = ["describe", "CNN", "MLP", "DenseNet", "ResNet", "WideResNet", "available", "create"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,3 +257,8 @@ def create(
 
 def available() -> list[str]:
     return _REGISTRY.available()
+
+
+def describe(name: str) -> tuple[str, dict]:
+    """(one-line description, {parameter: default}) of a registered name."""
+    return _REGISTRY.describe(name)

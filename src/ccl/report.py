@@ -132,7 +132,7 @@ def plot_loss_histograms(run_dir: Path, agg: Aggregate, results: list[DefenseRes
     return fig
 
 
-def plot_privacy_utility(agg: Aggregate, colors: dict, frontier: list[str], fpr: float):
+def plot_privacy_utility(agg: Aggregate, colors: dict, frontier: list[str], fpr: float, evaluation: str):
     """Test accuracy against the strongest attack's AUC, TPR at `fpr` and advantage; up and left is better.
     Error bars: std over seeds, or with one seed the bootstrap interval of the attack metric."""
     plt = _plt()
@@ -142,8 +142,8 @@ def plot_privacy_utility(agg: Aggregate, colors: dict, frontier: list[str], fpr:
         axes, ("auc", tpr_key(fpr), "advantage"), ("AUC", f"TPR at {100 * fpr:g}% FPR", "advantage"), strict=True
     ):
         for r in agg.rows:
-            attack = strongest_attack(agg, r.defense)
-            mean, std, ci = r.metric(attack, metric)
+            attack = strongest_attack(agg, r.defense, evaluation)
+            mean, std, ci = r.metric(attack, metric, evaluation)
             if one_seed and ci and None not in ci:
                 xerr = [[max(mean - ci[0], 0)], [max(ci[1] - mean, 0)]]
             else:
@@ -293,9 +293,15 @@ def _headline_html(h: Headline) -> str:
             f"<td class=v-{verdict}>{verdict}</td></tr>"
         )
     n_dist = sum(c.distinguishable for c in h.comparisons)
+    which = (
+        "the leave-one-out evaluation (every model as the target, pooled)"
+        if h.evaluation == "pooled"
+        else "the single-target evaluation"
+    )
     return (
-        f"<p>Each defense against <code>{html.escape(h.baseline)}</code> under the attack that is strongest "
-        f"against it (highest AUC): change in test accuracy, in AUC and in TPR at {pct} FPR, with 95% intervals "
+        f"<p>From {which}: each defense against <code>{html.escape(h.baseline)}</code> under the attack that is "
+        f"strongest against it (highest AUC): change in test accuracy, in AUC and in TPR at {pct} FPR, with 95% "
+        "intervals "
         f"({html.escape(h.method)}). {n_dist} of {len(h.comparisons)} defenses differ from "
         f"{html.escape(h.baseline)} beyond those intervals on at least one of the three.</p>"
         "<table><tr><th>defense</th><th>strongest attack</th><th>test acc % (change)</th><th>AUC (change)</th>"
@@ -466,7 +472,7 @@ def render_report(run_dir: str | os.PathLike) -> Path:
             "Privacy-utility trade-off",
             "Up and to the left is better. Each defense is placed by its strongest attack. "
             + ("One seed: horizontal bars are 95% bootstrap intervals." if one else "Bars: std over seeds."),
-            plot_privacy_utility(agg, colors, head.frontier, head.fpr),
+            plot_privacy_utility(agg, colors, head.frontier, head.fpr, head.evaluation),
         ),
         (
             "loss_histograms",

@@ -78,6 +78,9 @@ class DefenseResult:
     target_history: list[dict[str, float]] = field(default_factory=list)  # per-epoch log, without timings
     notes: list[str] = field(default_factory=list)  # what a reader must know to read the numbers (warnings)
     gaussian_fits: dict[str, dict[str, float]] = field(default_factory=dict)  # scale -> fitted model (score.py)
+    evaluations: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # "pooled", "canaries", ...
+    vulnerable_records: list[dict[str, Any]] = field(default_factory=list)  # the most vulnerable, by leakage
+    num_canaries: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,7 +88,8 @@ class DefenseResult:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DefenseResult:
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(raw) - {"target_history", "notes", "gaussian_fits"}
+        optional = {"target_history", "notes", "gaussian_fits", "evaluations", "vulnerable_records", "num_canaries"}
+        missing = names - set(raw) - optional
         if missing:
             raise ValueError(f"missing keys {sorted(missing)}")
         kwargs = {k: raw[k] for k in names if k in raw}
@@ -115,20 +119,16 @@ class DefenseResult:
             ) from None
 
 
-def save_scores(
-    folder: str | os.PathLike, *, is_member, labels, target_loss, heldout_correct, scores: dict[str, np.ndarray]
-) -> None:
-    """Per-record arrays of one result: membership truth, labels and the target's loss on the audit pool, the
-    target's correctness on the held-out records (non-members and population), and each attack's scores."""
+def save_scores(folder: str | os.PathLike, arrays: dict[str, Any]) -> None:
+    """Per-record arrays of one result: membership truth (`is_member`, and `masks (M, P)` of every model),
+    labels, the target's loss on the audit pool, canary mask, the target's correctness on the held-out records
+    (non-members and population), each attack's scores (`score_<attack>`) and leave-one-out scores
+    (`loo_<attack>`, `(M, P)`)."""
+    flat = {k: v for k, v in arrays.items() if k not in ("scores", "loo")}
+    flat.update({f"score_{k}": v for k, v in arrays.get("scores", {}).items()})
+    flat.update({f"loo_{k}": v for k, v in arrays.get("loo", {}).items()})
     with atomic_path(Path(folder) / "scores.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            is_member=is_member,
-            labels=labels,
-            target_loss=target_loss,
-            heldout_correct=heldout_correct,
-            **{f"score_{k}": v for k, v in scores.items()},
-        )
+        np.savez(fh, **flat)
 
 
 def load_scores(folder: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -162,15 +162,17 @@ class AggregateRow:
     slug: str
     seeds: list[int]
     values: dict[str, float]  # test_acc, train_acc, member_loss_std, gaussian_predicted_advantage, each + "_std"
-    attacks: dict[str, dict[str, Any]]  # attack -> {metric, metric_std, metric_ci}
+    attacks: dict[str, dict[str, Any]]  # attack -> {metric, metric_std, metric_ci}: the single-target evaluation
+    evaluations: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # "pooled", "canaries", ...
 
     @property
     def test_acc(self) -> float:
         return self.values["test_acc"]
 
-    def metric(self, attack: str, name: str) -> tuple[float, float, list[float] | None]:
-        """(mean, std over seeds, interval of a single seed or None)."""
-        e = self.attacks.get(attack, {})
+    def metric(self, attack: str, name: str, evaluation: str = "target") -> tuple[float, float, list[float] | None]:
+        """(mean, std over seeds, interval of a single seed or None) of one evaluation ("target": the
+        single-target one; "pooled", "canaries", "vulnerable_1pct", ...: see `ccl.evaluation`)."""
+        e = (self.attacks if evaluation == "target" else self.evaluations.get(evaluation, {})).get(attack, {})
         return _nan(e.get(name)), _nan(e.get(name + "_std")), e.get(name + "_ci")
 
 
@@ -212,6 +214,22 @@ def _mean_std(values: list[Any]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+def _aggregate_metrics(per_seed: list[dict[str, dict[str, Any]]], names: tuple[str, ...]) -> dict:
+    """attack -> {metric: mean over seeds, metric_std, metric_ci (one seed only)}."""
+    out: dict[str, dict[str, Any]] = {}
+    for attack in per_seed[0]:
+        entry: dict[str, Any] = {}
+        for metric in (*names, "epsilon_lb"):
+            values = [seed.get(attack, {}).get(metric) for seed in per_seed]
+            if metric == "epsilon_lb" and all(v is None for v in values):
+                continue
+            entry[metric], entry[metric + "_std"] = _mean_std(values)
+            if len(per_seed) == 1:
+                entry[metric + "_ci"] = per_seed[0][attack].get(metric + "_ci")
+        out[attack] = entry
+    return out
+
+
 _VALUES = ("test_acc", "train_acc", "member_loss_std", "gaussian_predicted_advantage")
 
 
@@ -229,15 +247,11 @@ def aggregate(results: list[DefenseResult], *, order: list[str] | None = None, f
         values: dict[str, float] = {}
         for key in _VALUES:
             values[key], values[key + "_std"] = _mean_std([getattr(r, key) for r in runs])
-        attacks: dict[str, dict[str, Any]] = {}
-        for attack in runs[0].attacks:
-            entry: dict[str, Any] = {}
-            for metric in names:
-                entry[metric], entry[metric + "_std"] = _mean_std([r.attacks.get(attack, {}).get(metric) for r in runs])
-                if len(runs) == 1:
-                    entry[metric + "_ci"] = runs[0].attacks[attack].get(metric + "_ci")
-            attacks[attack] = entry
-        rows.append(AggregateRow(label, runs[0].slug, [r.seed for r in runs], values, attacks))
+        attacks = _aggregate_metrics([r.attacks for r in runs], names)
+        evaluations = {
+            ev: _aggregate_metrics([r.evaluations.get(ev, {}) for r in runs], names) for ev in runs[0].evaluations
+        }
+        rows.append(AggregateRow(label, runs[0].slug, [r.seed for r in runs], values, attacks, evaluations))
     return Aggregate(rows=rows, fprs=[float(f) for f in fprs], num_results=len(results))
 
 

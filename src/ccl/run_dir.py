@@ -53,6 +53,9 @@ _FIXED = (
     "stacked",
     "fprs",
     "standardize",
+    "canaries",
+    "canary_kind",
+    "leave_one_out",
 )
 #: The command-line flag of each setting, for messages.
 _FLAG = {

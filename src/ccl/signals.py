@@ -20,36 +20,48 @@ import numpy as np
 import torch
 
 from ._checks import expected
+from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
 __all__ = ["confidence", "entropy", "loss", "modified_entropy", "scaled_logit", "SIGNALS"]
 
 
+def _tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    arr = np.asarray(value)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise InvalidArgumentTypeError(expected(name, "a numeric array", arr.dtype))
+    return torch.as_tensor(arr)
+
+
 def _inputs(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    z = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits).detach()
-    y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).detach()
+    z = _tensor("logits", logits)
+    y = _tensor("labels", labels)
     if z.ndim < 2:
-        raise ValueError(expected("logits", "an array of shape (..., C)", f"shape {tuple(z.shape)}"))
+        raise InvalidArgumentError(expected("logits", "an array of shape (..., C)", f"shape {tuple(z.shape)}"))
     if not (z.is_floating_point()):
-        raise TypeError(expected("logits", "floating-point values", z.dtype))
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise TypeError(expected("labels", "integer class indices", y.dtype))
+        raise InvalidArgumentTypeError(expected("logits", "floating-point values", z.dtype))
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InvalidArgumentTypeError(expected("labels", "integer class indices", y.dtype))
     z = z.to(torch.float64).cpu()
     y = y.to(torch.int64).cpu()
     try:
         batch_shape = torch.broadcast_shapes(z.shape[:-1], y.shape)
     except RuntimeError:
-        raise ValueError(
+        raise InvalidArgumentError(
             expected("labels", f"a shape broadcastable to the logits' {tuple(z.shape[:-1])}", tuple(y.shape))
         ) from None
     if batch_shape != z.shape[:-1]:
-        raise ValueError(expected("labels", f"a shape broadcastable to {tuple(z.shape[:-1])}", tuple(y.shape)))
+        raise InvalidArgumentError(
+            expected("labels", f"a shape broadcastable to {tuple(z.shape[:-1])}", tuple(y.shape))
+        )
     c = z.shape[-1]
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
-        raise ValueError(
+        raise InvalidArgumentError(
             expected("labels", f"class indices in [0, {c})", f"values in [{int(y.min())}, {int(y.max())}]")
         )
     if not bool(torch.isfinite(z).all()):
-        raise ValueError(expected("logits", "finite values", "an array containing NaN or inf"))
+        raise InvalidArgumentError(expected("logits", "finite values", "an array containing NaN or inf"))
     return z, y.expand(z.shape[:-1])
 
 

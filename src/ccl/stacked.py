@@ -153,6 +153,14 @@ def predict_stacked(
     stack: StackedModels, x: Tensor, *, batch_size: int = 1024, flip_queries: bool = False, device: torch.device
 ) -> np.ndarray:
     """Logits `(K, N, C)` (or `(K, N, 2, C)` with flips) of all stacked models, in eval mode."""
+    if flip_queries and x.ndim != 4:
+        raise InvalidArgumentError(
+            expected(
+                "flip_queries",
+                "False for non-image data (x of shape (N, C, H, W))",
+                f"True, for x of shape {tuple(x.shape)}",
+            )
+        )
     stack.train(False)
     outs = []
     for i in range(0, x.shape[0], batch_size):

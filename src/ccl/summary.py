@@ -1,13 +1,15 @@
 """The headline of a run, computed from its results: each defense against the CE baseline, and the frontier.
 
-For every defense, its *strongest attack* is the attack with the highest mean AUC against it (the worst case
-among those run). The headline compares the defense with the baseline (`ce`) under that attack on three
-numbers: test accuracy, AUC, and TPR at the lowest configured FPR that every result can resolve. Each
-difference comes with a 95% interval:
+The headline reads the leave-one-out pooled evaluation when the run has one (every model as the target, see
+`ccl.evaluation`), else the single-target one, and says which. For every defense, its *strongest attack* is
+the attack with the highest mean AUC against it (the worst case among those run). The headline compares
+the defense with the baseline (`ce`) under that attack on three numbers: test accuracy, AUC, and TPR at the
+lowest configured FPR that every result can resolve. Each difference comes with a 95% interval:
 - with two or more seeds shared by both, a paired t-interval over seeds (each seed has its own split and
   models, so it covers training noise and the choice of records);
-- with one seed, a paired bootstrap over records (the same resampled records for both defenses; members and
-  non-members resampled separately), which covers the choice of records only.
+- with one seed, a paired bootstrap (the same resamples for both defenses): over records for the single-target
+  evaluation (members and non-members resampled separately), over models and records for the pooled one; it
+  covers the choice of records (and models) only.
 A defense is *distinguishable* from the baseline when one of the three intervals excludes 0.
 
 The privacy-utility frontier holds the defenses that no other defense beats on both axes: test accuracy (higher
@@ -91,21 +93,34 @@ class Headline:
     baseline_values: dict[str, float]  # accuracy, auc, tpr of the baseline under its strongest attack
     fpr: float
     method: str  # how the intervals were computed
+    evaluation: str  # "pooled" (leave-one-out) or "target"
     comparisons: list[Comparison]
     frontier: list[str]
 
 
-def strongest_attack(agg: Aggregate, defense: str) -> str:
+def evaluation_of(agg: Aggregate) -> str:
+    """ "pooled" when every defense has the leave-one-out evaluation, else "target"."""
+    return "pooled" if agg.rows and all("pooled" in r.evaluations for r in agg.rows) else "target"
+
+
+def _attacks(row, evaluation: str) -> dict:
+    return row.attacks if evaluation == "target" else row.evaluations.get(evaluation, {})
+
+
+def strongest_attack(agg: Aggregate, defense: str, evaluation: str | None = None) -> str:
+    evaluation = evaluation or evaluation_of(agg)
     row = next(r for r in agg.rows if r.defense == defense)
-    aucs = {a: row.metric(a, "auc")[0] for a in row.attacks}
+    aucs = {a: row.metric(a, "auc", evaluation)[0] for a in _attacks(row, evaluation)}
     finite = {a: v for a, v in aucs.items() if not math.isnan(v)}
     return max(finite, key=finite.get) if finite else next(iter(aucs))
 
 
-def _report_fpr(agg: Aggregate) -> float:
+def _report_fpr(agg: Aggregate, evaluation: str) -> float:
     """The lowest configured FPR whose TPR every defense's attacks resolve (else the highest FPR)."""
     for fpr in sorted(agg.fprs):
-        if all(not math.isnan(r.metric(a, tpr_key(fpr))[0]) for r in agg.rows for a in r.attacks):
+        if all(
+            not math.isnan(r.metric(a, tpr_key(fpr), evaluation)[0]) for r in agg.rows for a in _attacks(r, evaluation)
+        ):
             return fpr
     return max(agg.fprs)
 
@@ -131,24 +146,45 @@ def _t_interval(diffs: np.ndarray) -> tuple[float, float]:
 
 
 def _bootstrap_deltas(
-    a: dict[str, np.ndarray], b: dict[str, np.ndarray], attack: str, fpr: float, n_resamples: int, seed: int
+    a: dict[str, np.ndarray],
+    b: dict[str, np.ndarray],
+    attack: str,
+    fpr: float,
+    n_resamples: int,
+    seed: int,
+    evaluation: str,
 ) -> list[tuple[float, float]]:
-    """Percentile intervals of (accuracy, AUC, TPR) differences a - b over paired resamples of the records."""
+    """Percentile intervals of (accuracy, AUC, TPR) differences a - b over paired resamples: of the records
+    (single target), or of the models and the random records (pooled)."""
     rng = np.random.default_rng(seed)
-    m = a["is_member"]
-    pos, neg = np.nonzero(m)[0], np.nonzero(~m)[0]
     held = np.arange(a["heldout_correct"].size)
-    sa, sb = a[f"score_{attack}"], b[f"score_{attack}"]
     values = np.empty((n_resamples, 3))
+    pooled = evaluation == "pooled"
+    if pooled:
+        masks = a["masks"]
+        records = np.nonzero(~a["is_canary"])[0] if "is_canary" in a else np.arange(masks.shape[1])
+        sa, sb = a[f"loo_{attack}"], b[f"loo_{attack}"]
+    else:
+        keep = ~a["is_canary"] if "is_canary" in a else np.ones(a["is_member"].size, bool)
+        m = a["is_member"][keep]
+        sa, sb = a[f"score_{attack}"][keep], b[f"score_{attack}"][keep]
+        pos, neg = np.nonzero(m)[0], np.nonzero(~m)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DegenerateMetricWarning)
         for i in range(n_resamples):
-            idx = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+            if pooled:
+                mi = rng.integers(0, masks.shape[0], masks.shape[0])
+                ri = records[rng.integers(0, records.size, records.size)]
+                mm = masks[np.ix_(mi, ri)].ravel()
+                xa, xb = sa[np.ix_(mi, ri)].ravel(), sb[np.ix_(mi, ri)].ravel()
+            else:
+                idx = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+                mm, xa, xb = m[idx], sa[idx], sb[idx]
             h = rng.choice(held, held.size)
             values[i] = (
                 a["heldout_correct"][h].mean() - b["heldout_correct"][h].mean(),
-                roc_auc(sa[idx], m[idx]) - roc_auc(sb[idx], m[idx]),
-                tpr_at_fpr(sa[idx], m[idx], fpr=fpr) - tpr_at_fpr(sb[idx], m[idx], fpr=fpr),
+                roc_auc(xa, mm) - roc_auc(xb, mm),
+                tpr_at_fpr(xa, mm, fpr=fpr) - tpr_at_fpr(xb, mm, fpr=fpr),
             )
     out = []
     for j in range(3):
@@ -173,20 +209,21 @@ def headline(
     """Every defense against `baseline` under its strongest attack, with paired 95% intervals, and the
     frontier; from the aggregate, and (one seed) the stored per-record scores."""
     run_dir = Path(run_dir)
-    fpr = _report_fpr(agg)
+    ev = evaluation_of(agg)
+    fpr = _report_fpr(agg, ev)
     key = tpr_key(fpr)
-    strongest = {r.defense: strongest_attack(agg, r.defense) for r in agg.rows}
-    points = {r.defense: (r.test_acc, r.metric(strongest[r.defense], "auc")[0]) for r in agg.rows}
+    strongest = {r.defense: strongest_attack(agg, r.defense, ev) for r in agg.rows}
+    points = {r.defense: (r.test_acc, r.metric(strongest[r.defense], "auc", ev)[0]) for r in agg.rows}
     labels = [r.defense for r in agg.rows]
     by = {(r.defense, r.seed): r for r in results}
     if baseline not in labels:
-        return Headline(None, None, {}, fpr, "", [], frontier(points))
+        return Headline(None, None, {}, fpr, "", ev, [], frontier(points))
     base_row = next(r for r in agg.rows if r.defense == baseline)
     base_attack = strongest[baseline]
     base_values = {
         "accuracy": base_row.test_acc,
-        "auc": base_row.metric(base_attack, "auc")[0],
-        "tpr": base_row.metric(base_attack, key)[0],
+        "auc": base_row.metric(base_attack, "auc", ev)[0],
+        "tpr": base_row.metric(base_attack, key, ev)[0],
     }
     comparisons, methods = [], set()
     for row in agg.rows:
@@ -197,12 +234,16 @@ def headline(
         if not seeds:
             continue
         pairs = [(by[(row.defense, s)], by[(baseline, s)]) for s in seeds]
+
+        def metrics_of(r: DefenseResult, attack: str = attack) -> dict:
+            return (r.attacks if ev == "target" else r.evaluations[ev])[attack]
+
         diffs = np.array(
             [
                 [
                     d.test_acc - c.test_acc,
-                    _num(d.attacks[attack]["auc"]) - _num(c.attacks[attack]["auc"]),
-                    _num(d.attacks[attack].get(key)) - _num(c.attacks[attack].get(key)),
+                    _num(metrics_of(d)["auc"]) - _num(metrics_of(c)["auc"]),
+                    _num(metrics_of(d).get(key)) - _num(metrics_of(c).get(key)),
                 ]
                 for d, c in pairs
             ]
@@ -214,16 +255,18 @@ def headline(
             d, c = pairs[0]
             a = load_scores(run_dir / "results" / d.slug / f"seed-{d.seed}")
             b = load_scores(run_dir / "results" / c.slug / f"seed-{c.seed}")
-            cis = _bootstrap_deltas(a, b, attack, fpr, n_resamples, seed)
-            methods.add("paired bootstrap over records (one seed)")
+            cis = _bootstrap_deltas(a, b, attack, fpr, n_resamples, seed, ev)
+            methods.add(
+                "paired bootstrap over " + ("models and records" if ev == "pooled" else "records") + " (one seed)"
+            )
         mean = diffs.mean(0)
         comparisons.append(
             Comparison(
                 defense=row.defense,
                 attack=attack,
                 accuracy=row.test_acc,
-                auc=row.metric(attack, "auc")[0],
-                tpr=row.metric(attack, key)[0],
+                auc=row.metric(attack, "auc", ev)[0],
+                tpr=row.metric(attack, key, ev)[0],
                 accuracy_delta=float(mean[0]),
                 auc_delta=float(mean[1]),
                 tpr_delta=float(mean[2]),
@@ -232,7 +275,9 @@ def headline(
                 tpr_delta_ci=cis[2],
             )
         )
-    return Headline(baseline, base_attack, base_values, fpr, "; ".join(sorted(methods)), comparisons, frontier(points))
+    return Headline(
+        baseline, base_attack, base_values, fpr, "; ".join(sorted(methods)), ev, comparisons, frontier(points)
+    )
 
 
 def _num(v) -> float:

@@ -20,6 +20,7 @@ import torch
 from numpy.typing import ArrayLike
 
 from ._checks import expected
+from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
 __all__ = ["GaussianOptimum", "gaussian_advantage", "gaussian_best_advantage"]
 
@@ -32,21 +33,37 @@ def _phi_inv(p: np.ndarray) -> np.ndarray:
     return torch.special.ndtri(torch.from_numpy(np.asarray(p, dtype=np.float64))).numpy()
 
 
-def _as_params(mu_member, sigma_member, mu_nonmember, sigma_nonmember):
-    arrays = []
+def _real(name: str, value: ArrayLike) -> np.ndarray:
+    arr = np.asarray(value)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidArgumentTypeError(expected(name, "a real number or an array of real numbers", value))
+    return arr.astype(np.float64)
+
+
+def _as_params(mu_member, sigma_member, mu_nonmember, sigma_nonmember, *extra: tuple[str, np.ndarray]):
+    named = []
     for name, value in (
         ("mu_member", mu_member),
         ("sigma_member", sigma_member),
         ("mu_nonmember", mu_nonmember),
         ("sigma_nonmember", sigma_nonmember),
     ):
-        arr = np.asarray(value, dtype=np.float64)
+        arr = _real(name, value)
         if not np.all(np.isfinite(arr)):
-            raise ValueError(expected(name, "finite", value))
+            raise InvalidArgumentError(expected(name, "finite", value))
         if name.startswith("sigma") and not np.all(arr > 0):
-            raise ValueError(expected(name, "> 0", value))
-        arrays.append(arr)
-    return np.broadcast_arrays(*arrays)
+            raise InvalidArgumentError(expected(name, "> 0 (a standard deviation)", value))
+        named.append((name, arr))
+    named += extra
+    shape: tuple[int, ...] = ()
+    for name, arr in named:
+        try:
+            shape = np.broadcast_shapes(shape, arr.shape)
+        except ValueError:
+            raise InvalidArgumentError(
+                expected(name, f"a shape that broadcasts with the other arguments' {shape}", arr.shape)
+            ) from None
+    return np.broadcast_arrays(*(arr for _, arr in named))
 
 
 def gaussian_advantage(
@@ -65,12 +82,10 @@ def gaussian_advantage(
         >>> float(gaussian_advantage(0.1, 0.1, 1.0, 0.5, fpr=0.01))  # doctest: +ELLIPSIS
         0.0...
     """
-    fpr_arr = np.asarray(fpr, dtype=np.float64)
+    fpr_arr = _real("fpr", fpr)
     if not np.all((fpr_arr > 0) & (fpr_arr < 1)):
-        raise ValueError(expected("fpr", "in the open interval (0, 1)", fpr))
-    mu_m, s_m, mu_n, s_n, fpr_arr = np.broadcast_arrays(
-        *_as_params(mu_member, sigma_member, mu_nonmember, sigma_nonmember), fpr_arr
-    )
+        raise InvalidArgumentError(expected("fpr", "in the open interval (0, 1)", fpr))
+    mu_m, s_m, mu_n, s_n, fpr_arr = _as_params(mu_member, sigma_member, mu_nonmember, sigma_nonmember, ("fpr", fpr_arr))
     return _phi((_phi_inv(fpr_arr) * s_n + mu_n - mu_m) / s_m) - fpr_arr
 
 

@@ -108,7 +108,9 @@ class Recipe:
             raise InvalidArgumentTypeError(expected("augment", "true or false", self.augment))
         check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise InvalidArgumentTypeError(expected("seed", "an integer", self.seed))
+            raise InvalidArgumentTypeError(expected("seed", "a non-negative integer", self.seed))
+        if self.seed < 0:  # seeds feed numpy's SeedSequence, which takes non-negative integers only
+            raise InvalidArgumentError(expected("seed", "a non-negative integer", self.seed))
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
@@ -282,6 +284,14 @@ def predict_logits(
 ) -> np.ndarray:
     """The model's logits on `x` in eval mode, float32 numpy `(N, C)`; with `flip_queries=True`, the original
     and the horizontally flipped image, `(N, 2, C)`. No augmentation unless asked for."""
+    if flip_queries and x.ndim != 4:
+        raise InvalidArgumentError(
+            expected(
+                "flip_queries",
+                "False for non-image data (x of shape (N, C, H, W))",
+                f"True, for x of shape {tuple(x.shape)}",
+            )
+        )
     device = resolve_device(device)
     model.eval()
     model.to(device)

@@ -21,6 +21,7 @@ from .shadow import ShadowClassifierAttack
 from .threshold import ThresholdAttack
 
 __all__ = [
+    "describe",
     "Attack",
     "AttackInputs",
     "LiRA",
@@ -78,3 +79,8 @@ def score_all(inputs: AttackInputs, *, names: list[str] | None = None) -> dict[s
     else:
         attacks = [create(n) for n in names]
     return {attack.name: attack.score(inputs) for attack in attacks}
+
+
+def describe(name: str) -> tuple[str, dict]:
+    """(one-line description, {parameter: default}) of a registered name."""
+    return _REGISTRY.describe(name)

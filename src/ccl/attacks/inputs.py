@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._checks import expected
-from ..errors import CclError
+from ..errors import CclError, InvalidArgumentError, InvalidArgumentTypeError
 
 __all__ = ["AttackInputs", "NotEnoughReferencesError"]
 
@@ -33,16 +33,33 @@ class NotEnoughReferencesError(CclError, ValueError):
     """An attack needs more reference models (or IN/OUT observations per record) than were given."""
 
 
-def _logits(name: str, value, leading: tuple[int, ...]) -> np.ndarray:
+def _logits(name: str, value, leading: tuple[int, ...], *, like: tuple[int, int] | None = None) -> np.ndarray:
+    """Checks logits of shape `leading + (C,)` or `leading + (A, C)`; with `like = (A, C)` of the target's
+    logits, the same number of augmented queries and classes are required."""
     arr = np.asarray(value)
     if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(expected(name, "floating-point logits", arr.dtype))
+        raise InvalidArgumentTypeError(expected(name, "floating-point logits", arr.dtype))
     ndim = len(leading)
     if arr.ndim not in (ndim + 1, ndim + 2) or arr.shape[:ndim] != leading:
         shapes = " or ".join(str(leading + tail) for tail in (("C",), ("A", "C")))
-        raise ValueError(expected(name, f"an array of shape {shapes}", f"shape {arr.shape}"))
+        raise InvalidArgumentError(expected(name, f"an array of shape {shapes}", f"shape {arr.shape}"))
+    if like is not None:
+        a, c = like
+        if arr.shape[-1] != c:
+            raise InvalidArgumentError(
+                expected(name, f"logits over {c} classes like `target_logits`", f"{arr.shape[-1]} classes")
+            )
+        queries = arr.shape[-2] if arr.ndim == ndim + 2 else 1
+        if queries != a:
+            raise InvalidArgumentError(
+                expected(
+                    name,
+                    f"logits of {a} augmented {'query' if a == 1 else 'queries'} per record like `target_logits`",
+                    f"{queries} (shape {arr.shape})",
+                )
+            )
     if not np.all(np.isfinite(arr)):
-        raise ValueError(expected(name, "finite values", "an array containing NaN or inf"))
+        raise InvalidArgumentError(expected(name, "finite values", "an array containing NaN or inf"))
     if arr.ndim == ndim + 1:
         arr = arr[..., None, :]  # add the augmentation axis: (..., 1, C)
     return arr.astype(np.float64, copy=False)
@@ -51,21 +68,23 @@ def _logits(name: str, value, leading: tuple[int, ...]) -> np.ndarray:
 def _labels(name: str, value, n: int, c: int) -> np.ndarray:
     arr = np.asarray(value)
     if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(expected(name, "integer class indices", arr.dtype))
+        raise InvalidArgumentTypeError(expected(name, "integer class indices", arr.dtype))
     if arr.shape != (n,):
-        raise ValueError(expected(name, f"an array of shape ({n},)", f"shape {arr.shape}"))
+        raise InvalidArgumentError(expected(name, f"an array of shape ({n},)", f"shape {arr.shape}"))
     if n and (arr.min() < 0 or arr.max() >= c):
-        raise ValueError(expected(name, f"class indices in [0, {c})", f"values in [{arr.min()}, {arr.max()}]"))
+        raise InvalidArgumentError(
+            expected(name, f"class indices in [0, {c})", f"values in [{arr.min()}, {arr.max()}]")
+        )
     return arr.astype(np.int64, copy=False)
 
 
 def _mask(name: str, value, shape: tuple[int, int]) -> np.ndarray:
     arr = np.asarray(value)
     if arr.shape != shape:
-        raise ValueError(expected(name, f"a boolean array of shape {shape}", f"shape {arr.shape}"))
+        raise InvalidArgumentError(expected(name, f"a boolean array of shape {shape}", f"shape {arr.shape}"))
     if arr.dtype != bool:
         if not np.isin(arr, (0, 1)).all():
-            raise ValueError(expected(name, "booleans (or 0/1)", f"values {np.unique(arr)[:5]}"))
+            raise InvalidArgumentError(expected(name, "booleans (or 0/1)", f"values {np.unique(arr)[:5]}"))
         arr = arr.astype(bool)
     return arr
 
@@ -87,45 +106,65 @@ class AttackInputs:
     def __post_init__(self) -> None:
         tl = np.asarray(self.target_logits)
         if tl.ndim not in (2, 3):
-            raise ValueError(expected("target_logits", "an array of shape (N, C) or (N, A, C)", f"shape {tl.shape}"))
+            raise InvalidArgumentError(
+                expected("target_logits", "an array of shape (N, C) or (N, A, C)", f"shape {tl.shape}")
+            )
         n = tl.shape[0]
         tl = _logits("target_logits", tl, (n,))
-        c = tl.shape[-1]
+        like = tl.shape[-2:]  # (A, C): every other model output must have as many queries and classes
+        c = like[1]
         set_ = object.__setattr__
         set_(self, "target_logits", tl)
         set_(self, "labels", _labels("labels", self.labels, n, c))
-        if (self.reference_logits is None) != (self.reference_in is None):
-            raise ValueError("Pass both `reference_logits` and `reference_in`, or neither.")
+        if self.reference_logits is not None and self.reference_in is None:
+            raise InvalidArgumentError(
+                expected("reference_in", "a boolean array (K, N) with `reference_logits` (pass both or neither)", None)
+            )
+        if self.reference_logits is None and self.reference_in is not None:
+            raise InvalidArgumentError(
+                expected("reference_logits", "logits (K, N, [A,] C) with `reference_in` (pass both or neither)", None)
+            )
         if self.reference_logits is not None:
             rl = np.asarray(self.reference_logits)
             k = rl.shape[0] if rl.ndim else 0
-            rl = _logits("reference_logits", rl, (k, n))
-            if rl.shape[-1] != c:
-                raise ValueError(expected("reference_logits", f"{c} classes like target_logits", rl.shape[-1]))
-            set_(self, "reference_logits", rl)
+            set_(self, "reference_logits", _logits("reference_logits", rl, (k, n), like=like))
             set_(self, "reference_in", _mask("reference_in", self.reference_in, (k, n)))
-        if self.population_target_logits is not None:
-            pt = np.asarray(self.population_target_logits)
-            z = pt.shape[0] if pt.ndim else 0
-            set_(self, "population_target_logits", _logits("population_target_logits", pt, (z,)))
-            if self.population_labels is None:
-                raise ValueError("`population_labels` is required with `population_target_logits`.")
-            set_(self, "population_labels", _labels("population_labels", self.population_labels, z, c))
-            if self.population_reference_logits is not None:
-                if self.reference_logits is None:
-                    raise ValueError("`population_reference_logits` needs `reference_logits` too.")
-                k = self.num_references
-                set_(
-                    self,
-                    "population_reference_logits",
-                    _logits("population_reference_logits", self.population_reference_logits, (k, z)),
+        if self.population_target_logits is None:
+            for name in ("population_labels", "population_reference_logits", "population_reference_in"):
+                if getattr(self, name) is not None:
+                    raise InvalidArgumentError(
+                        expected("population_target_logits", f"given with `{name}` (the population's records)", None)
+                    )
+            return
+        pt = np.asarray(self.population_target_logits)
+        z = pt.shape[0] if pt.ndim else 0
+        set_(self, "population_target_logits", _logits("population_target_logits", pt, (z,), like=like))
+        if self.population_labels is None:
+            raise InvalidArgumentError(
+                expected("population_labels", "given with `population_target_logits`", self.population_labels)
+            )
+        set_(self, "population_labels", _labels("population_labels", self.population_labels, z, c))
+        if self.population_reference_logits is not None:
+            if self.reference_logits is None:
+                raise InvalidArgumentError(
+                    expected("reference_logits", "given with `population_reference_logits`", None)
                 )
-                pin = self.population_reference_in
-                set_(
-                    self,
-                    "population_reference_in",
-                    np.zeros((k, z), bool) if pin is None else _mask("population_reference_in", pin, (k, z)),
-                )
+            k = self.num_references
+            set_(
+                self,
+                "population_reference_logits",
+                _logits("population_reference_logits", self.population_reference_logits, (k, z), like=like),
+            )
+            pin = self.population_reference_in
+            set_(
+                self,
+                "population_reference_in",
+                np.zeros((k, z), bool) if pin is None else _mask("population_reference_in", pin, (k, z)),
+            )
+        elif self.population_reference_in is not None:
+            raise InvalidArgumentError(
+                expected("population_reference_logits", "given with `population_reference_in`", None)
+            )
 
     @property
     def num_samples(self) -> int:
@@ -144,7 +183,11 @@ class AttackInputs:
 
     def require_population(self, attack: str) -> None:
         if self.population_target_logits is None or self.population_reference_logits is None:
-            raise ValueError(
-                f"Attack {attack!r} compares each record with a population sample: pass `population_target_logits`,"
-                " `population_labels` and `population_reference_logits` (records the target did not train on)."
+            missing = (
+                "population_target_logits" if self.population_target_logits is None else ("population_reference_logits")
+            )
+            raise InvalidArgumentError(
+                f"Attack {attack!r} compares each record with a population sample, but `{missing}` is missing: "
+                "pass `population_target_logits`, `population_labels` and `population_reference_logits` (records "
+                "the target did not train on)."
             )

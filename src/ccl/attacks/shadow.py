@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._checks import check_positive_int
+from .._checks import check_positive_int, expected
+from ..errors import InvalidArgumentError
 from .base import Attack
 from .inputs import AttackInputs
 
@@ -50,7 +51,13 @@ class ShadowClassifierAttack(Attack):
             keep = rng.choice(x.shape[0], self.max_rows, replace=False)
             x, y = x[keep], y[keep]
         if y.all() or not y.any():
-            raise ValueError("The shadow classifier needs reference records both IN and OUT of training.")
+            raise InvalidArgumentError(
+                expected(
+                    "reference_in",
+                    "both IN and OUT records (the shadow classifier learns to tell them apart)",
+                    "only IN" if y.all() else "only OUT",
+                )
+            )
         gen = torch.Generator().manual_seed(self.seed)
         d = x.shape[1]
         w1 = torch.randn(d, self.hidden, generator=gen, dtype=torch.float64) / d**0.5

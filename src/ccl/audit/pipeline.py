@@ -17,6 +17,7 @@ import torch
 from .. import data
 from .._io import write_json
 from ..config import ExperimentConfig
+from ..data.canaries import add_canaries
 from ..data.transforms import standardize
 from ..errors import ConfigError
 from ..results import Aggregate, DefenseResult, aggregate, save_scores, write_aggregate
@@ -92,10 +93,16 @@ def run_audit(
                     seed=seed,
                     population_fraction=config.population_fraction,
                 )
+                seed_data, is_canary = dataset, np.zeros(split.pool.size, bool)
+                if config.canaries:
+                    seed_data, split, is_canary = add_canaries(
+                        dataset, split, num=config.canaries, kind=config.canary_kind, seed=seed
+                    )
                 split.save(rd.split_file(seed))
                 query_index = np.concatenate([split.pool, split.population])
-                labels = dataset.y[torch.as_tensor(query_index)].numpy()
-                seed_data = standardize(dataset, fit_index=split.pool) if config.standardizes else dataset
+                labels = seed_data.y[torch.as_tensor(query_index)].numpy()
+                if config.standardizes:
+                    seed_data = standardize(seed_data, fit_index=split.pool[~is_canary])
                 ctx = ExecutionContext(seed_data, query_index, config.flip_queries, runtime, cache, keep_checkpoints)
                 for defense in config.defenses:
                     out_dir = rd.result_dir(defense.slug, seed)
@@ -119,15 +126,9 @@ def run_audit(
                         logits,
                         result_key=key,
                         target_log=cache.folder(jobs[0]) / "log.jsonl",
+                        is_canary=is_canary,
                     )
-                    save_scores(
-                        out_dir,
-                        is_member=arrays["is_member"],
-                        labels=arrays["labels"],
-                        target_loss=arrays["target_loss"],
-                        heldout_correct=arrays["heldout_correct"],
-                        scores=arrays["scores"],
-                    )
+                    save_scores(out_dir, arrays)
                     result.save(out_dir)  # written last: its presence marks the result complete
                     results.append(result)
         finally:

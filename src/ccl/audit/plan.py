@@ -56,6 +56,8 @@ def dataset_identity(config: ExperimentConfig) -> dict[str, Any]:
             "options": options,
         }
     ident["standardize"] = config.standardizes
+    if config.canaries:
+        ident["canaries"] = {"num": config.canaries, "kind": config.canary_kind}
     return ident
 
 

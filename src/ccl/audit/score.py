@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import attacks, metrics, signals
+from .. import attacks, evaluation, metrics, signals
 from ..config import DefenseSpec, ExperimentConfig
 from ..data import MembershipSplit
 from ..errors import ConfigError
@@ -111,6 +111,74 @@ def _notes(
     return notes
 
 
+#: Attacks left out of the leave-one-out evaluation: the shadow classifier trains one attack model per target,
+#: M times the cost of its single-target score.
+NOT_POOLED = ("shadow_classifier",)
+#: Fractions of the most vulnerable records measured separately.
+VULNERABLE_FRACTIONS = (0.01, 0.05)
+
+
+def _pooled_evaluations(
+    config: ExperimentConfig,
+    names: list[str],
+    logits: np.ndarray,
+    labels: np.ndarray,
+    pop_labels: np.ndarray,
+    masks: np.ndarray,
+    is_canary: np.ndarray,
+    seed: int,
+    pool: np.ndarray,
+) -> tuple[dict[str, dict[str, dict]], dict[str, np.ndarray], list[dict]]:
+    """Leave-one-out scores of every pooled attack, and the pooled metrics on random records, canaries and the
+    most vulnerable records. Returns (evaluation -> attack -> metrics, attack -> (M, P) scores, the table of the
+    most vulnerable records)."""
+    p = masks.shape[1]
+    has_pop = logits.shape[1] > p
+    loo: dict[str, np.ndarray] = {}
+    for name in names:
+        if name in NOT_POOLED:
+            continue
+        try:
+            loo[name] = evaluation.leave_one_out_scores(
+                attacks.create(name),
+                logits[:, :p],
+                labels,
+                masks,
+                population_logits=logits[:, p:] if has_pop else None,
+                population_labels=pop_labels if has_pop else None,
+            )
+        except attacks.NotEnoughReferencesError:
+            continue
+    random_records, canaries = np.nonzero(~is_canary)[0], np.nonzero(is_canary)[0]
+    opts = {"fprs": config.fprs, "n_resamples": config.bootstrap, "seed": seed}
+    evals: dict[str, dict[str, dict]] = {"pooled": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", metrics.DegenerateMetricWarning)
+        for name, sc in loo.items():
+            evals["pooled"][name] = evaluation.pooled_metrics(sc, masks, records=random_records, **opts)
+            if canaries.size:
+                evals.setdefault("canaries", {})[name] = evaluation.pooled_metrics(sc, masks, records=canaries, **opts)
+        table: list[dict] = []
+        chooser = next((a for a in ("lira", "rmia", "loss") if a in loo), next(iter(loo), None))
+        if chooser is not None:
+            order = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED])).permutation(masks.shape[0])
+            choose, measure = np.sort(order[: order.size // 2]), np.sort(order[order.size // 2 :])
+            gap = evaluation.record_leakage(loo[chooser], masks, models=choose)[random_records]
+            ranked = random_records[np.argsort(-np.nan_to_num(gap, nan=-np.inf), kind="mergesort")]
+            for fraction in VULNERABLE_FRACTIONS:
+                top = ranked[: max(1, int(round(fraction * random_records.size)))]
+                evals[f"vulnerable_{100 * fraction:g}pct"] = {
+                    name: evaluation.pooled_metrics(sc, masks, records=top, models=measure, **opts)
+                    for name, sc in loo.items()
+                }
+            gap_by_record = dict(zip(random_records.tolist(), gap.tolist(), strict=True))
+            for i in ranked[: max(1, int(round(max(VULNERABLE_FRACTIONS) * random_records.size)))]:
+                table.append(
+                    {"pool_index": int(i), "label": int(labels[i]), "leakage": gap_by_record[int(i)], "attack": chooser}
+                )
+    return evals, loo, table
+
+
 def score_defense(
     config: ExperimentConfig,
     labels_all: np.ndarray,
@@ -121,12 +189,18 @@ def score_defense(
     *,
     result_key: str,
     target_log: Path,
+    is_canary: np.ndarray | None = None,
 ) -> tuple[DefenseResult, dict[str, np.ndarray]]:
     """Runs the attacks on `logits (1 + K, Q, [A,] C)` (target first; queries: the pool, then the population)
-    and measures utility. Returns the result and the per-record arrays to store with it."""
+    and measures utility. Returns the result and the per-record arrays to store with it.
+
+    Evaluations: `attacks` holds the single-target metrics on the random (non-canary) records; with at least
+    `LEAVE_ONE_OUT_MIN` reference models (and `config.leave_one_out`), `evaluations` holds the leave-one-out
+    pooled metrics on random records ("pooled"), on canaries ("canaries") and on the most vulnerable records."""
     if logits.ndim == 3:
         logits = logits[:, :, None, :]  # (M, Q, A=1, C)
     p = split.pool.size
+    is_canary = np.zeros(p, bool) if is_canary is None else is_canary
     labels, pop_labels = labels_all[:p], labels_all[p:]
     target, refs = logits[0], logits[1:]
     has_refs = refs.shape[0] > 0
@@ -141,18 +215,37 @@ def score_defense(
         population_reference_logits=refs[:, p:] if has_pop else None,
     )
     is_member = split.target_in
-    scores = attacks.score_all(inputs, names=attack_names(config, inputs))
+    names = attack_names(config, inputs)
+    scores = attacks.score_all(inputs, names=names)
+    random_records = ~is_canary
     with warnings.catch_warnings():  # an unresolvable FPR (too few non-members) is NaN (null in JSON)
         warnings.simplefilter("ignore", metrics.DegenerateMetricWarning)
         results = {
-            name: metrics.evaluate(s, is_member, fprs=config.fprs, n_resamples=config.bootstrap, seed=seed).as_dict()
+            name: metrics.evaluate(
+                s[random_records], is_member[random_records], fprs=config.fprs, n_resamples=config.bootstrap, seed=seed
+            ).as_dict()
             for name, s in scores.items()
         }
+    evals, loo, vulnerable = {}, {}, []
+    if config.uses_leave_one_out:
+        masks = np.vstack([split.target_in[None], split.reference_in])
+        evals, loo, vulnerable = _pooled_evaluations(
+            config,
+            names,
+            logits[:, : p + (split.population.size if has_pop else 0)],
+            labels,
+            pop_labels,
+            masks,
+            is_canary,
+            seed,
+            split.pool,
+        )
 
     target_loss = signals.loss(target[:, 0], labels_all)  # (Q,) cross-entropy of the un-augmented query
     predicted = target[:, 0].argmax(-1) == labels_all
-    held_out = np.r_[~is_member, np.ones(split.population.size, bool)]
-    member_loss, nonmember_loss = target_loss[:p][is_member], target_loss[:p][~is_member]
+    held_out = np.r_[~is_member & random_records, np.ones(split.population.size, bool)]
+    members = is_member & random_records
+    member_loss, nonmember_loss = target_loss[:p][members], target_loss[:p][~is_member & random_records]
     test_acc = float(predicted[held_out].mean())
     notes = _notes(config, test_acc, labels_all[held_out], split.population.size, scores)
     gauss = gaussian_fits(member_loss, nonmember_loss)
@@ -162,7 +255,7 @@ def score_defense(
         spec=defense.to_dict(),
         seed=seed,
         result_key=result_key,
-        train_acc=float(predicted[:p][is_member].mean()),
+        train_acc=float(predicted[:p][members].mean()),
         test_acc=test_acc,
         member_loss_mean=float(member_loss.mean()),
         member_loss_std=float(member_loss.std()),
@@ -171,13 +264,16 @@ def score_defense(
         gaussian_predicted_advantage=gauss["loss"]["advantage"],
         gaussian_fits=gauss,
         num_references=int(refs.shape[0]),
-        num_members=int(is_member.sum()),
-        num_nonmembers=int((~is_member).sum()),
+        num_members=int(members.sum()),
+        num_nonmembers=int((~is_member & random_records).sum()),
         num_population=int(split.population.size),
         fprs=list(config.fprs),
         attacks=results,
         target_history=_history(target_log),
         notes=notes,
+        evaluations=evals,
+        vulnerable_records=vulnerable,
+        num_canaries=int(is_canary.sum()),
     )
     arrays = {
         "is_member": is_member,
@@ -185,5 +281,8 @@ def score_defense(
         "target_loss": target_loss[:p],
         "scores": scores,
         "heldout_correct": predicted[held_out],
+        "is_canary": is_canary,
+        "masks": np.vstack([split.target_in[None], split.reference_in]),
+        "loo": {k: v.astype(np.float32) for k, v in loo.items()},
     }
     return result, arrays

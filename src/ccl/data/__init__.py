@@ -12,11 +12,13 @@ from functools import partial
 from typing import Any
 
 from .._registry import Registry
+from ..errors import InvalidArgumentError
 from .datasets import DataError, Dataset, from_arrays, load_cifar, load_digits, load_npz, load_tabular, make_synthetic
 from .download import ChecksumError, DownloadError, cache_dir
 from .splits import MembershipSplit, membership_split, shadow_split
 
 __all__ = [
+    "describe",
     "ChecksumError",
     "DataError",
     "Dataset",
@@ -52,6 +54,12 @@ def load(name: str, **options: Any) -> Dataset:
     """Loads a registered dataset, e.g. `load("digits")`, `load("cifar10", cache="~/data")`,
     `load("npz", path="mine.npz")`. A name ending in `.npz` is read as a file."""
     if isinstance(name, (str, os.PathLike)) and str(name).endswith(".npz"):
+        valid = [p for p in _REGISTRY.parameters("npz") if p != "path"]
+        for key in options:
+            if key not in valid:
+                raise InvalidArgumentError(
+                    f"Unknown dataset option {key!r} for the .npz file {name}; it takes: {', '.join(valid)}."
+                )
         return load_npz(name, **options)
     return _REGISTRY.create(name, **options)
 
@@ -64,3 +72,8 @@ def parameters(name: str) -> list[str]:
 def available() -> list[str]:
     """The names `load` accepts."""
     return _REGISTRY.available()
+
+
+def describe(name: str) -> tuple[str, dict]:
+    """(one-line description, {parameter: default}) of a registered name."""
+    return _REGISTRY.describe(name)

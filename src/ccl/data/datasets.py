@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._checks import check_positive_int, expected
+from .._checks import check_in_range, check_positive_int, expected
 from .._io import atomic_path
 from ..errors import DataError
 from .download import RemoteFile, fetch
@@ -47,12 +47,26 @@ class Dataset:
         return self.x[idx], self.y[idx]
 
 
+def _numeric(name: str, value: Any) -> torch.Tensor:
+    """`value` as a tensor; strings, objects and ragged lists are refused with the array's name."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        arr = np.asarray(value)
+    except ValueError as err:  # a ragged nested list
+        raise DataError(
+            expected(name, "a rectangular array of numbers", f"an array numpy cannot build ({err})")
+        ) from None
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise DataError(expected(name, "an array of numbers", f"an array of dtype {arr.dtype}"))
+    return torch.as_tensor(arr)
+
+
 def from_arrays(
     x: Any, y: Any, *, name: str = "arrays", num_classes: int | None = None, source: str = "user arrays"
 ) -> Dataset:
     """A `Dataset` from arrays (numpy or torch): `x (N, ...)` numbers, `y (N,)` integer labels from 0."""
-    x_arr = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-    y_arr = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    x_arr, y_arr = _numeric("X", x), _numeric("y", y)
     if x_arr.ndim < 2:
         raise DataError(expected("X", "an array of shape (N, features...)", f"shape {tuple(x_arr.shape)}"))
     if y_arr.ndim != 1 or y_arr.shape[0] != x_arr.shape[0]:
@@ -87,8 +101,11 @@ def load_npz(path: str | os.PathLike, *, num_classes: int | None = None) -> Data
     except DataError:
         raise
     except Exception as err:
-        raise DataError(f"Cannot read {path} as a .npz file ({err}); is it corrupt or truncated?") from err
-    return from_arrays(x, y, name=path.stem, num_classes=num_classes, source=str(path))
+        raise DataError(f"Cannot read {path} as a .npz file ({err}); is it corrupt or truncated?") from None
+    try:
+        return from_arrays(x, y, name=path.stem, num_classes=num_classes, source=str(path))
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,7 +137,9 @@ def make_synthetic(
     n = check_positive_int("num_samples", num_samples, minimum=2)
     d = check_positive_int("num_features", num_features)
     c = check_positive_int("num_classes", num_classes, minimum=2)
-    g = torch.Generator().manual_seed(int(seed))
+    check_in_range("noise", noise, low=0.0)
+    seed = check_positive_int("seed", seed, minimum=0)
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)
     w = torch.randn(d, c, generator=g)
     y = (x @ w + float(noise) * torch.randn(n, c, generator=g)).argmax(1)

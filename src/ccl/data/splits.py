@@ -100,10 +100,10 @@ class MembershipSplit:
                 return cls(
                     f["pool"], f["target_in"], f["reference_in"], f["population"], int(f["num_records"]), int(f["seed"])
                 )
-        except (OSError, KeyError, ValueError) as err:
+        except Exception as err:  # OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError, ...
             raise RunDirectoryError(
-                f"Cannot read the membership split {path} ({err}); it is missing or corrupt."
-            ) from err
+                f"Cannot read the membership split {path} ({type(err).__name__}: {err}); it is missing or corrupt."
+            ) from None
 
 
 def membership_split(
@@ -117,7 +117,8 @@ def membership_split(
     n = check_positive_int("num_records", num_records, minimum=4)
     k = check_positive_int("num_references", num_references, minimum=0)
     frac = check_in_range("population_fraction", population_fraction, low=0.0, high=0.9)
-    root = np.random.SeedSequence(int(seed))
+    seed = check_positive_int("seed", seed, minimum=0)
+    root = np.random.SeedSequence(seed)
     rng_pool, rng_target, rng_refs = (np.random.default_rng(s) for s in root.spawn(3))
     order = rng_pool.permutation(n)
     n_pop = int(round(frac * n))
@@ -146,7 +147,8 @@ def membership_split(
 def shadow_split(num_records: int, *, seed: int = 0) -> dict[str, np.ndarray]:
     """Four disjoint, equal parts: target in/out and shadow in/out (Shokri et al.; the CCL paper's code)."""
     n = check_positive_int("num_records", num_records, minimum=4)
-    order = np.random.default_rng(int(seed)).permutation(n)
+    seed = check_positive_int("seed", seed, minimum=0)
+    order = np.random.default_rng(seed).permutation(n)
     q = n // 4
     parts = [np.sort(order[i * q : (i + 1) * q]) for i in range(4)]
     return dict(zip(("target_in", "target_out", "shadow_in", "shadow_out"), parts, strict=True))

@@ -25,6 +25,7 @@ from .modules import (
 )
 
 __all__ = [
+    "describe",
     "ConfidencePenaltyLoss",
     "ConvexConcaveLoss",
     "CrossEntropyLoss",
@@ -71,3 +72,8 @@ def available() -> list[str]:
 def parameters(name: str) -> list[str]:
     """The parameter names a registered loss accepts."""
     return _REGISTRY.parameters(name)
+
+
+def describe(name: str) -> tuple[str, dict]:
+    """(one-line description, {parameter: default}) of a registered name."""
+    return _REGISTRY.describe(name)

@@ -1,0 +1,269 @@
+"""Evaluations that do not underestimate leakage (Aerni, Zhang and Tramèr, "Evaluations of Machine Learning
+Privacy Defenses are Misleading", CCS 2024).
+
+An audit trains 1 + K models of one recipe on records whose membership is known for every model (the
+membership matrix `masks (M, P)`: row 0 the target, then the reference models). Three evaluations use them:
+
+- **Leave-one-out (pooled).** Each model in turn is the target and the other M - 1 are its references; the
+  (model, record) pairs of all M models are pooled into one ROC, so a low FPR has M times more non-member
+  pairs behind it. Intervals come from a two-way bootstrap that resamples models and records (the pairs of one
+  model, or of one record, are dependent; resampling pairs as if independent would be too narrow). LiRA and
+  RMIA are scored in one pass: their per-record statistics over all M models are computed once, and each
+  model's own contribution is removed (sums and sums of squares), so M targets cost about one scoring, not M.
+- **Canaries.** Records inserted into the pool (`ccl.data.canaries`), in the training set of half the models;
+  the pooled evaluation restricted to them.
+- **The most vulnerable records.** Each record's leakage is the gap between its mean leave-one-out score over
+  the models that trained on it and over those that did not; the top fraction is chosen on one half of the
+  models and the pooled metrics are measured on the other half, so the choice does not overfit.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import signals
+from .attacks import Attack, AttackInputs, LiRA, NotEnoughReferencesError
+from .attacks.lira import _MIN_STD, _log_normal_pdf
+from .attacks.rmia import RMIA, _true_class_prob
+from .metrics import DegenerateMetricWarning, _roc, tpr_key
+
+__all__ = [
+    "leave_one_out_scores",
+    "leave_one_out_scores_slow",
+    "pooled_metrics",
+    "record_leakage",
+    "vulnerable_records",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Leave-one-out scores
+# ----------------------------------------------------------------------------------------------------------
+def leave_one_out_scores_slow(
+    attack: Attack,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray,
+    *,
+    population_logits: np.ndarray | None = None,
+    population_labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """`(M, P)` scores: model j as the target, the others as its references, one `attack.score` call each. The
+    obviously correct reference for the fast paths; the only path for attacks without one."""
+    m = logits.shape[0]
+    out = np.empty(masks.shape, dtype=np.float64)
+    for j in range(m):
+        others = np.r_[0:j, j + 1 : m]
+        has_pop = population_logits is not None
+        inputs = AttackInputs(
+            logits[j],
+            labels,
+            logits[others],
+            masks[others],
+            population_target_logits=population_logits[j] if has_pop else None,
+            population_labels=population_labels if has_pop else None,
+            population_reference_logits=population_logits[others] if has_pop else None,
+        )
+        out[j] = attack.score(inputs)
+    return out
+
+
+def _loo_gaussian(phi: np.ndarray, w: np.ndarray, variance: str, need: int, name: str, side: str):
+    """Leave-one-out means and stds `(M, P, A)` of `phi (M, P, A)` over the models where `w (M, P)`, without
+    model j for row j; as `ccl.attacks.lira.gaussian_fit` computes them on the other M - 1 models."""
+    wf = w[:, :, None].astype(np.float64)
+    centre = phi.mean(0, keepdims=True)  # shifts out the common offset: sums of squares lose no precision
+    x = phi - centre
+    total, total_sq, count = (wf * x).sum(0), (wf * x**2).sum(0), wf.sum(0)  # (P, A), (P, A), (P, 1)
+    count_j = count[None] - wf  # (M, P, 1)
+    fewest = int(count_j.min())
+    if fewest < need:
+        raise NotEnoughReferencesError(
+            f"{name} with variance={variance!r} needs at least {need} {side} reference model(s) per record when "
+            f"each model in turn is the target, but a record has {fewest}: train more reference models."
+        )
+    sum_j = total[None] - wf * x
+    mean_j = sum_j / count_j
+    sq_j = np.maximum(total_sq[None] - wf * x**2 - count_j * mean_j**2, 0.0)  # sum of squared deviations
+    if variance == "per_example":
+        std = np.sqrt(sq_j / (count_j - 1))
+    else:
+        std = np.broadcast_to(np.sqrt(sq_j.sum(1, keepdims=True) / (count_j - 1).sum(1, keepdims=True)), mean_j.shape)
+    return mean_j + centre, np.maximum(std, _MIN_STD)
+
+
+def _lira_loo(attack: LiRA, logits: np.ndarray, labels: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    variance = attack._resolved_variance(masks.shape[0] - 1)
+    need = 2 if variance == "per_example" else 1
+    phi = signals.scaled_logit(logits, labels[:, None])  # (M, P, A)
+    mu_out, s_out = _loo_gaussian(phi, ~masks, variance, need, attack.name, "OUT")
+    if attack.online:
+        mu_in, s_in = _loo_gaussian(phi, masks, variance, need, attack.name, "IN")
+        per_query = _log_normal_pdf(phi, mu_in, s_in) - _log_normal_pdf(phi, mu_out, s_out)
+    else:
+        import torch
+
+        per_query = torch.special.log_ndtr(torch.from_numpy((phi - mu_out) / s_out)).numpy()
+    return per_query.mean(-1)
+
+
+def _rmia_loo(
+    attack: RMIA, logits: np.ndarray, labels: np.ndarray, masks: np.ndarray, pop_logits: np.ndarray, pop_labels
+) -> np.ndarray:
+    m = logits.shape[0]
+
+    def p_reference(p: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """`Pr(x)` of row j from the other models: all of them (online) or their OUT ones (offline)."""
+        if not attack.offline:
+            return (p.sum(0)[None] - p) / (m - 1)
+        w = out.astype(np.float64)
+        count = w.sum(0)[None] - w
+        if int(count.min()) < 1:
+            raise NotEnoughReferencesError("Offline RMIA needs at least 1 OUT reference model per record.")
+        p_out = ((w * p).sum(0)[None] - w * p) / count
+        return 0.5 * ((1 + attack.a) * p_out + (1 - attack.a))
+
+    p_x = _true_class_prob(logits, labels)  # (M, P)
+    p_z = _true_class_prob(pop_logits, pop_labels)  # (M, Z)
+    ratio_x = p_x / np.maximum(p_reference(p_x, ~masks), 1e-300)
+    ratio_z = np.sort(p_z / np.maximum(p_reference(p_z, np.ones(p_z.shape, bool)), 1e-300), axis=1)
+    return np.stack(
+        [np.searchsorted(ratio_z[j], ratio_x[j] / attack.gamma, side="right") / ratio_z.shape[1] for j in range(m)]
+    )
+
+
+def leave_one_out_scores(
+    attack: Attack,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray,
+    *,
+    population_logits: np.ndarray | None = None,
+    population_labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """`(M, P)` scores of every model as the target (`logits (M, P, [A,] C)`, `masks (M, P)` its members).
+    LiRA and RMIA take the one-pass path (equal to `leave_one_out_scores_slow` up to rounding, tested); other
+    attacks loop over the models."""
+    if logits.ndim == 3:
+        logits = logits[:, :, None, :]
+    if population_logits is not None and population_logits.ndim == 3:
+        population_logits = population_logits[:, :, None, :]
+    masks = np.asarray(masks, dtype=bool)
+    if isinstance(attack, LiRA):
+        if masks.shape[0] - 1 < attack.min_references:
+            raise NotEnoughReferencesError(f"{attack.name} needs {attack.min_references} reference models.")
+        return _lira_loo(attack, logits, labels, masks)
+    if isinstance(attack, RMIA):
+        if population_logits is None:
+            raise NotEnoughReferencesError(f"{attack.name} needs a population.")
+        return _rmia_loo(attack, logits, labels, masks, population_logits, population_labels)
+    return leave_one_out_scores_slow(
+        attack, logits, labels, masks, population_logits=population_logits, population_labels=population_labels
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pooled metrics with a two-way bootstrap
+# ----------------------------------------------------------------------------------------------------------
+def _metrics_from_roc(s: np.ndarray, m: np.ndarray, fprs: Sequence[float]) -> np.ndarray:
+    """[auc, advantage, tpr@fpr...] from one sort, as `ccl.metrics` defines each (NaN where undefined)."""
+    n_pos, n_neg = int(m.sum()), int(m.size - m.sum())
+    if n_pos == 0 or n_neg == 0:
+        return np.full(2 + len(fprs), np.nan)
+    fpr, tpr, _ = _roc(s, m)
+    out = [float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2), float(np.max(tpr - fpr))]
+    for f in fprs:
+        out.append(math.nan if n_neg * f < 1 - 1e-9 else float(tpr[fpr <= f + 1e-12].max()))
+    return np.array(out)
+
+
+def pooled_metrics(
+    scores: np.ndarray,
+    masks: np.ndarray,
+    *,
+    records: np.ndarray | None = None,
+    models: np.ndarray | None = None,
+    fprs: Sequence[float] = (1e-3, 1e-2),
+    n_resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """AUC, advantage and TPR at each FPR of the (model, record) pairs of `scores (M, P)` (truth: `masks`),
+    restricted to `records` (indices) and `models` (indices), with intervals from a bootstrap that resamples
+    models and records (with replacement) and takes every pair of the resampled ones. Keys as
+    `ccl.metrics.AttackMetrics.as_dict`, plus the counts of models, records and pairs."""
+    models = np.arange(scores.shape[0]) if models is None else np.asarray(models)
+    records = np.arange(scores.shape[1]) if records is None else np.asarray(records)
+    s, m = scores[np.ix_(models, records)], masks[np.ix_(models, records)]
+    point = _metrics_from_roc(s.ravel(), m.ravel(), fprs)
+    names = ["auc", "advantage", *(tpr_key(f) for f in fprs)]
+    if np.isnan(point[0]):
+        warnings.warn("pooled metrics need both members and non-members.", DegenerateMetricWarning, stacklevel=2)
+    boots = np.full((n_resamples, len(names)), np.nan)
+    if n_resamples and models.size > 1 and records.size > 1:
+        rng = np.random.default_rng(seed)
+        for b in range(n_resamples):
+            mi = rng.integers(0, models.size, models.size)
+            ri = rng.integers(0, records.size, records.size)
+            boots[b] = _metrics_from_roc(s[np.ix_(mi, ri)].ravel(), m[np.ix_(mi, ri)].ravel(), fprs)
+    tail = 50 * (1 - confidence)
+    out: dict = {}
+    for k, name in enumerate(names):
+        out[name] = float(point[k])
+        col = boots[:, k]
+        if np.isnan(point[k]) or np.isnan(col).all():
+            out[name + "_ci"] = [math.nan, math.nan]
+        else:
+            lo, hi = np.nanpercentile(col, [tail, 100 - tail])
+            out[name + "_ci"] = [float(lo), float(hi)]
+    out.update(
+        n_members=int(m.sum()),
+        n_nonmembers=int(m.size - m.sum()),
+        n_models=int(models.size),
+        n_records=int(records.size),
+        n_pairs=int(m.size),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The most vulnerable records
+# ----------------------------------------------------------------------------------------------------------
+def record_leakage(scores: np.ndarray, masks: np.ndarray, *, models: np.ndarray | None = None) -> np.ndarray:
+    """`(P,)` per-record leakage: mean score over the `models` that trained on the record minus the mean over
+    those that did not (NaN where one side is empty)."""
+    models = np.arange(scores.shape[0]) if models is None else np.asarray(models)
+    s, m = scores[models], masks[models]
+    n_in, n_out = m.sum(0), (~m).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(m, s, 0).sum(0) / n_in - np.where(~m, s, 0).sum(0) / n_out
+
+
+def vulnerable_records(
+    scores: np.ndarray,
+    masks: np.ndarray,
+    *,
+    fraction: float,
+    records: np.ndarray | None = None,
+    fprs: Sequence[float] = (1e-3, 1e-2),
+    n_resamples: int = 200,
+    seed: int = 0,
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Chooses the top `fraction` of `records` by `record_leakage` on a random half of the models and returns
+    (the pooled metrics of the other half on them, the chosen record indices, their leakage on the choosing
+    half)."""
+    records = np.arange(scores.shape[1]) if records is None else np.asarray(records)
+    order = np.random.default_rng(seed).permutation(scores.shape[0])
+    choose, measure = np.sort(order[: order.size // 2]), np.sort(order[order.size // 2 :])
+    gap = record_leakage(scores, masks, models=choose)[records]
+    k = max(1, int(round(fraction * records.size)))
+    top = np.argsort(-np.nan_to_num(gap, nan=-np.inf), kind="mergesort")[:k]
+    chosen = records[top]
+    metrics = pooled_metrics(
+        scores, masks, records=chosen, models=measure, fprs=fprs, n_resamples=n_resamples, seed=seed
+    )
+    return metrics, chosen, gap[top]
