@@ -571,7 +571,7 @@ CLI_CASES = [
     cli_case("dataset-unknown", audit("--dataset", "nope"), "Unknown dataset 'nope'"),
     cli_case("model-typo", audit("--model", "mlpp"), "Unknown model 'mlpp'.*Did you mean 'mlp'"),
     cli_case("model-image-on-tabular", audit("--model", "cnn"), "`input_shape`.*'cnn'"),
-    cli_case("defense-unknown", compare("--defenses", "ce", "nope"), "Unknown loss 'nope'"),
+    cli_case("defense-unknown", compare("--defenses", "ce", "nope"), "Unknown defense 'nope'"),
     cli_case("defense-bad-value", compare("--defenses", "ccel:alpha=5"), r"ccel\(alpha=5\).*`alpha`"),
     cli_case("defense-bad-param", compare("--defenses", "ccel:beta2=1"), "'beta2'"),
     cli_case("defense-malformed", compare("--defenses", "ccel:alpha"), "`defense`.*'ccel:alpha'"),

@@ -138,7 +138,7 @@ def test_yaml_config_is_validated_and_flags_override_it(tmp_path, capsys):
     [
         (["compare", "--dataset", "mnist"], "Unknown dataset 'mnist'"),
         (["compare", "--model", "resnet50"], "Unknown model 'resnet50'.*resnet18"),
-        (["compare", "--defenses", "cce"], "Unknown loss 'cce'.*Did you mean"),
+        (["compare", "--defenses", "cce"], "Unknown defense 'cce'.*Did you mean"),
         (["compare", "--defenses", "ccel:alpha=2"], "`alpha`.*2"),
         (["compare", "--attacks", "lira2"], "Unknown attack 'lira2'"),
         (["compare", "--epochs", "0"], "`epochs`"),

@@ -122,3 +122,25 @@ def test_evaluate_collects_everything():
     d = out.as_dict()
     assert d["auc_ci"][0] <= d["auc"] <= d["auc_ci"][1]
     assert "tpr@0.001" in d and "tpr@0.01_ci" in d
+
+
+def test_evaluate_intervals_equal_bootstrap_ci_of_each_metric():
+    """evaluate() draws each resample once for all metrics: its intervals equal the one-metric bootstrap."""
+    rng = np.random.default_rng(3)
+    s, m = rng.normal(size=400), rng.random(400) < 0.5
+    s[m] += 0.5
+    s = np.round(s, 1)  # ties
+    out = metrics.evaluate(s, m, fprs=(0.01, 0.05), n_resamples=50, seed=7)
+    assert tuple(out.auc_ci) == pytest.approx(
+        tuple(metrics.bootstrap_ci(metrics.roc_auc, s, m, n_resamples=50, seed=7))
+    )
+    adv = metrics.bootstrap_ci(metrics.membership_advantage, s, m, n_resamples=50, seed=7)
+    assert tuple(out.advantage_ci) == pytest.approx(tuple(adv))
+    for f in (0.01, 0.05):
+        ref = metrics.bootstrap_ci(lambda a, b, f=f: metrics.tpr_at_fpr(a, b, fpr=f), s, m, n_resamples=50, seed=7)
+        assert tuple(out.tpr_at_fpr_ci[f]) == pytest.approx(tuple(ref))
+    point = metrics.roc_metrics(s, m, (0.01, 0.05))
+    assert point[0] == pytest.approx(metrics.roc_auc(s, m)) and point[1] == pytest.approx(
+        metrics.membership_advantage(s, m)
+    )
+    assert point[3] == pytest.approx(metrics.tpr_at_fpr(s, m, fpr=0.05))

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from . import attacks, data, losses, metrics, models
+from . import attacks, data, defenses, metrics, models
 from ._checks import check_in_range, check_positive_int, expected, unknown_name
 from .errors import CclError, ConfigError
 from .training import Recipe, Runtime
@@ -40,7 +40,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DefenseSpec:
-    """A training loss with its parameters, e.g. `DefenseSpec("ccel", {"alpha": 0.2})`."""
+    """A defense with its parameters, e.g. `DefenseSpec("ccel", {"alpha": 0.2})`, `DefenseSpec("dpsgd",
+    {"epsilon": 8})`: a loss of `ccl.losses` or a procedure of `ccl.defenses` (the field keeps its name, `loss`,
+    for the YAML form `{loss: ..., params: ...}`)."""
 
     loss: str
     params: dict[str, Any] = field(default_factory=dict)
@@ -57,7 +59,12 @@ class DefenseSpec:
         return "".join(c if c.isalnum() or c in "._=-" else "_" for c in self.label.replace("(", "_")).strip("_")
 
     def build(self):
-        return losses.create(self.loss, **self.params)
+        """The training loss."""
+        return defenses.create(self.loss, **self.params).loss
+
+    def procedure(self):
+        """What the defense does to training beyond its loss (`ccl.defenses.Procedure`)."""
+        return defenses.create(self.loss, **self.params).procedure
 
     def to_dict(self) -> dict[str, Any]:
         return {"loss": self.loss, "params": dict(self.params)}
@@ -88,10 +95,10 @@ def parse_defense(spec: str | dict | DefenseSpec) -> DefenseSpec:
         result = DefenseSpec(name.strip(), params)
     else:
         raise ConfigError(expected("defense", "a string like 'ccel:alpha=0.2' or a mapping", spec))
-    if result.loss not in losses.available():
-        raise ConfigError(unknown_name("loss", result.loss, losses.available()))
+    if result.loss not in defenses.available():
+        raise ConfigError(unknown_name("defense", result.loss, defenses.available()))
     try:
-        result.build()  # validates parameter names and values now, not hours into a run
+        defenses.create(result.loss, **result.params)  # validates parameter names and values now, not hours into a run
     except (ValueError, TypeError) as err:
         raise ConfigError(f"Defense {result.label}: {err}") from None
     return result

@@ -29,7 +29,7 @@ from . import signals
 from .attacks import Attack, AttackInputs, LiRA, NotEnoughReferencesError
 from .attacks.lira import _MIN_STD, _log_normal_pdf
 from .attacks.rmia import RMIA, _true_class_prob
-from .metrics import DegenerateMetricWarning, _roc, tpr_key
+from .metrics import DegenerateMetricWarning, _roc_metrics, tpr_key
 
 __all__ = [
     "leave_one_out_scores",
@@ -128,7 +128,11 @@ def _rmia_loo(
         return 0.5 * ((1 + attack.a) * p_out + (1 - attack.a))
 
     p_x = _true_class_prob(logits, labels)  # (M, P)
-    p_z = _true_class_prob(pop_logits, pop_labels)  # (M, Z)
+    with np.errstate(divide="ignore", over="ignore"):  # ratios of near-zero probabilities: inf ranks last
+        return _rmia_search(attack, p_x, _true_class_prob(pop_logits, pop_labels), masks, p_reference, m)
+
+
+def _rmia_search(attack: RMIA, p_x, p_z, masks, p_reference, m: int) -> np.ndarray:
     ratio_x = p_x / np.maximum(p_reference(p_x, ~masks), 1e-300)
     ratio_z = np.sort(p_z / np.maximum(p_reference(p_z, np.ones(p_z.shape, bool)), 1e-300), axis=1)
     return np.stack(
@@ -169,18 +173,6 @@ def leave_one_out_scores(
 # ----------------------------------------------------------------------------------------------------------
 # Pooled metrics with a two-way bootstrap
 # ----------------------------------------------------------------------------------------------------------
-def _metrics_from_roc(s: np.ndarray, m: np.ndarray, fprs: Sequence[float]) -> np.ndarray:
-    """[auc, advantage, tpr@fpr...] from one sort, as `ccl.metrics` defines each (NaN where undefined)."""
-    n_pos, n_neg = int(m.sum()), int(m.size - m.sum())
-    if n_pos == 0 or n_neg == 0:
-        return np.full(2 + len(fprs), np.nan)
-    fpr, tpr, _ = _roc(s, m)
-    out = [float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2), float(np.max(tpr - fpr))]
-    for f in fprs:
-        out.append(math.nan if n_neg * f < 1 - 1e-9 else float(tpr[fpr <= f + 1e-12].max()))
-    return np.array(out)
-
-
 def pooled_metrics(
     scores: np.ndarray,
     masks: np.ndarray,
@@ -199,7 +191,7 @@ def pooled_metrics(
     models = np.arange(scores.shape[0]) if models is None else np.asarray(models)
     records = np.arange(scores.shape[1]) if records is None else np.asarray(records)
     s, m = scores[np.ix_(models, records)], masks[np.ix_(models, records)]
-    point = _metrics_from_roc(s.ravel(), m.ravel(), fprs)
+    point = _roc_metrics(s.ravel(), m.ravel(), fprs)
     names = ["auc", "advantage", *(tpr_key(f) for f in fprs)]
     if np.isnan(point[0]):
         warnings.warn("pooled metrics need both members and non-members.", DegenerateMetricWarning, stacklevel=2)
@@ -209,7 +201,7 @@ def pooled_metrics(
         for b in range(n_resamples):
             mi = rng.integers(0, models.size, models.size)
             ri = rng.integers(0, records.size, records.size)
-            boots[b] = _metrics_from_roc(s[np.ix_(mi, ri)].ravel(), m[np.ix_(mi, ri)].ravel(), fprs)
+            boots[b] = _roc_metrics(s[np.ix_(mi, ri)].ravel(), m[np.ix_(mi, ri)].ravel(), fprs)
     tail = 50 * (1 - confidence)
     out: dict = {}
     for k, name in enumerate(names):

@@ -203,6 +203,68 @@ def plot_loss_variance(agg: Aggregate, results: list[DefenseResult], colors: dic
     return fig
 
 
+def plot_evaluations(run_dir: Path, agg: Aggregate, results: list[DefenseResult], evaluation_attack: dict):
+    """Per defense (first seed): the pooled leave-one-out ROC of its strongest attack on random records, on
+    canaries and on the most vulnerable records (measured on the models that did not choose them)."""
+    plt = _plt()
+    first = {}
+    for r in sorted(results, key=lambda r: r.seed, reverse=True):
+        first[r.defense] = r
+    chosen = [first[row.defense] for row in agg.rows if row.defense in first and first[row.defense].evaluations]
+    if not chosen:
+        return None
+    cols = min(3, len(chosen))
+    rows = math.ceil(len(chosen) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.6 * rows), squeeze=False)
+    lowest = 1.0
+    for ax, r in zip(axes.flat, chosen, strict=False):
+        s = _scores(run_dir, r)
+        attack = evaluation_attack[r.defense]
+        if f"loo_{attack}" not in s:
+            ax.axis("off")
+            continue
+        scores, masks = s[f"loo_{attack}"], s["masks"]
+        canary = s.get("is_canary", np.zeros(masks.shape[1], bool))
+        groups = {"random records": (np.nonzero(~canary)[0], np.arange(masks.shape[0]))}
+        if canary.any():
+            groups["canaries"] = (np.nonzero(canary)[0], np.arange(masks.shape[0]))
+        if "vulnerable_records" in s:
+            groups["most vulnerable 5%"] = (s["vulnerable_records"], s["vulnerable_models"])
+        for (label, (recs, mods)), color in zip(groups.items(), ("#1f77b4", "#d62728", "#9467bd"), strict=False):
+            sc, mm = scores[np.ix_(mods, recs)].ravel(), masks[np.ix_(mods, recs)].ravel()
+            if mm.all() or not mm.any():
+                continue
+            curve = roc_curve(sc, mm)
+            keep = curve.fpr > 0
+            n_neg = int((~mm).sum())
+            lowest = min(lowest, 1 / n_neg)
+            ax.plot(
+                curve.fpr[keep],
+                np.maximum(curve.tpr[keep], 1e-4),
+                drawstyle="steps-post",
+                color=color,
+                label=f"{label} ({n_neg} non-member pairs)",
+            )
+        ax.plot([1e-4, 1], [1e-4, 1], color="grey", ls=":", lw=0.8)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            title=f"{r.defense}: {attack} (seed {r.seed})",
+            xlabel="false-positive rate",
+            ylabel="true-positive rate",
+            ylim=(1e-3, 1.05),
+        )
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in axes.flat:
+        if ax.has_data():
+            ax.set_xlim(lowest, 1)
+    for ax in list(axes.flat)[len(chosen) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
 def _fit_mean(results: list[DefenseResult], defense: str, scale: str, key: str) -> float:
     vals = [r.gaussian_fits.get(scale, {}).get(key) for r in results if r.defense == defense]
     vals = [v for v in vals if v is not None and not math.isnan(v)]
@@ -312,6 +374,112 @@ def _headline_html(h: Headline) -> str:
     )
 
 
+EVALUATIONS = {
+    "target": "single target, random records",
+    "pooled": "leave-one-out, random records",
+    "canaries": "leave-one-out, canaries",
+    "vulnerable_5pct": "most vulnerable 5%",
+}  # (the most vulnerable 1% is in metrics.json: a handful of records per seed)
+
+
+def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[DefenseResult]) -> str:
+    present = [e for e in EVALUATIONS if e == "target" or any(e in r.evaluations for r in agg.rows)]
+    if present == ["target"]:
+        return (
+            "<p>Only the single-target evaluation ran (the leave-one-out evaluation needs at least 4 reference "
+            "models).</p>"
+        )
+    fprs = agg.fprs
+    # per evaluation, the FPRs some defense resolves (an all-n/a column says nothing)
+    shown = {
+        e: [
+            f
+            for f in fprs
+            if any(not math.isnan(r.metric(evaluation_attack[r.defense], tpr_key(f), e)[0]) for r in agg.rows)
+        ]
+        for e in present
+    }
+    has_eps = {
+        e: any(not math.isnan(r.metric(evaluation_attack[r.defense], "epsilon_lb", e)[0]) for r in agg.rows)
+        for e in present
+    }
+    dp = any("dp_epsilon" in r.values for r in agg.rows)
+    head = ("<th rowspan=2>ε spent (DP-SGD)</th>" if dp else "") + "".join(
+        f"<th colspan={1 + len(shown[e]) + has_eps[e]}>{html.escape(EVALUATIONS[e])}</th>" for e in present
+    )
+    sub = "".join(
+        "<th>AUC</th>"
+        + "".join(f"<th>TPR@{100 * f:g}%</th>" for f in shown[e])
+        + ("<th>ε lower bound</th>" if has_eps[e] else "")
+        for e in present
+    )
+    rows = []
+    for r in agg.rows:
+        attack = evaluation_attack[r.defense]
+        cells = [html.escape(r.defense), html.escape(attack)]
+        if dp:
+            cells.append(f"{r.values['dp_epsilon']:.2f}" if "dp_epsilon" in r.values else "")
+        for e in present:
+            cells.append(_fmt(*r.metric(attack, "auc", e)[:2]))
+            cells += [_fmt(*r.metric(attack, tpr_key(f), e)[:2], pct=True) for f in shown[e]]
+            eps = r.metric(attack, "epsilon_lb", e)[0]
+            if has_eps[e]:
+                cells.append("" if math.isnan(eps) else f"{eps:.2f}")
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    one_run = [
+        (r.defense, a, m["one_run_epsilon_lb"])
+        for r in results
+        if r.seed == min(x.seed for x in results)
+        for a, m in r.evaluations.get("canaries", {}).items()
+        if m.get("one_run_epsilon_lb") is not None and a == evaluation_attack.get(r.defense)
+    ]
+    one_run_html = (
+        "<p>One-run audit on the target's canaries (Steinke, Nasr and Jagielski, NeurIPS 2023; pure DP; the "
+        "attacker guesses IN for the top tenth and OUT for the bottom tenth of the canaries by score; first seed): "
+        + ", ".join(f"{html.escape(d)} ({html.escape(a)}) ε ≥ {e:.2f}" for d, a, e in one_run)
+        + ".</p>"
+        if one_run
+        else ""
+    )
+    pairs = next((r.evaluations["pooled"][a] for r in results for a in r.evaluations.get("pooled", {})), None)
+    pairs_text = (
+        f" Per seed, the pooled evaluation has {pairs['n_pairs']:,} (model, record) pairs from {pairs['n_models']} "
+        f"models, {pairs['n_nonmembers']:,} of them non-members."
+        if pairs
+        else ""
+    )
+    vulnerable = []
+    order = {row.defense: i for i, row in enumerate(agg.rows)}
+    for r in sorted(results, key=lambda r: (r.seed, order.get(r.defense, 0))):
+        if r.vulnerable_records and r.seed == min(x.seed for x in results):
+            top = ", ".join(
+                f"#{v['record']} (label {v['label']}, {v['leakage']:.2f})" for v in r.vulnerable_records[:8]
+            )
+            vulnerable.append(f"<tr><td>{html.escape(r.defense)}</td><td style='text-align:left'>{top}</td></tr>")
+    vulnerable_html = (
+        "<p>The most vulnerable records (first seed): dataset index, label and leakage (mean leave-one-out score "
+        "of the models that trained on the record minus that of the models that did not), chosen on half of the "
+        "models; their metrics above are measured on the other half.</p><table><tr><th>defense</th>"
+        "<th>records, most vulnerable first</th></tr>" + "".join(vulnerable) + "</table>"
+        if vulnerable
+        else ""
+    )
+    return (
+        "<p>Random records understate what a defense must protect (Aerni, Zhang and Tramèr, CCS 2024). Each "
+        "model in turn is the target and the others are its references; pooling the (model, record) pairs "
+        "resolves low FPRs. Canaries are records planted in half the models' training sets. Intervals: "
+        f"bootstrap over models and records.{pairs_text} Each row uses the defense's strongest attack. The ε lower "
+        "bound: no (ε, 1e-5)-DP training algorithm with a smaller ε lets an attack do as well as this one's best "
+        "threshold (95% confidence; threshold chosen on one half of the pairs, Clopper-Pearson bounds on the "
+        "other; the pairs are treated as independent trials, an approximation for the pairs of one model).</p>"
+        f"<div class=wide><table><tr><th rowspan=2>defense</th><th rowspan=2>attack</th>{head}</tr><tr>{sub}</tr>"
+        + "".join(rows)
+        + "</table></div>"
+        + one_run_html
+        + vulnerable_html
+    )
+
+
 def _gaussian_table(agg: Aggregate, results: list[DefenseResult]) -> str:
     rows = []
     for r in agg.rows:
@@ -353,7 +521,14 @@ def _gaussian_table(agg: Aggregate, results: list[DefenseResult]) -> str:
 
 
 def _html(
-    run_dir: Path, agg: Aggregate, results: list[DefenseResult], images, config: dict, run_info: dict, head: Headline
+    run_dir: Path,
+    evaluation_attack: dict,
+    agg: Aggregate,
+    results: list[DefenseResult],
+    images,
+    config: dict,
+    run_info: dict,
+    head: Headline,
 ) -> str:
     attacks = agg.attacks
     seeds = sorted({r.seed for r in results})
@@ -410,15 +585,18 @@ def _html(
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>ccl report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1300px;color:#222}}table{{border-collapse:collapse;
-font-size:13px;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}
+font-size:13px;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}}
 td:first-child{{text-align:left}}img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;font-size:12px;
 overflow:auto}}.v-yes{{background:#fde0c5;font-weight:bold}}.notes{{background:#fff4d6;padding:0.5em 1em;
-border-left:4px solid #e0a800}}.cap{{color:#555;font-size:13px;max-width:900px}}</style></head><body>
+border-left:4px solid #e0a800}}.cap{{color:#555;font-size:13px;max-width:900px}}.wide{{overflow-x:auto}}
+</style></head><body>
 <h1>Privacy-utility report</h1>
 <p>{protocol}</p>
 {notes_html}
 <h2>Headline</h2>
 {_headline_html(head)}
+<h2>Worst-case evaluation</h2>
+{_evaluations_html(agg, evaluation_attack, results)}
 <h2>Table ({spread})</h2>
 <table><tr><th rowspan=2>defense</th><th rowspan=2>test acc %</th><th rowspan=2>train acc %</th>{th}</tr>
 <tr>{sub}</tr>{"".join(body)}</table>
@@ -456,6 +634,7 @@ def render_report(run_dir: str | os.PathLike) -> Path:
         agg = aggregate(results, fprs=results[0].fprs)
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     head = headline(run_dir, agg, results)
+    evaluation_attack = {r.defense: strongest_attack(agg, r.defense, head.evaluation) for r in agg.rows}
     colors = _colors(agg)
     seeds = sorted({r.seed for r in results})
     one = len(seeds) == 1
@@ -473,6 +652,13 @@ def render_report(run_dir: str | os.PathLike) -> Path:
             "Up and to the left is better. Each defense is placed by its strongest attack. "
             + ("One seed: horizontal bars are 95% bootstrap intervals." if one else "Bars: std over seeds."),
             plot_privacy_utility(agg, colors, head.frontier, head.fpr, head.evaluation),
+        ),
+        (
+            "evaluations",
+            "Random records, canaries and the most vulnerable records",
+            "Pooled leave-one-out ROC of each defense's strongest attack (first seed). The most vulnerable records "
+            "are measured on the models that did not choose them.",
+            plot_evaluations(run_dir, agg, results, evaluation_attack),
         ),
         (
             "loss_histograms",
@@ -493,6 +679,7 @@ def render_report(run_dir: str | os.PathLike) -> Path:
             plot_gaussian_model(agg, results),
         ),
     ]
-    images = [(n, t, c, _save(fig, run_dir / "plots" / f"{n}.png")) for n, t, c, fig in figures]
-    write_text(run_dir / "report.html", _html(run_dir, agg, results, images, config, run_info, head))
+    images = [(n, t, c, _save(fig, run_dir / "plots" / f"{n}.png")) for n, t, c, fig in figures if fig is not None]
+    page = _html(run_dir, evaluation_attack, agg, results, images, config, run_info, head)
+    write_text(run_dir / "report.html", page)
     return run_dir / "report.html"

@@ -81,6 +81,7 @@ class DefenseResult:
     evaluations: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # "pooled", "canaries", ...
     vulnerable_records: list[dict[str, Any]] = field(default_factory=list)  # the most vulnerable, by leakage
     num_canaries: int = 0
+    dp_epsilon: float | None = None  # DP-SGD: the epsilon the target spent (the guarantee, at the defense's delta)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,7 +89,15 @@ class DefenseResult:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DefenseResult:
         names = {f.name for f in dataclasses.fields(cls)}
-        optional = {"target_history", "notes", "gaussian_fits", "evaluations", "vulnerable_records", "num_canaries"}
+        optional = {
+            "target_history",
+            "notes",
+            "gaussian_fits",
+            "evaluations",
+            "vulnerable_records",
+            "num_canaries",
+            "dp_epsilon",
+        }
         missing = names - set(raw) - optional
         if missing:
             raise ValueError(f"missing keys {sorted(missing)}")
@@ -230,7 +239,7 @@ def _aggregate_metrics(per_seed: list[dict[str, dict[str, Any]]], names: tuple[s
     return out
 
 
-_VALUES = ("test_acc", "train_acc", "member_loss_std", "gaussian_predicted_advantage")
+_VALUES = ("test_acc", "train_acc", "member_loss_std", "gaussian_predicted_advantage", "dp_epsilon")
 
 
 def aggregate(results: list[DefenseResult], *, order: list[str] | None = None, fprs=DEFAULT_FPRS) -> Aggregate:
@@ -247,6 +256,8 @@ def aggregate(results: list[DefenseResult], *, order: list[str] | None = None, f
         values: dict[str, float] = {}
         for key in _VALUES:
             values[key], values[key + "_std"] = _mean_std([getattr(r, key) for r in runs])
+        if all(r.dp_epsilon is None for r in runs):
+            del values["dp_epsilon"], values["dp_epsilon_std"]
         attacks = _aggregate_metrics([r.attacks for r in runs], names)
         evaluations = {
             ev: _aggregate_metrics([r.evaluations.get(ev, {}) for r in runs], names) for ev in runs[0].evaluations

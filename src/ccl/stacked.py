@@ -80,6 +80,7 @@ def fit_stacked(
     seeds: list[int],
     runtime: Runtime | None = None,
     checkpoint: str | os.PathLike | None = None,
+    stop_after: int | None = None,
 ) -> StackedModels:
     """Trains `modules[k]` on `(x[members[k]], y[members[k]])` with `recipe` and batch seed `seeds[k]`, all
     together. Equal member counts are required (the membership splits guarantee them). With `checkpoint`, the
@@ -143,6 +144,7 @@ def fit_stacked(
             on_epoch_end=on_epoch_end,
             names=[f"stacked model {k}" for k in range(stack.k)],
             checkpoint=checkpoint,
+            stop_after=stop_after,
         )
     stack.train(False)
     return stack

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,7 @@ class FitResult:
     model: nn.Module
     history: list[dict[str, float]]
     resumed_from_epoch: int  # 0 when training started from scratch
+    epsilon: float | None = None  # DP-SGD: the epsilon spent (at the defense's delta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -413,28 +415,41 @@ def _train_epoch(
     recipe: Recipe,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    sampler: Callable[[torch.Generator, torch.device], list[Tensor]] | None = None,
 ) -> _EpochOutcome:
-    """One pass of every model over its members `member_idx (K, m)`, each in its own seeded order. Sums stay on
-    the device, so a GPU syncs once per epoch, not per batch; on a CPU a bad loss stops before its step."""
+    """One pass of every model over its members `member_idx (K, m)`, each in its own seeded order (or the
+    batches `sampler` draws from the epoch's generator: DP-SGD's Poisson sampling, K = 1). Sums stay on the
+    device, so a GPU syncs once per epoch, not per batch; on a CPU a bad loss stops before its step."""
     k, m = member_idx.shape
     gens = [epoch_generator(s, epoch, device) for s in seeds]
     torch.manual_seed(int(np.random.SeedSequence([seeds[0], epoch, 1]).generate_state(1)[0]))  # dropout etc.
-    orders = torch.stack([torch.randperm(m, generator=g, device=device) for g in gens])  # (K, m)
-    if m % recipe.batch_size == 1 and m > 1:
-        orders = orders[:, :-1]  # a batch of one record breaks BatchNorm; it is skipped this epoch (a random one)
+    if sampler is not None:
+        batches = sampler(gens[0], device)
+    else:
+        orders = torch.stack([torch.randperm(m, generator=g, device=device) for g in gens])  # (K, m)
+        if m % recipe.batch_size == 1 and m > 1:
+            orders = orders[:, :-1]  # a batch of one record breaks BatchNorm; skipped this epoch (a random one)
+        batches = [orders[:, i : i + recipe.batch_size] for i in range(0, orders.shape[1], recipe.batch_size)]
     models.train(True)
+    per_sample = getattr(loss_fn, "per_sample", None) if k > 1 and getattr(loss_fn, "reduction", "") == "mean" else None
     total_loss = torch.zeros(k, device=device)
     correct = torch.zeros(k, dtype=torch.long, device=device)
     bad = torch.full((2,), -1, dtype=torch.long, device=device)  # (model, batch) of the first non-finite loss
-    for batch, i in enumerate(range(0, orders.shape[1], recipe.batch_size)):
-        idx = member_idx.gather(1, orders[:, i : i + recipe.batch_size])  # (K, b) dataset indices
+    seen = 0
+    for batch, positions in enumerate(batches):
+        if positions.shape[1] == 0:  # an empty Poisson batch (probability (1 - q)^m): no step
+            continue
+        idx = member_idx.gather(1, positions)  # (K, b) dataset indices
         xb, yb = x[idx], y[idx]  # (K, b, ...), (K, b)
         if recipe.augment:
             xb = torch.stack([augment_batch(xb[j], gens[j]) for j in range(k)])
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = models.forward(xb)  # (K, b, C)
             try:
-                losses = torch.stack([loss_fn(out[j], yb[j]) for j in range(k)])  # (K,)
+                if per_sample is not None:  # one call for the K batches: each model's loss is its batch's mean
+                    losses = per_sample(out.reshape(-1, out.shape[-1]), yb.reshape(-1)).reshape(k, -1).mean(1)
+                else:
+                    losses = torch.stack([loss_fn(out[j], yb[j]) for j in range(k)])  # (K,)
             except ValueError:  # ccl's losses refuse non-finite logits: a model has diverged
                 if bool(torch.isfinite(out).all()):
                     raise
@@ -450,7 +465,8 @@ def _train_epoch(
         scaler.update()
         total_loss += losses.detach().float() * idx.shape[1]
         correct += (out.argmax(-1) == yb).sum(1)
-    seen = orders.shape[1]
+        seen += idx.shape[1]
+    seen = max(seen, 1)
     bad_model, bad_batch = bad.tolist()
     return _EpochOutcome(total_loss / seen, correct.float() / seen, bad_model, bad_batch)
 
@@ -472,6 +488,8 @@ def train_models(
     progress: bool = False,
     description: str = "train",
     checkpoint: str | os.PathLike | None = None,
+    stop_after: int | None = None,
+    dp=None,
 ) -> None:
     """Trains `models` (K of one recipe, on `device`) on the records `member_idx (K, m)` of `(x, y)` from
     `start_epoch` to `recipe.epochs`, model j with `seeds[j]`. After each epoch `on_epoch_end(epoch, optimizer,
@@ -490,18 +508,26 @@ def train_models(
     optimizer = make_optimizer(models.parameters(), recipe)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    if dp is not None:  # a ccl.dp.DPTrainer: clipping and noise in the step, Poisson batches
+        if models.k != 1:
+            raise InvalidArgumentError(expected("models", "one model with DP-SGD (per-sample clipping)", models.k))
+        optimizer = dp.optimizer(optimizer)
+        amp_dtype = None
+    last = recipe.epochs if stop_after is None else min(recipe.epochs, stop_after)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=recipe.epochs, initial=start_epoch, desc=description, unit="epoch", leave=False)
+        bar = tqdm(total=last, initial=start_epoch, desc=description, unit="epoch", leave=False)
     try:
-        for epoch in range(start_epoch, recipe.epochs):
+        for epoch in range(start_epoch, last):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch, recipe)
             if hasattr(loss_fn, "set_epoch"):
                 loss_fn.set_epoch(epoch)
+            if dp is not None:
+                dp.start_epoch(optimizer, seeds[0], epoch, device)
             outcome = _train_epoch(
                 models,
                 loss_fn,
@@ -515,6 +541,7 @@ def train_models(
                 recipe=recipe,
                 device=device,
                 amp_dtype=amp_dtype,
+                sampler=None if dp is None else dp.batches,
             )
             if outcome.bad_model >= 0:
                 raise TrainingError(
@@ -566,6 +593,7 @@ def fit(
     log_path: str | os.PathLike | None = None,
     resume: bool = True,
     description: str = "train",
+    procedure=None,
 ) -> FitResult:
     """Trains `model` in place with `loss_fn` on `train = (x, y)`.
 
@@ -580,6 +608,9 @@ def fit(
         checkpoint_dir: where `checkpoint.pt` is written after every epoch; with `resume=True` an existing one
             is continued from (it must have been written with the same recipe; the runtime may differ).
         log_path: the JSONL log (default: `checkpoint_dir/log.jsonl` when `checkpoint_dir` is given).
+        procedure: what a defense does to training beyond its loss (`ccl.defenses.Procedure`): DP-SGD (the
+            returned model is the one trained, BatchNorm replaced by GroupNorm where Opacus needs it; the log
+            records the epsilon spent), early stopping.
 
     Raises:
         InvalidArgumentError / InvalidArgumentTypeError: bad data (empty split, labels outside [0, C), shapes
@@ -613,7 +644,19 @@ def fit(
     x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
     if heldout is not None:
         hx, hy = hx.to(device).contiguous(memory_format=memory_format), hy.to(device)
-    forward = torch.compile(model) if runtime.compile else model
+    dp = None
+    if procedure is not None and procedure.dp is not None:
+        from .dp import DPTrainer
+
+        dp = DPTrainer(model, procedure.dp, num_records=x.shape[0], batch_size=recipe.batch_size, epochs=recipe.epochs)
+        model = dp.model.to(device)
+        forward = dp.module
+    else:
+        forward = torch.compile(model) if runtime.compile else model
+    last = (
+        recipe.epochs if procedure is None or procedure.stop_after is None else min(recipe.epochs, procedure.stop_after)
+    )
+    identity = recipe.to_dict() | {"procedure": repr(procedure)} if procedure is not None else recipe.to_dict()
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if log_path is None and checkpoint_dir is not None:
@@ -624,7 +667,7 @@ def fit(
         remove_stale_temporaries(checkpoint_dir)
     if ckpt_path is not None and resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
-        if state["recipe"] != recipe.to_dict():
+        if state["recipe"] != json.loads(json.dumps(identity)):
             raise RunDirectoryError(
                 f"The checkpoint {ckpt_path} was written with another recipe; use another directory or resume=False."
             )
@@ -639,7 +682,9 @@ def fit(
             "train_acc": float(stats["acc"][0]),
             "seconds": time.perf_counter() - clock[0],
         }
-        if (epoch + 1) % runtime.eval_every == 0 or epoch + 1 == recipe.epochs:
+        if dp is not None:
+            record["epsilon"] = dp.epsilon(epoch + 1)
+        if (epoch + 1) % runtime.eval_every == 0 or epoch + 1 == last:
             record.update(_member_stats(model, (x, y), None if heldout is None else (hx, hy), recipe.batch_size))
         history.append(record)
         if ckpt_path is not None:
@@ -648,7 +693,7 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch + 1,
                 "history": json.dumps(history),
-                "recipe": json.dumps(recipe.to_dict()),
+                "recipe": json.dumps(identity),
             }
             with atomic_path(ckpt_path) as tmp:
                 torch.save(state, tmp)
@@ -657,7 +702,9 @@ def fit(
         clock[0] = time.perf_counter()
 
     clock = [time.perf_counter()]
-    with torch_threads(runtime.threads):
+    with torch_threads(runtime.threads), warnings.catch_warnings():
+        if dp is not None:  # Opacus' hooks on the first layer, whose input needs no gradient: expected
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
         train_models(
             OneModel(model, forward),
             loss_fn,
@@ -674,6 +721,8 @@ def fit(
             progress=runtime.progress,
             description=description,
             checkpoint=ckpt_path,
+            stop_after=last,
+            dp=dp,
         )
     model.eval()
-    return FitResult(model, history, start)
+    return FitResult(model, history, start, epsilon=dp.epsilon(last) if dp is not None else None)

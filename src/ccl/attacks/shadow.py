@@ -60,20 +60,20 @@ class ShadowClassifierAttack(Attack):
             )
         gen = torch.Generator().manual_seed(self.seed)
         d = x.shape[1]
-        w1 = torch.randn(d, self.hidden, generator=gen, dtype=torch.float64) / d**0.5
-        w2 = torch.randn(self.hidden, 1, generator=gen, dtype=torch.float64) / self.hidden**0.5
+        w1 = torch.randn(d, self.hidden, generator=gen, dtype=torch.float32) / d**0.5
+        w2 = torch.randn(self.hidden, 1, generator=gen, dtype=torch.float32) / self.hidden**0.5
         params = [
             w1.requires_grad_(),
-            torch.zeros(self.hidden, dtype=torch.float64, requires_grad=True),
+            torch.zeros(self.hidden, dtype=torch.float32, requires_grad=True),
             w2.requires_grad_(),
-            torch.zeros(1, dtype=torch.float64, requires_grad=True),
+            torch.zeros(1, dtype=torch.float32, requires_grad=True),
         ]
 
         def forward(feats: torch.Tensor) -> torch.Tensor:
             return (torch.relu(feats @ params[0] + params[1]) @ params[2] + params[3]).squeeze(-1)
 
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float64))
-        pos_weight = torch.tensor((1 - y.mean()) / y.mean())  # balance members and non-members
+        xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
+        pos_weight = torch.tensor((1 - y.mean()) / y.mean(), dtype=torch.float32)  # balance members and non-members
         opt = torch.optim.Adam(params, lr=self.lr)
         for _ in range(self.steps):
             opt.zero_grad()
@@ -81,4 +81,5 @@ class ShadowClassifierAttack(Attack):
             loss.backward()
             opt.step()
         with torch.no_grad():
-            return forward(torch.from_numpy(shadow_features(inputs.target_logits, inputs.labels))).numpy()
+            feats = shadow_features(inputs.target_logits, inputs.labels).astype(np.float32)
+            return forward(torch.from_numpy(feats)).double().numpy()

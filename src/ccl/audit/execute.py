@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,7 @@ class ModelCache:
             ) from None
         return None
 
-    def save(self, job: ModelJob, logits: np.ndarray, query_index: np.ndarray) -> None:
+    def save(self, job: ModelJob, logits: np.ndarray, query_index: np.ndarray, *, epsilon: float | None = None) -> None:
         folder = self.folder(job)
         folder.mkdir(parents=True, exist_ok=True)
         write_json(
@@ -77,10 +78,19 @@ class ModelCache:
                 "seed": job.seed,
                 "trainer": job.trainer,
                 "num_members": int(job.members.size),
+                "epsilon": epsilon,  # DP-SGD: the epsilon this model spent; None otherwise
             },
         )
         with atomic_path(folder / "outputs.npz") as tmp, open(tmp, "wb") as fh:  # written last: marks completion
             np.savez(fh, logits=logits, query_index=query_index)
+
+    def info(self, job: ModelJob) -> dict:
+        """What job.json records of a trained model (epsilon spent, trainer, ...)."""
+        path = self.folder(job) / "job.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
 
     @contextlib.contextmanager
     def locked(self, jobs: list[ModelJob]) -> Iterator[None]:
@@ -126,8 +136,10 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
                 runtime=runtime,
                 checkpoint_dir=ctx.cache.folder(job),
                 description=f"{job.defense.label} {job.role}",
+                procedure=job.defense.procedure(),
             )
             logits = [predict_logits(result.model, data.x[query], device=runtime.device, flip_queries=ctx.flip_queries)]
+            epsilons = [result.epsilon]
         else:
             name = hashlib.sha256("-".join(j.key for j in jobs).encode()).hexdigest()[:20]
             stack = fit_stacked(
@@ -140,11 +152,13 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
                 seeds=[j.seed for j in jobs],
                 runtime=runtime,
                 checkpoint=ctx.cache.root / "stacked" / f"{name}.pt",
+                stop_after=jobs[0].defense.procedure().stop_after,
             )
             device = resolve_device(runtime.device)
             logits = list(predict_stacked(stack, data.x[query], flip_queries=ctx.flip_queries, device=device))
-        for job, lg in zip(jobs, logits, strict=True):
-            ctx.cache.save(job, lg, ctx.query_index)
+            epsilons = [None] * len(jobs)
+        for job, lg, eps in zip(jobs, logits, epsilons, strict=True):
+            ctx.cache.save(job, lg, ctx.query_index, epsilon=eps)
         if not ctx.keep_checkpoints:  # outputs are stored: a reference model's weights are not needed again
             if len(jobs) > 1 or jobs[0].trainer == "stacked":
                 (ctx.cache.root / "stacked" / f"{name}.pt").unlink(missing_ok=True)

@@ -127,6 +127,7 @@ def run_audit(
                         result_key=key,
                         target_log=cache.folder(jobs[0]) / "log.jsonl",
                         is_canary=is_canary,
+                        dp_epsilon=cache.info(jobs[0]).get("epsilon"),
                     )
                     save_scores(out_dir, arrays)
                     result.save(out_dir)  # written last: its presence marks the result complete
@@ -177,6 +178,7 @@ def run_train(
             runtime=runtime,
             checkpoint_dir=rd.path / "model",
             resume=True,
+            procedure=config.defenses[0].procedure(),
         )
         last = {k: v for k, v in result.history[-1].items() if k != "seconds"}
         write_json(rd.path / "metrics.json", {"defense": config.defenses[0].label, "seed": seed, **last})

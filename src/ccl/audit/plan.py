@@ -104,7 +104,7 @@ def plan_jobs(config: ExperimentConfig, defense: DefenseSpec, seed: int, split: 
     """The target (trained alone: its per-epoch log feeds the report) and the reference models of one
     (defense, seed)."""
     data_id = dataset_identity(config)
-    stacked = stacking(config) and split.num_references > 1
+    stacked = stacking(config) and split.num_references > 1 and defense.procedure().stackable
     group = digest({"defense": defense.to_dict(), "seed": seed, "recipe": config.train.to_dict()})[:12]
     jobs = []
     for index in range(1 + split.num_references):

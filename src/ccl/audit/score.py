@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import attacks, evaluation, metrics, signals
+from .. import attacks, bounds, evaluation, metrics, signals
 from ..config import DefenseSpec, ExperimentConfig
 from ..data import MembershipSplit
 from ..errors import ConfigError
@@ -114,6 +114,22 @@ def _notes(
 #: Attacks left out of the leave-one-out evaluation: the shadow classifier trains one attack model per target,
 #: M times the cost of its single-target score.
 NOT_POOLED = ("shadow_classifier",)
+#: The delta of the (epsilon, delta) lower bounds reported next to each attack.
+EPSILON_DELTA = 1e-5
+#: The one-run audit (Steinke et al.) runs on the canaries when there are at least this many.
+ONE_RUN_MIN_CANARIES = 50
+
+
+def _epsilon(scores: np.ndarray, truth: np.ndarray, seed: int) -> float:
+    """The (epsilon, EPSILON_DELTA) lower bound that the attack's best threshold rules out at 95% confidence."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", metrics.DegenerateMetricWarning)
+        return float(bounds.epsilon_lower_bound(scores, truth, delta=EPSILON_DELTA, seed=seed).epsilon)
+
+
+#: Attacks whose pooled metrics get bootstrap intervals (each interval is `bootstrap` ROC computations per
+#: evaluation); the others get point estimates, their spread over seeds still in the aggregate.
+BOOTSTRAPPED = ("loss", "lira", "rmia")
 #: Fractions of the most vulnerable records measured separately.
 VULNERABLE_FRACTIONS = (0.01, 0.05)
 
@@ -128,10 +144,11 @@ def _pooled_evaluations(
     is_canary: np.ndarray,
     seed: int,
     pool: np.ndarray,
-) -> tuple[dict[str, dict[str, dict]], dict[str, np.ndarray], list[dict]]:
+) -> tuple[dict[str, dict[str, dict]], dict[str, np.ndarray], list[dict], dict[str, np.ndarray]]:
     """Leave-one-out scores of every pooled attack, and the pooled metrics on random records, canaries and the
     most vulnerable records. Returns (evaluation -> attack -> metrics, attack -> (M, P) scores, the table of the
-    most vulnerable records)."""
+    most vulnerable records, {"vulnerable_records": their pool indices, "vulnerable_models": the models that
+    measure them})."""
     p = masks.shape[1]
     has_pop = logits.shape[1] > p
     loo: dict[str, np.ndarray] = {}
@@ -151,13 +168,25 @@ def _pooled_evaluations(
             continue
     random_records, canaries = np.nonzero(~is_canary)[0], np.nonzero(is_canary)[0]
     opts = {"fprs": config.fprs, "n_resamples": config.bootstrap, "seed": seed}
+    quick = {**opts, "n_resamples": 0}  # point estimates only: intervals for the headline attacks (cost)
     evals: dict[str, dict[str, dict]] = {"pooled": {}}
+    chosen_arrays: dict[str, np.ndarray] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.DegenerateMetricWarning)
         for name, sc in loo.items():
-            evals["pooled"][name] = evaluation.pooled_metrics(sc, masks, records=random_records, **opts)
+            o = opts if name in BOOTSTRAPPED else quick
+            pooled = evaluation.pooled_metrics(sc, masks, records=random_records, **o)
+            pooled["epsilon_lb"] = _epsilon(sc[:, random_records].ravel(), masks[:, random_records].ravel(), seed)
+            evals["pooled"][name] = pooled
             if canaries.size:
-                evals.setdefault("canaries", {})[name] = evaluation.pooled_metrics(sc, masks, records=canaries, **opts)
+                canary = evaluation.pooled_metrics(sc, masks, records=canaries, **o)
+                canary["epsilon_lb"] = _epsilon(sc[:, canaries].ravel(), masks[:, canaries].ravel(), seed)
+                if canaries.size >= ONE_RUN_MIN_CANARIES:  # the target's canaries: one training run
+                    k = max(1, canaries.size // 10)
+                    canary["one_run_epsilon_lb"] = float(
+                        bounds.one_run_audit_from_scores(sc[0, canaries], masks[0, canaries], k_pos=k, k_neg=k)
+                    )
+                evals.setdefault("canaries", {})[name] = canary
         table: list[dict] = []
         chooser = next((a for a in ("lira", "rmia", "loss") if a in loo), next(iter(loo), None))
         if chooser is not None:
@@ -168,15 +197,24 @@ def _pooled_evaluations(
             for fraction in VULNERABLE_FRACTIONS:
                 top = ranked[: max(1, int(round(fraction * random_records.size)))]
                 evals[f"vulnerable_{100 * fraction:g}pct"] = {
-                    name: evaluation.pooled_metrics(sc, masks, records=top, models=measure, **opts)
+                    name: evaluation.pooled_metrics(
+                        sc, masks, records=top, models=measure, **(opts if name in BOOTSTRAPPED else quick)
+                    )
                     for name, sc in loo.items()
                 }
+            chosen_arrays["vulnerable_records"] = ranked[: max(1, int(round(max(VULNERABLE_FRACTIONS) * ranked.size)))]
+            chosen_arrays["vulnerable_models"] = measure
             gap_by_record = dict(zip(random_records.tolist(), gap.tolist(), strict=True))
             for i in ranked[: max(1, int(round(max(VULNERABLE_FRACTIONS) * random_records.size)))]:
                 table.append(
-                    {"pool_index": int(i), "label": int(labels[i]), "leakage": gap_by_record[int(i)], "attack": chooser}
+                    {
+                        "record": int(pool[i]),
+                        "label": int(labels[i]),
+                        "leakage": gap_by_record[int(i)],
+                        "attack": chooser,
+                    }
                 )
-    return evals, loo, table
+    return evals, loo, table, chosen_arrays
 
 
 def score_defense(
@@ -190,6 +228,7 @@ def score_defense(
     result_key: str,
     target_log: Path,
     is_canary: np.ndarray | None = None,
+    dp_epsilon: float | None = None,
 ) -> tuple[DefenseResult, dict[str, np.ndarray]]:
     """Runs the attacks on `logits (1 + K, Q, [A,] C)` (target first; queries: the pool, then the population)
     and measures utility. Returns the result and the per-record arrays to store with it.
@@ -220,16 +259,17 @@ def score_defense(
     random_records = ~is_canary
     with warnings.catch_warnings():  # an unresolvable FPR (too few non-members) is NaN (null in JSON)
         warnings.simplefilter("ignore", metrics.DegenerateMetricWarning)
-        results = {
-            name: metrics.evaluate(
-                s[random_records], is_member[random_records], fprs=config.fprs, n_resamples=config.bootstrap, seed=seed
+        results = {}
+        for name, sc in scores.items():
+            truth = is_member[random_records]
+            results[name] = metrics.evaluate(
+                sc[random_records], truth, fprs=config.fprs, n_resamples=config.bootstrap, seed=seed
             ).as_dict()
-            for name, s in scores.items()
-        }
-    evals, loo, vulnerable = {}, {}, []
+            results[name]["epsilon_lb"] = _epsilon(sc[random_records], truth, seed)
+    evals, loo, vulnerable, chosen = {}, {}, [], {}
     if config.uses_leave_one_out:
         masks = np.vstack([split.target_in[None], split.reference_in])
-        evals, loo, vulnerable = _pooled_evaluations(
+        evals, loo, vulnerable, chosen = _pooled_evaluations(
             config,
             names,
             logits[:, : p + (split.population.size if has_pop else 0)],
@@ -274,6 +314,7 @@ def score_defense(
         evaluations=evals,
         vulnerable_records=vulnerable,
         num_canaries=int(is_canary.sum()),
+        dp_epsilon=dp_epsilon,
     )
     arrays = {
         "is_member": is_member,
@@ -284,5 +325,6 @@ def score_defense(
         "is_canary": is_canary,
         "masks": np.vstack([split.target_in[None], split.reference_in]),
         "loo": {k: v.astype(np.float32) for k, v in loo.items()},
+        **chosen,
     }
     return result, arrays

@@ -30,6 +30,16 @@ class _Loss(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self._options().items())
 
+    def per_sample(self, logits: Tensor, target: Tensor) -> Tensor:
+        """`(N,)` per-sample losses, whatever `reduction` says: with `reduction="mean"` the loss of a batch is
+        their mean, so the stacked trainer scores K models' batches in one call."""
+        saved = self.reduction
+        self.reduction = "none"
+        try:
+            return self.forward(logits, target)
+        finally:
+            self.reduction = saved
+
     def _options(self) -> dict:
         return {"reduction": self.reduction}
 
@@ -151,6 +161,9 @@ class RelaxLoss(_Loss):
         self.upper = check_in_range("upper", upper, low=0.0, high=1.0, low_inclusive=False)
         self.variant = check_choice("variant", variant, F.RELAX_VARIANTS)
         self.epoch = 0
+
+    #: RelaxLoss acts on the batch's mean loss (gradient ascent below alpha): it has no per-sample form.
+    per_sample = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = check_positive_int("epoch", epoch, minimum=0)

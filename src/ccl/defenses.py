@@ -1,0 +1,168 @@
+"""Defenses: a training loss plus what the defense does to training, behind one registry.
+
+Every loss of `ccl.losses` is a defense that only changes the loss. The others change the procedure:
+
+- `dpsgd` (Abadi et al., CCS 2016), through Opacus: Poisson sampling of each batch (rate q = batch_size / n),
+  per-sample gradients clipped to `max_grad_norm`, Gaussian noise of standard deviation
+  `noise_multiplier * max_grad_norm` added to their sum. With `epsilon=`, the noise multiplier is calibrated by
+  Opacus' RDP accountant (`opacus.accountants.utils.get_noise_multiplier`) so that the recipe's epochs spend at
+  most (epsilon, delta); with `noise_multiplier=` it is fixed and the epsilon spent is reported. The loss is CE
+  (or `loss=` another per-sample loss of `ccl.losses`). Models with BatchNorm are converted by Opacus'
+  `ModuleValidator.fix` (BatchNorm -> GroupNorm), so `mlp` and `cnn` work; the CIFAR ResNets and WideResNet too,
+  DenseNet with the same replacement. DP-SGD models train one by one (not stacked).
+- `early_stop` (the released model is the one after `epochs` epochs; the learning-rate schedule is still the
+  recipe's): the simplest regulariser, and a baseline every defense must beat.
+
+`create(name, **params)` returns a `Defense`: its loss and its `Procedure`. The syntax on the command line is
+the losses' one, `name:key=value,...` (e.g. `dpsgd:epsilon=8`, `early_stop:epochs=10`), and the reference models
+of an audit train with exactly the target's defense (the attacker knows the recipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from . import losses
+from ._checks import check_choice, check_in_range, check_positive_int, expected
+from ._registry import Registry
+from .errors import InvalidArgumentError
+
+__all__ = ["DPSGD", "Defense", "Procedure", "available", "create", "describe", "parameters"]
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """DP-SGD's settings; `noise_multiplier` is resolved from `epsilon` when the data size is known."""
+
+    epsilon: float | None
+    delta: float
+    max_grad_norm: float
+    noise_multiplier: float | None
+    accountant: str = "rdp"
+
+    def resolve_noise(self, *, sample_rate: float, steps: int) -> float:
+        """The noise multiplier: the given one, or the one Opacus' accountant calibrates to (epsilon, delta) for
+        `steps` steps at `sample_rate`."""
+        if self.noise_multiplier is not None:
+            return self.noise_multiplier
+        from .dp import calibrate_noise
+
+        return calibrate_noise(
+            self.epsilon, self.delta, sample_rate=sample_rate, steps=steps, accountant=self.accountant
+        )
+
+
+@dataclass(frozen=True)
+class Procedure:
+    """What a defense does to training beyond its loss (nothing, for a plain loss)."""
+
+    dp: DPSGD | None = None
+    stop_after: int | None = None  # early stopping: the model after this many epochs is released
+
+    @property
+    def stackable(self) -> bool:
+        """Whether models of this defense may train stacked (DP-SGD's per-sample clipping runs one by one)."""
+        return self.dp is None
+
+
+@dataclass(frozen=True)
+class Defense:
+    loss: nn.Module
+    procedure: Procedure
+
+
+def _dpsgd(
+    *,
+    epsilon: float | None = None,
+    delta: float = 1e-5,
+    max_grad_norm: float = 1.0,
+    noise_multiplier: float | None = None,
+    accountant: str = "rdp",
+    loss: str = "ce",
+) -> Defense:
+    if (epsilon is None) == (noise_multiplier is None):
+        raise InvalidArgumentError(
+            expected(
+                "epsilon",
+                "given (or noise_multiplier instead, not both)",
+                f"epsilon={epsilon}, noise_multiplier={noise_multiplier}",
+            )
+        )
+    if epsilon is not None:
+        check_in_range("epsilon", epsilon, low=0.0, low_inclusive=False)
+    if noise_multiplier is not None:
+        check_in_range("noise_multiplier", noise_multiplier, low=0.0)
+    check_in_range("delta", delta, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    check_in_range("max_grad_norm", max_grad_norm, low=0.0, low_inclusive=False)
+    check_choice("accountant", accountant, ("rdp", "prv"))
+    loss_fn = _per_sample_loss("dpsgd", loss)
+    dp = DPSGD(
+        None if epsilon is None else float(epsilon),
+        float(delta),
+        float(max_grad_norm),
+        None if noise_multiplier is None else float(noise_multiplier),
+        accountant,
+    )
+    return Defense(loss_fn, Procedure(dp=dp))
+
+
+def _per_sample_loss(defense: str, loss: str) -> nn.Module:
+    if loss not in losses.available() or loss == "relaxloss":
+        valid = [n for n in losses.available() if n != "relaxloss"]
+        raise InvalidArgumentError(expected("loss", f"a per-sample loss of {defense}: one of {', '.join(valid)}", loss))
+    return losses.create(loss)
+
+
+def _early_stop(*, epochs: int, loss: str = "ce") -> Defense:
+    check_positive_int("epochs", epochs)
+    return Defense(
+        _per_sample_loss("early_stop", loss) if loss != "relaxloss" else losses.create(loss),
+        Procedure(stop_after=int(epochs)),
+    )
+
+
+def _loss_only(name: str):
+    def build(**params: Any) -> Defense:
+        return Defense(losses.create(name, **params), Procedure())
+
+    return build
+
+
+_REGISTRY: Registry[Defense] = Registry("defense")
+_REGISTRY.register("dpsgd", _dpsgd, doc="DP-SGD (Opacus): per-sample clipping and noise, epsilon from the accountant")
+_REGISTRY.register("early_stop", _early_stop, doc="release the model after `epochs` epochs (required)")
+
+
+def _loss_names() -> list[str]:
+    return losses.available()
+
+
+def available() -> list[str]:
+    """Every defense: the losses of `ccl.losses` and the procedures above."""
+    return sorted({*_loss_names(), *_REGISTRY.available()})
+
+
+def create(name: str, **params: Any) -> Defense:
+    """A defense by name, e.g. `create("ccel", alpha=0.5)`, `create("dpsgd", epsilon=8)`."""
+    if name in _REGISTRY.available():
+        return _REGISTRY.create(name, **params)
+    if name in _loss_names():
+        return _loss_only(name)(**params)
+    from ._checks import unknown_name
+
+    raise InvalidArgumentError(unknown_name("defense", name, available()))
+
+
+def describe(name: str) -> tuple[str, dict]:
+    if name in _REGISTRY.available():
+        return _REGISTRY.describe(name)
+    return losses.describe(name)
+
+
+def parameters(name: str) -> list[str]:
+    if name in _REGISTRY.available():
+        return _REGISTRY.parameters(name)
+    return losses.parameters(name)

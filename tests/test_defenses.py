@@ -1,0 +1,214 @@
+"""Defenses that change training: DP-SGD (Opacus) and early stopping."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import ccl
+from ccl import defenses
+from ccl.audit import run_audit
+from ccl.config import ExperimentConfig, parse_defense
+from ccl.errors import ConfigError, InvalidArgumentError
+from ccl.results import load_results
+from ccl.training import Recipe, Runtime, fit
+
+pytest.importorskip("opacus")
+QUIET = Runtime(progress=False)
+
+
+def tiny():
+    data = ccl.data.load("synthetic", num_samples=64, num_features=6, num_classes=3)
+    model = ccl.models.create("mlp", num_classes=3, input_shape=(6,), hidden=(8,), seed=0)
+    return data, model
+
+
+def test_a_dp_step_equals_clipped_per_sample_gradients_summed_by_a_loop():
+    """noise_multiplier=0: one DP-SGD step is the mean (over the expected batch size) of the per-sample
+    gradients, each clipped to max_grad_norm, computed here by one backward pass per sample."""
+    from ccl.dp import DPTrainer
+
+    data, model = tiny()
+    reference = copy.deepcopy(model)
+    dp = defenses.create("dpsgd", noise_multiplier=0.0, max_grad_norm=0.05).procedure.dp
+    trainer = DPTrainer(model, dp, num_records=64, batch_size=16, epochs=1)
+    base = torch.optim.SGD(trainer.module.parameters(), lr=1.0)
+    optimizer = trainer.optimizer(base)
+    idx = torch.arange(10)
+    loss = torch.nn.functional.cross_entropy(trainer.module(data.x[idx]), data.y[idx])
+    loss.backward()
+    optimizer.step()
+    clipped = [torch.zeros_like(p) for p in reference.parameters()]
+    for i in idx:
+        reference.zero_grad()
+        torch.nn.functional.cross_entropy(reference(data.x[i : i + 1]), data.y[i : i + 1]).backward()
+        grads = [p.grad.clone() for p in reference.parameters()]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        scale = min(1.0, 0.05 / (float(norm) + 1e-6))
+        for c, g in zip(clipped, grads, strict=True):
+            c += g * scale
+    for p_dp, p_ref, c in zip(model.parameters(), reference.parameters(), clipped, strict=True):
+        torch.testing.assert_close(p_dp.detach(), p_ref.detach() - c / 16, rtol=1e-5, atol=1e-6)
+
+
+def test_the_noise_is_calibrated_by_the_accountant_and_the_spent_epsilon_reported():
+    from opacus.accountants import RDPAccountant
+
+    from ccl.dp import calibrate_noise, epsilon_spent
+
+    sigma = calibrate_noise(4.0, 1e-5, sample_rate=0.1, steps=500)
+    spent = epsilon_spent(sigma, 0.1, 500, 1e-5)
+    assert 3.9 <= spent <= 4.0  # Opacus searches from below, to within 0.01
+    acc = RDPAccountant()
+    acc.history = [(sigma, 0.1, 500)]
+    assert spent == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)  # the one-step curve composed linearly
+    data, model = tiny()
+    d = defenses.create("dpsgd", epsilon=3.0)
+    result = fit(
+        model,
+        d.loss,
+        (data.x, data.y),
+        recipe=Recipe(epochs=3, batch_size=16, lr=0.1),
+        runtime=QUIET,
+        procedure=d.procedure,
+    )
+    assert 2.9 <= result.epsilon <= 3.0 and result.history[-1]["epsilon"] == result.epsilon
+    assert result.history[0]["epsilon"] < result.history[1]["epsilon"] < result.epsilon
+
+
+def test_an_interrupted_dp_model_resumes_to_the_same_weights_and_epsilon(tmp_path):
+    class Interrupting(torch.nn.Module):
+        def __init__(self, at):
+            super().__init__()
+            self.at, self.inner = at, ccl.losses.create("ce")
+
+        def set_epoch(self, epoch):
+            if epoch == self.at:
+                raise KeyboardInterrupt
+
+        def forward(self, out, y):
+            return self.inner(out, y)
+
+    data, _ = tiny()
+    d = defenses.create("dpsgd", epsilon=5.0)
+    recipe = Recipe(epochs=4, batch_size=16, lr=0.1, seed=3)
+
+    def model():
+        return ccl.models.create("mlp", num_classes=3, input_shape=(6,), hidden=(8,), seed=0)
+
+    full = fit(
+        model(),
+        d.loss,
+        (data.x, data.y),
+        recipe=recipe,
+        runtime=QUIET,
+        procedure=d.procedure,
+        checkpoint_dir=tmp_path / "full",
+    )
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            model(),
+            Interrupting(2),
+            (data.x, data.y),
+            recipe=recipe,
+            runtime=QUIET,
+            procedure=d.procedure,
+            checkpoint_dir=tmp_path / "cut",
+        )
+    resumed = fit(
+        model(),
+        d.loss,
+        (data.x, data.y),
+        recipe=recipe,
+        runtime=QUIET,
+        procedure=d.procedure,
+        checkpoint_dir=tmp_path / "cut",
+    )
+    assert resumed.resumed_from_epoch == 2
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed.epsilon == full.epsilon
+
+
+def test_models_with_batchnorm_train_under_dp_with_groupnorm():
+    data = ccl.data.load("digits", as_image=True)
+    model = ccl.models.create("cnn", num_classes=10, input_shape=data.input_shape, width=4, seed=0)
+    d = defenses.create("dpsgd", epsilon=8)
+    result = fit(
+        model,
+        d.loss,
+        data.subset(np.arange(128)),
+        recipe=Recipe(epochs=1, batch_size=32, lr=0.1),
+        runtime=QUIET,
+        procedure=d.procedure,
+    )
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in result.model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in result.model.modules())
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("dpsgd", "`epsilon`"),
+        ("dpsgd:epsilon=8,noise_multiplier=1", "`epsilon`"),
+        ("dpsgd:epsilon=-1", "`epsilon`"),
+        ("dpsgd:epsilon=8,delta=2", "`delta`"),
+        ("dpsgd:epsilon=8,max_grad_norm=0", "`max_grad_norm`"),
+        ("dpsgd:epsilon=8,loss=relaxloss", "`loss`"),
+        ("dpsgd:epsilon=8,accountant=gdp", "`accountant`"),
+        ("early_stop", "epochs"),
+        ("early_stop:epochs=0", "`epochs`"),
+        ("dpsgd:epsilon=8,epochs=3", "epochs"),
+    ],
+)
+def test_bad_defense_parameters_are_named(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_defense(spec)
+
+
+def test_defenses_registry_lists_losses_and_procedures():
+    assert {"ce", "ccel", "relaxloss", "dpsgd", "early_stop"} <= set(defenses.available())
+    doc, params = defenses.describe("dpsgd")
+    assert "Opacus" in doc and params["delta"] == 1e-5 and params["max_grad_norm"] == 1.0
+    with pytest.raises(InvalidArgumentError, match="Unknown defense 'dpsdg'.*dpsgd"):
+        defenses.create("dpsdg")
+
+
+def test_dp_sgd_and_early_stopping_lower_leakage_and_the_lower_bound_respects_the_guarantee(tmp_path):
+    """On digits, where CE overfits: both defenses lower the leave-one-out LiRA AUC; for DP-SGD the measured
+    epsilon lower bound stays below the epsilon spent (if not, one of the two is wrong)."""
+    config = ExperimentConfig.from_dict(
+        {
+            "dataset": "digits",
+            "model_options": {"hidden": [64]},
+            "population_fraction": 0.7,
+            "num_references": 4,
+            "bootstrap": 20,
+            "attacks": ["loss", "lira", "rmia"],
+            "defenses": ["ce", "dpsgd:epsilon=2", "early_stop:epochs=5"],
+            "train": {"epochs": 30, "batch_size": 32, "lr": 0.1, "schedule": "constant"},
+        }
+    )
+    agg = run_audit(config, tmp_path / "run", runtime=QUIET)
+    rows = {r.defense: r for r in agg.rows}
+    ce, dp, early = rows["ce"], rows["dpsgd(epsilon=2)"], rows["early_stop(epochs=5)"]
+    assert dp.metric("lira", "auc", "pooled")[0] < ce.metric("lira", "auc", "pooled")[0] - 0.05
+    assert early.metric("lira", "auc", "pooled")[0] < ce.metric("lira", "auc", "pooled")[0] - 0.02
+    assert 1.9 <= dp.values["dp_epsilon"] <= 2.0 and "dp_epsilon" not in ce.values
+    for result in load_results(tmp_path / "run"):
+        if result.dp_epsilon is None:
+            continue
+        for evaluation in ("pooled",):
+            for attack, m in result.evaluations[evaluation].items():
+                assert m["epsilon_lb"] <= result.dp_epsilon, (evaluation, attack)
+        for attack, m in result.attacks.items():
+            assert m["epsilon_lb"] <= result.dp_epsilon, attack
+    # the reference models were trained with the target's defense: DP ones one by one, each with its epsilon
+    models = list((tmp_path / "run" / "models").glob("*/job.json"))
+    import json
+
+    dp_jobs = [json.loads(p.read_text()) for p in models if json.loads(p.read_text())["defense"]["loss"] == "dpsgd"]
+    assert len(dp_jobs) == 5 and all(j["trainer"] == "single" and 1.9 <= j["epsilon"] <= 2.0 for j in dp_jobs)
