@@ -127,6 +127,11 @@ _TRAIN_REFUSES = (
     "--bootstrap",
     "--stacked",
     "--cache-dir",
+    "--canaries",
+    "--canary-kind",
+    "--leave-one-out",
+    "--keep-checkpoints",
+    "--leakage",
 )
 
 
@@ -241,6 +246,11 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
     if kind != "train":
         o.add_argument("--cache-dir", type=Path, help="trained-model cache shared across runs (default: OUT/models)")
         o.add_argument(
+            "--leakage",
+            choices=["tpr", "auc", "epsilon_lb"],
+            help="the report's frontier leakage axis (default tpr: TPR at the lowest resolvable FPR)",
+        )
+        o.add_argument(
             "--keep-checkpoints",
             action="store_true",
             help="keep reference models' checkpoints (default: deleted once their outputs are stored; "
@@ -340,7 +350,7 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
         )
     except KeyboardInterrupt:
         return _interrupted(args.command, out)
-    report = render_report(out)
+    report = render_report(out, leakage=args.leakage or "tpr")
     print("\n".join(table_lines(agg)))
     print(f"\nReport: {report}")
     return 0
@@ -395,7 +405,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     if args.run_dir is None:
         raise ConfigError("Give the run directory: ccl report RUN_DIR")
-    path = render_report(args.run_dir)
+    path = render_report(args.run_dir, leakage=args.leakage)
     if (args.run_dir / "metrics.json").exists():
         print("\n".join(table_lines(load_aggregate(args.run_dir))))
     print(f"\nReport: {path}")
@@ -453,6 +463,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", type=Path, nargs="?")
     p.add_argument("--list", action="store_true", help="list the datasets, models, losses and attacks")
+    p.add_argument(
+        "--leakage",
+        choices=["tpr", "auc", "epsilon_lb"],
+        default="tpr",
+        help="the frontier's leakage axis: TPR at the lowest resolvable FPR (default), AUC, or the epsilon lower bound",
+    )
     p.set_defaults(func=_cmd_report)
     return parser
 

@@ -32,6 +32,7 @@ __all__ = [
     "DefenseSpec",
     "ExperimentConfig",
     "load_config",
+    "expand_defense",
     "merge",
     "parse_defense",
     "parse_runtime",
@@ -52,6 +53,11 @@ class DefenseSpec:
         if not self.params:
             return self.loss
         return f"{self.loss}(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+
+    @property
+    def family(self) -> str:
+        """The defense's name without its parameters: the points of a sweep share it."""
+        return self.loss
 
     @property
     def slug(self) -> str:
@@ -75,26 +81,91 @@ def _scalar(text: str) -> Any:
     return value if isinstance(value, (int, float, str, bool)) else text
 
 
-def parse_defense(spec: str | dict | DefenseSpec) -> DefenseSpec:
-    """`"ccel:alpha=0.2,beta=1"` or `{"loss": "ccel", "params": {"alpha": 0.2}}` to a checked `DefenseSpec`."""
+def _split_params(text: str) -> list[str]:
+    """`a=1,b=[1,2],c=0.1..0.9/5` to its items: commas inside brackets belong to a list."""
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    return [i.strip() for i in items if i.strip()]
+
+
+def _number(text: str, spec: str) -> float | int:
+    value = yaml.safe_load(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(expected("defense", f"numbers in a sweep, in {spec!r}", text))
+    return value
+
+
+def _sweep_values(text: str, spec: str) -> list | None:
+    """`[0.1,0.5]` -> [0.1, 0.5]; `0.1..0.9/5` -> 5 evenly spaced values from 0.1 to 0.9; else None."""
+    if text.startswith("[") and text.endswith("]"):
+        values = [_scalar(v.strip()) for v in text[1:-1].split(",") if v.strip()]
+        if not values:
+            raise ConfigError(expected("defense", f"a non-empty list of values, in {spec!r}", text))
+        return values
+    if ".." in text:
+        bounds, slash, count = text.partition("/")
+        low, _, high = bounds.partition("..")
+        if not slash or not count.strip().isdigit() or int(count) < 2:
+            raise ConfigError(
+                expected("defense", f"a range LOW..HIGH/COUNT with COUNT >= 2 (e.g. 0.1..0.9/5), in {spec!r}", text)
+            )
+        lo, hi, n = _number(low.strip(), spec), _number(high.strip(), spec), int(count)
+        return [float(f"{lo + (hi - lo) * i / (n - 1):.10g}") for i in range(n)]
+    return None
+
+
+def expand_defense(spec: str | dict | DefenseSpec) -> list[DefenseSpec]:
+    """A defense spec with sweeps to one checked `DefenseSpec` per point: `ccel:alpha=[0.1,0.5]`,
+    `ccel:alpha=0.1..0.9/5`, and the product over several swept parameters (`ccel:alpha=[0.1,0.5],beta=[1,2]`).
+    In YAML a list value in `params` is a sweep too."""
     if isinstance(spec, DefenseSpec):
-        result = spec
-    elif isinstance(spec, dict):
+        return [parse_defense(spec)]
+    if isinstance(spec, dict):
         _check_keys("defense", spec, {"loss", "params"})
-        if not isinstance(spec.get("params") or {}, dict):
-            raise ConfigError(expected("defense params", "a mapping of parameter names to values", spec["params"]))
-        result = DefenseSpec(str(spec.get("loss")), dict(spec.get("params") or {}))
+        params = spec.get("params") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(expected("defense params", "a mapping of parameter names to values", params))
+        name = str(spec.get("loss"))
+        axes = {k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in params.items()}
+        label = name
     elif isinstance(spec, str):
         name, _, rest = spec.partition(":")
-        params = {}
-        for item in filter(None, (s.strip() for s in rest.split(","))):
+        name, axes, label = name.strip(), {}, spec
+        for item in _split_params(rest):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ConfigError(expected("defense", "NAME or NAME:key=value,key=value (e.g. ccel:alpha=0.2)", spec))
-            params[key.strip()] = _scalar(value.strip())
-        result = DefenseSpec(name.strip(), params)
+            swept = _sweep_values(value.strip(), spec)
+            axes[key.strip()] = swept if swept is not None else [_scalar(value.strip())]
     else:
         raise ConfigError(expected("defense", "a string like 'ccel:alpha=0.2' or a mapping", spec))
+    for key, values in axes.items():
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(expected("defense", f"distinct values of {key!r} in {label!r}", values))
+    points = [{}]
+    for key, values in axes.items():
+        points = [{**p, key: v} for p in points for v in values]
+    return [parse_defense(DefenseSpec(name, p)) for p in points]
+
+
+def parse_defense(spec: str | dict | DefenseSpec) -> DefenseSpec:
+    """`"ccel:alpha=0.2,beta=1"` or `{"loss": "ccel", "params": {"alpha": 0.2}}` to a checked `DefenseSpec`
+    (one point: a sweep is refused here; `expand_defense` expands it)."""
+    if isinstance(spec, DefenseSpec):
+        result = spec
+    else:
+        points = expand_defense(spec)
+        if len(points) != 1:
+            raise ConfigError(expected("defense", "one setting (use expand_defense for a sweep)", spec))
+        return points[0]
     if result.loss not in defenses.available():
         raise ConfigError(unknown_name("defense", result.loss, defenses.available()))
     try:
@@ -214,7 +285,7 @@ class ExperimentConfig:
         self.train = _recipe(self.train)
         if isinstance(self.defenses, (str, dict)) or not isinstance(self.defenses, Sequence):
             raise ConfigError(expected("defenses", "a list of defenses such as [ce, ccel:alpha=0.5]", self.defenses))
-        self.defenses = [parse_defense(d) for d in self.defenses]
+        self.defenses = [point for d in self.defenses for point in expand_defense(d)]
         if not self.defenses:
             raise ConfigError(expected("defenses", "at least one defense", []))
         labels = [d.label for d in self.defenses]

@@ -24,7 +24,7 @@ from ._io import write_bytes, write_text
 from .errors import RunDirectoryError
 from .metrics import roc_curve, tpr_key
 from .results import Aggregate, DefenseResult, aggregate, load_aggregate, load_results, load_scores
-from .summary import Headline, headline, strongest_attack
+from .summary import Headline, family_verdicts, frontier, frontier_points, headline, strongest_attack
 
 __all__ = ["render_report"]
 
@@ -182,6 +182,51 @@ def plot_privacy_utility(agg: Aggregate, colors: dict, frontier: list[str], fpr:
     return fig
 
 
+def plot_frontier(points, label: str, colors: dict, optimal: set[str]):
+    """The privacy-utility frontier: each family a curve of its settings, intervals on both axes, the
+    Pareto-optimal points ringed, leakage on a log axis."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    positive = [p.leakage for p in points if p.leakage > 0]
+    floor = min(positive) / 3 if positive else 1e-3
+    for fam in dict.fromkeys(p.family for p in points):
+        mine = sorted((p for p in points if p.family == fam), key=lambda p: p.leakage)
+        color = colors[mine[0].defense]
+        xs = [max(p.leakage, floor) for p in mine]
+        ax.plot(xs, [p.accuracy for p in mine], "-", color=color, lw=1, alpha=0.6)
+        for p, x in zip(mine, xs, strict=True):
+            xerr = [[max(x - max(p.leakage_interval[0], floor), 0)], [max(p.leakage_interval[1] - x, 0)]]
+            yerr = [[p.accuracy - p.accuracy_interval[0]], [p.accuracy_interval[1] - p.accuracy]]
+            ax.errorbar(
+                x,
+                p.accuracy,
+                xerr=xerr,
+                yerr=yerr,
+                fmt="o",
+                color=color,
+                capsize=2,
+                ms=6,
+                mec="black" if p.defense in optimal else color,
+                mew=1.6 if p.defense in optimal else 1,
+            )
+            ax.annotate(
+                p.defense.replace(fam, "", 1).strip("()") or fam,
+                (x, p.accuracy),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        ax.plot([], [], "o-", color=color, label=fam)
+    best = sorted((p for p in points if p.defense in optimal), key=lambda p: p.leakage)
+    if best:
+        xs, ys = [max(p.leakage, floor) for p in best], [p.accuracy for p in best]
+        ax.step(xs, ys, where="post", color="grey", ls="--", lw=1, label="frontier")
+    ax.set(xscale="log", xlabel=f"{label} (log; lower: more private)", ylabel="test accuracy (higher: more useful)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_loss_variance(agg: Aggregate, results: list[DefenseResult], colors: dict):
     """Variance of the members' training loss per epoch (the paper's mechanism), target of the first seed."""
     plt = _plt()
@@ -332,13 +377,8 @@ def _delta(v: float, ci: tuple[float, float], pct: bool) -> str:
 
 def _headline_html(h: Headline) -> str:
     pct = f"{100 * h.fpr:g}%"
-    frontier = ", ".join(html.escape(d) for d in h.frontier) or "none"
-    frontier_text = (
-        f"<p>On this run's privacy-utility frontier (test accuracy against the strongest attack's AUC, by their "
-        f"means): <b>{frontier}</b>.</p>"
-    )
     if h.baseline is None:
-        return "<p>No <code>ce</code> baseline in this run: defenses are not compared with it.</p>" + frontier_text
+        return "<p>No <code>ce</code> baseline in this run: defenses are not compared with it.</p>"
     b = h.baseline_values
     rows = [
         f"<tr><td>{html.escape(h.baseline)} (baseline)</td><td>{html.escape(h.baseline_attack or '')}</td>"
@@ -370,7 +410,6 @@ def _headline_html(h: Headline) -> str:
         f"<th>TPR@{pct}FPR % (change)</th><th>distinguishable from {html.escape(h.baseline)}</th></tr>"
         + "".join(rows)
         + "</table>"
-        + frontier_text
     )
 
 
@@ -480,6 +519,19 @@ def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[Def
     )
 
 
+def _verdicts_html(label: str, verdicts: dict[str, str]) -> str:
+    if not verdicts:
+        return ""
+    on = [f for f, v in verdicts.items() if v.startswith("on the frontier")]
+    sentence = (
+        f"By {html.escape(label)}, the frontier is held by {', '.join(html.escape(f) for f in on)}."
+        if on
+        else "No family holds the frontier alone."
+    )
+    items = "".join(f"<li><b>{html.escape(f)}</b>: {html.escape(v)}</li>" for f, v in verdicts.items())
+    return f"<p>{sentence} Per defense family (all its settings in this run):</p><ul>{items}</ul>"
+
+
 def _gaussian_table(agg: Aggregate, results: list[DefenseResult]) -> str:
     rows = []
     for r in agg.rows:
@@ -529,6 +581,7 @@ def _html(
     config: dict,
     run_info: dict,
     head: Headline,
+    frontier_info: tuple[str, dict[str, str]],
 ) -> str:
     attacks = agg.attacks
     seeds = sorted({r.seed for r in results})
@@ -595,6 +648,7 @@ border-left:4px solid #e0a800}}.cap{{color:#555;font-size:13px;max-width:900px}}
 {notes_html}
 <h2>Headline</h2>
 {_headline_html(head)}
+{_verdicts_html(*frontier_info)}
 <h2>Worst-case evaluation</h2>
 {_evaluations_html(agg, evaluation_attack, results)}
 <h2>Table ({spread})</h2>
@@ -611,8 +665,9 @@ border-left:4px solid #e0a800}}.cap{{color:#555;font-size:13px;max-width:900px}}
 """
 
 
-def render_report(run_dir: str | os.PathLike) -> Path:
-    """Draws the plots and writes `report.html` (self-contained); returns its path."""
+def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
+    """Draws the plots and writes `report.html` (self-contained); returns its path. `leakage` is the frontier's
+    leakage axis: "tpr" (TPR at the lowest resolvable FPR), "auc" or "epsilon_lb"."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RunDirectoryError(f"{run_dir} is not a ccl run directory (no config.yaml).")
@@ -634,6 +689,9 @@ def render_report(run_dir: str | os.PathLike) -> Path:
         agg = aggregate(results, fprs=results[0].fprs)
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     head = headline(run_dir, agg, results)
+    fpoints, frontier_label = frontier_points(agg, results, leakage=leakage)
+    optimal = set(frontier({p.defense: (p.accuracy, p.leakage) for p in fpoints}))
+    verdicts = family_verdicts(fpoints)
     evaluation_attack = {r.defense: strongest_attack(agg, r.defense, head.evaluation) for r in agg.rows}
     colors = _colors(agg)
     seeds = sorted({r.seed for r in results})
@@ -647,8 +705,16 @@ def render_report(run_dir: str | os.PathLike) -> Path:
             plot_roc(run_dir, agg, results, colors),
         ),
         (
+            "frontier",
+            "The privacy-utility frontier",
+            f"Leakage: {frontier_label}. Each family's settings joined by a line; ringed points are on the frontier "
+            "(no other point has both more accuracy and less leakage); "
+            + ("bars: std over seeds." if not one else "bars: 95% intervals (bootstrap; accuracy: normal)."),
+            plot_frontier(fpoints, frontier_label, colors, optimal),
+        ),
+        (
             "privacy_utility",
-            "Privacy-utility trade-off",
+            "Privacy-utility trade-off, per leakage measure",
             "Up and to the left is better. Each defense is placed by its strongest attack. "
             + ("One seed: horizontal bars are 95% bootstrap intervals." if one else "Bars: std over seeds."),
             plot_privacy_utility(agg, colors, head.frontier, head.fpr, head.evaluation),
@@ -680,6 +746,6 @@ def render_report(run_dir: str | os.PathLike) -> Path:
         ),
     ]
     images = [(n, t, c, _save(fig, run_dir / "plots" / f"{n}.png")) for n, t, c, fig in figures if fig is not None]
-    page = _html(run_dir, evaluation_attack, agg, results, images, config, run_info, head)
+    page = _html(run_dir, evaluation_attack, agg, results, images, config, run_info, head, (frontier_label, verdicts))
     write_text(run_dir / "report.html", page)
     return run_dir / "report.html"

@@ -282,3 +282,110 @@ def headline(
 
 def _num(v) -> float:
     return math.nan if v is None else float(v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The frontier: every defense's (utility, leakage) point, families as curves, verdicts
+# ----------------------------------------------------------------------------------------------------------
+#: Leakage measures the frontier can use: TPR at the lowest resolvable FPR (default), AUC, epsilon lower bound.
+LEAKAGES = ("tpr", "auc", "epsilon_lb")
+
+
+@dataclass
+class FrontierPoint:
+    defense: str
+    family: str
+    attack: str  # the attack with the highest leakage against this defense (the worst case)
+    accuracy: float
+    accuracy_interval: tuple[float, float]
+    leakage: float
+    leakage_interval: tuple[float, float]
+
+
+def _interval(mean: float, std: float, ci, n_seeds: int) -> tuple[float, float]:
+    if n_seeds > 1 and not math.isnan(std):
+        return (mean - std, mean + std)
+    if ci and None not in ci and not any(math.isnan(v) for v in ci):
+        return (float(ci[0]), float(ci[1]))
+    return (mean, mean)
+
+
+def frontier_points(
+    agg: Aggregate, results: list[DefenseResult], *, leakage: str = "tpr"
+) -> tuple[list[FrontierPoint], str]:
+    """Each defense's point: test accuracy (interval: std over seeds, or with one seed the 95% normal interval
+    over its held-out records) and its worst-case leakage under the run's evaluation (pooled when present):
+    `leakage` "tpr" (TPR at the lowest FPR every result resolves), "auc" or "epsilon_lb" (interval: std over
+    seeds, or the bootstrap interval of one seed). Returns the points and the leakage's label."""
+    if leakage not in LEAKAGES:
+        from ._checks import expected
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(expected("leakage", "one of " + ", ".join(LEAKAGES), leakage))
+    ev = evaluation_of(agg)
+    fpr = _report_fpr(agg, ev)
+    key = {"tpr": tpr_key(fpr), "auc": "auc", "epsilon_lb": "epsilon_lb"}[leakage]
+    held = {r.defense: r.num_nonmembers + r.num_population for r in results}
+    family = {r.defense: r.spec.get("loss", r.defense) for r in results}
+    points = []
+    for row in agg.rows:
+        values = {a: row.metric(a, key, ev)[0] for a in _attacks(row, ev)}
+        finite = {a: v for a, v in values.items() if not math.isnan(v)}
+        if not finite:
+            continue
+        attack = max(finite, key=finite.get)
+        mean, std, ci = row.metric(attack, key, ev)
+        n = len(row.seeds)
+        acc = row.test_acc
+        if n > 1:
+            acc_int = (acc - row.values["test_acc_std"], acc + row.values["test_acc_std"])
+        else:
+            half = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / max(held.get(row.defense, 1), 1))
+            acc_int = (acc - half, acc + half)
+        points.append(
+            FrontierPoint(
+                row.defense,
+                family.get(row.defense, row.defense),
+                attack,
+                acc,
+                acc_int,
+                mean,
+                _interval(mean, std, ci, n),
+            )
+        )
+    where = "leave-one-out" if ev == "pooled" else "single target"
+    label = {"tpr": f"TPR at {100 * fpr:g}% FPR", "auc": "AUC", "epsilon_lb": "ε lower bound"}[leakage]
+    return points, f"{label} of the strongest attack ({where})"
+
+
+def _beats(q: FrontierPoint, p: FrontierPoint) -> bool:
+    """q is at least as good as p on both axes (means) and better beyond the intervals on one of them."""
+    if not (q.accuracy >= p.accuracy and q.leakage <= p.leakage):
+        return False
+    return q.accuracy_interval[0] > p.accuracy_interval[1] or q.leakage_interval[1] < p.leakage_interval[0]
+
+
+def family_verdicts(points: list[FrontierPoint]) -> dict[str, str]:
+    """One line per family: "on the frontier at accuracy A-B" when one of its points is Pareto-optimal (by
+    means), "dominated by X" when another family beats each of its points beyond the intervals, and
+    "indistinguishable from the frontier" otherwise."""
+    optimal = set(frontier({p.defense: (p.accuracy, p.leakage) for p in points}))
+    out: dict[str, str] = {}
+    for fam in dict.fromkeys(p.family for p in points):
+        mine = [p for p in points if p.family == fam]
+        on = [p for p in mine if p.defense in optimal]
+        if on:
+            lo, hi = min(p.accuracy for p in on), max(p.accuracy for p in on)
+            where = f"{100 * lo:.1f}%" if lo == hi else f"{100 * lo:.1f}-{100 * hi:.1f}%"
+            out[fam] = f"on the frontier at test accuracy {where}"
+            continue
+        beaters = []
+        for p in mine:
+            b = [q.family for q in points if q.family != fam and _beats(q, p)]
+            beaters.append(b)
+        if all(beaters):
+            names = sorted({b for bs in beaters for b in bs})
+            out[fam] = "dominated by " + ", ".join(names) + " (beyond the intervals)"
+        else:
+            out[fam] = "indistinguishable from the frontier (the intervals overlap)"
+    return out
