@@ -132,3 +132,78 @@ def test_a_sweep_run_writes_a_frontier_plot_and_verdicts(tmp_path):
     assert "the frontier is held by" in html or "No family holds the frontier alone" in html
     for leakage in ("auc", "epsilon_lb"):
         assert cli.main(["report", str(out), "--leakage", leakage]) == 0
+
+
+# ------------------------------------------------------------------ ccl tune
+from ccl.tune import Target, TunePoint, parse_target, search  # noqa: E402
+
+
+def test_targets_parse_and_bad_ones_are_named():
+    assert parse_target("lira:tpr@0.01<=0.05") == Target("lira", "tpr@0.01", 0.05)
+    assert parse_target("auc<=0.6") == Target(None, "auc", 0.6)
+    assert parse_target(" epsilon_lb <= 1 ") == Target(None, "epsilon_lb", 1.0)
+    with pytest.raises(ConfigError, match="`target`"):
+        parse_target("lira:auc>0.6")
+
+
+@pytest.mark.parametrize("increasing", [True, False])
+def test_tune_finds_the_boundary_of_a_monotone_leakage_and_honours_the_upper_bound(increasing):
+    """Leakage rises (or falls) with the parameter, accuracy rises with leakage; the bound is leakage + 0.02."""
+    calls: list[float] = []
+
+    def leak(v):
+        return v if increasing else 1 - v
+
+    def evaluate(values):
+        calls.extend(values)
+        return [TunePoint(v, f"d({v})", 0.5 + 0.4 * leak(v), leak(v), leak(v) + 0.02, "lira") for v in values]
+
+    target = Target(None, "auc", 0.52)
+    chosen, points = search(evaluate, 0.0, 1.0, target, steps=6)
+    assert len(calls) == len(set(calls))  # no setting is evaluated twice (nothing retrained)
+    assert chosen is not None and chosen.upper <= 0.52  # the upper bound meets the target, not just the mean
+    assert abs(leak(chosen.value) - 0.50) <= 1 / 2**6 + 1e-9  # the boundary, to the bisection's resolution
+    assert all(p.accuracy <= chosen.accuracy for p in points if p.meets(target))
+    none, _ = search(evaluate, 0.0, 1.0, Target(None, "auc", 0.0), steps=2, grid=3)
+    assert none is None
+
+
+def test_tune_end_to_end_reuses_the_run_and_saves_its_evidence(tmp_path):
+    import json
+
+    out = tmp_path / "tune"
+    argv = [
+        "tune",
+        "--dataset",
+        "synthetic",
+        "--data-option",
+        "num_samples=240",
+        "--model-option",
+        "hidden=[16]",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--bootstrap",
+        "10",
+        "--num-references",
+        "4",
+        "--quiet",
+        "--defense",
+        "early_stop",
+        "--param",
+        "epochs",
+        "--range",
+        "1..3",
+        "--target",
+        "auc<=0.99",
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    evidence = json.loads((out / "tune.json").read_text())
+    assert evidence["chosen"] is not None and len(evidence["points"]) >= 2
+    models = {p.name for p in (out / "models").iterdir() if p.is_dir() and p.name != "stacked"}
+    assert len(models) == len(evidence["points"]) * 5  # every setting's target and 4 references, none twice

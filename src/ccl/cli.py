@@ -85,6 +85,11 @@ EXAMPLES = {
         ccl demo                      # writes runs/demo/report.html
         ccl demo --out runs/demo-seed0 --seeds 0
     """,
+    "tune": """
+        ccl tune --dataset digits --defense ccel --param alpha --range 0.05..1.0 --target "lira:tpr@0.01<=0.05" \\
+            --num-references 8 --out runs/tune-ccel
+        ccl tune --dataset digits --defense dpsgd --param epsilon --range 0.5..16 --target "auc<=0.55" --out runs/dp
+    """,
     "report": """
         ccl report runs/compare-digits
     """,
@@ -156,7 +161,21 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
         metavar="KEY=VALUE",
         help="architecture option, e.g. hidden=[256,128] (repeatable)",
     )
-    if kind in ("train", "audit"):
+    if kind == "tune":
+        g.add_argument("--defense", required=True, help="the defense family to tune, e.g. ccel, relaxloss, dpsgd")
+        g.add_argument("--param", required=True, help="its parameter to search, e.g. alpha or epsilon")
+        g.add_argument("--range", required=True, help="the parameter's range LOW..HIGH, e.g. 0.05..1.0")
+        g.add_argument("--target", required=True, help="[ATTACK:]METRIC<=VALUE, e.g. lira:tpr@0.01<=0.05 or auc<=0.6")
+        g.add_argument(
+            "--defense-option",
+            action="append",
+            type=_key_value,
+            metavar="KEY=VALUE",
+            help="a fixed parameter of the defense (repeatable)",
+        )
+        g.add_argument("--steps", type=int, default=4, help="bisection steps (default: 4)")
+        g.add_argument("--grid", type=int, default=5, help="grid points when the range's ends agree (default: 5)")
+    elif kind in ("train", "audit"):
         g.add_argument(
             "--loss",
             dest="defenses",
@@ -164,7 +183,7 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
             metavar="SPEC",
             help="the training loss, e.g. ce, ccel:alpha=0.5, relaxloss:alpha=1.0 (default: ce)",
         )
-    else:
+    if kind not in ("train", "audit", "tune"):
         g.add_argument(
             "--defenses",
             nargs="+",
@@ -384,6 +403,94 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    """Bisection over one parameter of one defense; every setting is a defense of one resumable run."""
+    from ._io import write_json
+    from .audit import run_audit
+    from .audit.preflight import check_dependencies
+    from .config import parse_defense
+    from .report import render_report
+    from .tune import parse_target, point_from_aggregate, search
+
+    target = parse_target(args.target)
+    low, _, high = args.range.partition("..")
+    try:
+        low_v, high_v = float(low), float(high)
+        if all(t.strip().lstrip("-").isdigit() for t in (low, high)):  # e.g. epochs: whole-number settings
+            low_v, high_v = int(low), int(high)
+    except ValueError:
+        raise ConfigError(f"--range {args.range!r}: expected LOW..HIGH, e.g. 0.05..1.0.") from None
+    if not low_v < high_v:
+        raise ConfigError(f"--range {args.range!r}: LOW must be below HIGH.")
+    fixed = dict(kv for kv in (args.defense_option or []))
+
+    def spec(value: float) -> str:
+        return args.defense + ":" + ",".join(f"{k}={v}" for k, v in {**fixed, args.param: value}.items())
+
+    for v in (low_v, high_v):
+        parse_defense(spec(v))  # a bad family, parameter or range end fails now, before any training
+    args.defenses = None if args.resume else [spec(low_v)]
+    config, runtime, out = _resolve(args, "runs/tune")
+    check_dependencies("report")
+    resume = args.resume
+
+    def evaluate(values: list[float]):
+        nonlocal resume, config
+        defenses = list(config.defenses) if resume else []
+        labels = {d.label for d in defenses}
+        defenses += [d for d in (parse_defense(spec(v)) for v in values) if d.label not in labels]
+        config = ExperimentConfig.from_dict({**config.to_dict(), "defenses": defenses})
+        agg = run_audit(
+            config,
+            out,
+            runtime=runtime,
+            resume=resume,
+            cache_dir=args.cache_dir,
+            data_dir=args.data_dir,
+            command=["ccl", *sys.argv[1:]],
+        )
+        resume = True
+        return [point_from_aggregate(agg, parse_defense(spec(v)).label, v, target) for v in values]
+
+    try:
+        integer = isinstance(low_v, int)
+        chosen, points = search(evaluate, low_v, high_v, target, steps=args.steps, grid=args.grid, integer=integer)
+    except KeyboardInterrupt:
+        return _interrupted("tune", out)
+    models = len(points) * len(config.seeds) * (1 + config.num_references)
+    print(f"{'setting':28s} {'test acc':>9s} {'leakage':>9s} {'upper':>9s}  attack  meets {args.target}")
+    for p in points:
+        print(
+            f"{p.defense:28s} {100 * p.accuracy:8.1f}% {p.leakage:9.4f} {p.upper:9.4f}  {p.attack:6s}  "
+            f"{'yes' if p.meets(target) else 'no'}"
+        )
+    if chosen is None:
+        print(f"\nNo setting in [{low_v}, {high_v}] meets {args.target}: widen --range or relax the target.")
+    else:
+        print(
+            f"\nChosen: {chosen.defense} (test accuracy {100 * chosen.accuracy:.1f}%, {target.metric} upper bound "
+            f"{chosen.upper:.4g} <= {target.bound:g})."
+        )
+    print(
+        f"Cost: {len(points)} settings x {len(config.seeds)} seed(s) x {1 + config.num_references} models = {models} "
+        "models (cached ones reused)."
+    )
+    write_json(
+        out / "tune.json",
+        {
+            "target": args.target,
+            "param": args.param,
+            "range": [low_v, high_v],
+            "chosen": None if chosen is None else vars(chosen),
+            "points": [vars(p) for p in points],
+            "models": models,
+        },
+    )
+    render_report(out)
+    print(f"Evidence: {out / 'tune.json'}\nReport: {out / 'report.html'}")
+    return 0 if chosen is not None else 1
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     return _run_audit(args, "runs/audit")
 
@@ -441,6 +548,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     specs = {
         "train": ("train one model with a loss on a dataset", _cmd_train),
+        "tune": ("find a defense's setting with the best accuracy whose leakage meets a target", _cmd_tune),
         "audit": ("train a target and reference models with one recipe, run every attack", _cmd_audit),
         "compare": ("compare defenses x seeds on the privacy-utility trade-off", _cmd_compare),
         "demo": ("`compare` on the bundled digits data, in a few minutes on a laptop CPU", _cmd_demo),
