@@ -9,6 +9,7 @@ its traceback; `--debug` shows the traceback of every error. Run `ccl <command> 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import warnings
@@ -143,7 +144,11 @@ _TRAIN_REFUSES = (
 def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
     g = p.add_argument_group("experiment")
     g.add_argument("--config", type=Path, help="YAML file with any of the options below (flags override it)")
-    g.add_argument("--dataset", help="dataset name (see `ccl report --list`) or a .npz file with X and y")
+    g.add_argument(
+        "--dataset",
+        help="dataset name (see `ccl report --list`), a .npz file with X and y, a .csv/.parquet table (with "
+        "--data-option label=COLUMN) or an image folder ending in / (one subfolder per class)",
+    )
     g.add_argument(
         "--data-option",
         dest="dataset_options",
@@ -586,6 +591,8 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.getcwd() not in sys.path:  # `--model my_module:build` finds modules of the working directory
+        sys.path.insert(0, os.getcwd())
     parser = make_parser()
     args = parser.parse_args(argv)
     formatwarning = warnings.formatwarning

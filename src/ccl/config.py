@@ -273,15 +273,30 @@ class ExperimentConfig:
     def validate(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError(expected("dataset", "a dataset name or a path to a .npz file", self.dataset))
-        if self.dataset not in data.available() and not self.dataset.endswith(".npz"):
+        kind = data.file_kind(self.dataset)  # a user's file: .npz, .csv, .parquet, or an image folder ("dir/")
+        if self.dataset not in data.available() and kind is None:
             raise ConfigError(unknown_name("dataset", self.dataset, data.available()))
-        if self.dataset.endswith(".npz"):  # stored resolved: a resume from another directory finds it
-            self.dataset = str(Path(self.dataset).expanduser().resolve())
+        if kind is not None:  # stored resolved: a resume from another directory finds it
+            self.dataset = str(Path(self.dataset).expanduser().resolve()) + ("/" if kind == "image_folder" else "")
         for name in ("dataset_options", "model_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(expected(name, "a mapping of option names to values", getattr(self, name)))
-        if not isinstance(self.model, str) or self.model not in models.available():
+        if isinstance(self.model, str) and models.is_user_model(self.model):
+            try:
+                models.describe(self.model)  # imports it now: a bad path fails before any work
+            except CclError as err:
+                raise ConfigError(str(err)) from None
+        elif not isinstance(self.model, str) or self.model not in models.available():
             raise ConfigError(unknown_name("model", self.model, models.available()))
+        if isinstance(self.dataset_options.get("path"), str) and self.dataset in (
+            "npz",
+            "csv",
+            "parquet",
+            "image_folder",
+        ):
+            path = self.dataset_options["path"]
+            resolved = str(Path(path).expanduser().resolve()) + ("/" if path.endswith("/") else "")
+            self.dataset_options = {**self.dataset_options, "path": resolved}
         self.train = _recipe(self.train)
         if isinstance(self.defenses, (str, dict)) or not isinstance(self.defenses, Sequence):
             raise ConfigError(expected("defenses", "a list of defenses such as [ce, ccel:alpha=0.5]", self.defenses))
@@ -356,7 +371,8 @@ class ExperimentConfig:
         """Whether tabular features are standardised: "auto" does it for the user's own files and leaves the
         registered datasets as their papers use them (digits in [0, 1], Purchase/Texas/Location binary)."""
         if self.standardize == "auto":
-            return self.dataset.endswith(".npz") or self.dataset == "npz"
+            kind = data.file_kind(self.dataset) or self.dataset
+            return kind in ("npz", "csv", "parquet")
         return bool(self.standardize)
 
     def build_model(self, dataset, *, seed: int):

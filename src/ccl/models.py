@@ -7,8 +7,13 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +25,18 @@ from ._checks import check_positive_int, expected
 from ._registry import Registry
 from .errors import CclError, InvalidArgumentError, InvalidArgumentTypeError
 
-__all__ = ["describe", "CNN", "MLP", "DenseNet", "ResNet", "WideResNet", "available", "create"]
+__all__ = [
+    "describe",
+    "CNN",
+    "MLP",
+    "DenseNet",
+    "ResNet",
+    "WideResNet",
+    "available",
+    "create",
+    "is_user_model",
+    "user_model_sha256",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,13 +229,123 @@ def _positive_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Your own architecture: "package.module:function"
+# ----------------------------------------------------------------------------------------------------------
+_USER_MODEL = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_USER_FORMAT = "'package.module:function', e.g. 'my_models.nets:build'"
+
+
+def is_user_model(name: Any) -> bool:
+    """Whether `name` names your own architecture, `"package.module:function"` (any string with a colon that
+    is not a registered name): `create` imports it. Its syntax and importability are checked by `create`."""
+    return isinstance(name, str) and ":" in name and name not in _REGISTRY.available()
+
+
+def _resolve_user_model(name: str) -> tuple[Callable[..., Any], Any]:
+    """(the factory `name` points at, its module), with one clear error for each way the path can be wrong."""
+    if not _USER_MODEL.match(name):
+        raise InvalidArgumentError(expected("model", f"a registered name or {_USER_FORMAT}", name))
+    module_name, attr = name.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        missing = err.name or ""
+        if not missing or module_name == missing or module_name.startswith(missing + "."):
+            raise InvalidArgumentError(
+                f"Cannot import the module {module_name!r} of the model {name!r}: no module named {missing!r}. "
+                "Is it installed, or is the folder holding it on the Python path (PYTHONPATH)?"
+            ) from None
+        raise InvalidArgumentError(
+            f"Importing the module {module_name!r} of the model {name!r} failed: it imports {missing!r}, which is "
+            "not installed."
+        ) from err
+    except Exception as err:  # a SyntaxError or any error raised by the module's own code
+        where = f" ({err.filename}, line {err.lineno})" if isinstance(err, SyntaxError) else ""
+        raise InvalidArgumentError(
+            f"Importing the module {module_name!r} of the model {name!r} failed{where}: "
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        ) from err
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(
+                n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and not inspect.ismodule(v)
+            )
+            hint = (
+                f" Its public callables: {', '.join(public[:12])}{', ...' if len(public) > 12 else ''}."
+                if public
+                else ""
+            )
+            raise InvalidArgumentError(
+                f"The module {module_name!r} ({getattr(module, '__file__', None) or 'built in'}) has no attribute "
+                f"{attr!r} for the model {name!r}.{hint}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj) or inspect.ismodule(obj):
+        raise InvalidArgumentError(
+            f"{attr!r} in the module {module_name!r} is a {type(obj).__name__}, not a function or class; the model "
+            f"{name!r} must name a callable that returns a torch.nn.Module."
+        )
+    return obj, module
+
+
+def _user_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` as `factory` takes them: `seed` is passed only if it takes it (its weights are seeded anyway)."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins have no signature: pass everything
+        return kwargs
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    if not takes_any and "seed" not in sig.parameters:
+        kwargs = {k: v for k, v in kwargs.items() if k != "seed"}
+    try:
+        sig.bind(**kwargs)
+    except TypeError as err:
+        raise InvalidArgumentError(
+            f"The model {name!r} cannot be called with the keywords {sorted(kwargs)}: {err}. It must take "
+            "num_classes=, input_shape= (and optionally seed=) plus the model options."
+        ) from None
+    return kwargs
+
+
+def user_model_sha256(name: str) -> str | None:
+    """For your own model `"package.module:function"`: SHA-256 of the source files of its module and of the
+    module defining the function (a cache key part: editing the code gives new weights). None when no source
+    file is found (a compiled module); only those files are covered, not the modules they import."""
+    factory, module = _resolve_user_model(name)
+    files = set()
+    for obj in (module, factory):
+        try:
+            found = inspect.getsourcefile(obj)
+        except TypeError:
+            found = None
+        if found is None and inspect.ismodule(obj):
+            found = getattr(obj, "__file__", None)
+        if found and Path(found).is_file():
+            files.add(str(Path(found).resolve()))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(Path(f).name.encode() + b"\0" + Path(f).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Creation
+# ----------------------------------------------------------------------------------------------------------
 def create(
     name: str, *, num_classes: int, input_shape: Sequence[int], seed: int | None = None, **params: Any
 ) -> nn.Module:
-    """Builds a registered model. With `seed`, the initial weights depend on it alone (not on global state).
+    """Builds a registered model, or your own: `name = "package.module:function"` imports the module and
+    returns `function(num_classes=..., input_shape=..., seed=..., **params)` (`seed=` only if it takes it), which
+    must be an `nn.Module`. With `seed`, the initial weights depend on it alone (not on global state): the call
+    runs under `torch.random.fork_rng` after `torch.manual_seed(seed)`.
 
     Raises:
-        ValueError: unknown name or parameter, `num_classes < 2`, or an image model with a non-image input shape.
+        ValueError: unknown name or parameter, `num_classes < 2`, an image model with a non-image input shape,
+            or a user model path that cannot be imported or does not return an `nn.Module`.
     """
     check_positive_int("num_classes", num_classes, minimum=2)
     if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
@@ -227,6 +353,8 @@ def create(
     if not input_shape or not all(_positive_int(s) for s in input_shape):
         raise InvalidArgumentError(expected("input_shape", "a non-empty tuple of positive ints", input_shape))
     shape = tuple(int(s) for s in input_shape)
+    if is_user_model(name):
+        return _create_user_model(name, num_classes=num_classes, input_shape=shape, seed=seed, params=params)
     if name in _IMAGE_MODELS and len(shape) != 3:
         raise InvalidArgumentError(
             expected("input_shape", f"(channels, height, width) for the image model {name!r}", shape)
@@ -255,10 +383,53 @@ def create(
         ) from None
 
 
+def _create_user_model(
+    name: str, *, num_classes: int, input_shape: tuple[int, ...], seed: int | None, params: dict[str, Any]
+) -> nn.Module:
+    factory, _ = _resolve_user_model(name)
+    reserved = sorted({"num_classes", "input_shape", "seed"} & set(params))
+    if reserved:
+        raise InvalidArgumentError(expected("model_options", "options other than those ccl passes itself", reserved))
+    kwargs = _user_kwargs(
+        name, factory, {"num_classes": num_classes, "input_shape": input_shape, "seed": seed, **params}
+    )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            model = factory(**kwargs)
+    except (TypeError, ValueError, RuntimeError) as err:
+        if isinstance(err, CclError):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InvalidArgumentError(
+            f"Cannot build model {name!r} with options {params} for inputs {input_shape}: {first}"
+        ) from err
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(
+            f"The model {name!r} returned a {type(model).__module__}.{type(model).__qualname__}, not a torch.nn.Module."
+        )
+    return model
+
+
 def available() -> list[str]:
     return _REGISTRY.available()
 
 
 def describe(name: str) -> tuple[str, dict]:
-    """(one-line description, {parameter: default}) of a registered name."""
+    """(one-line description, {parameter: default}) of a registered name or of your own model (the first line
+    of its docstring and its options with defaults)."""
+    if is_user_model(name):
+        factory, _ = _resolve_user_model(name)
+        doc = (inspect.getdoc(factory) or f"your own model {name}").strip().splitlines()[0]
+        try:
+            sig = inspect.signature(factory)
+        except (TypeError, ValueError):
+            return doc, {}
+        skip = {"num_classes", "input_shape", "seed"}
+        return doc, {
+            p.name: p.default
+            for p in sig.parameters.values()
+            if p.name not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty
+        }
     return _REGISTRY.describe(name)

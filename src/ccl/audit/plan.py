@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import data, models
 from ..config import DefenseSpec, ExperimentConfig
 from ..data import MembershipSplit
 from ..training import Recipe
@@ -42,22 +43,42 @@ def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
     return h.hexdigest()
 
 
+@lru_cache(maxsize=32)
+def _folder_digest(path: str, mtime_ns: int) -> str:
+    from ..data.images import folder_digest
+
+    return folder_digest(path)
+
+
 def dataset_identity(config: ExperimentConfig) -> dict[str, Any]:
-    """What identifies the data: name and options, and for a user's file its SHA-256 (not its path)."""
+    """What identifies the data: name and options, and for a user's file (or image folder) its content hash,
+    not its path: an edited file never reuses models trained on the old one."""
     ident: dict[str, Any] = {"dataset": config.dataset, "options": config.dataset_options}
-    file = config.dataset if config.dataset.endswith(".npz") else config.dataset_options.get("path")
-    if config.dataset in ("npz",) or config.dataset.endswith(".npz"):
+    kind = data.file_kind(config.dataset) or (
+        config.dataset if config.dataset in ("npz", "csv", "parquet", "image_folder") else None
+    )
+    if kind is not None:
+        file = config.dataset if data.file_kind(config.dataset) else config.dataset_options.get("path")
         path = Path(file)
-        stat = path.stat()
         options = {k: v for k, v in config.dataset_options.items() if k != "path"}
-        ident = {
-            "dataset": "npz",
-            "sha256": _file_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size),
-            "options": options,
-        }
+        if kind == "image_folder":
+            newest = max((p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()), default=0)
+            digest = _folder_digest(str(path.resolve()), newest)
+        else:
+            stat = path.stat()
+            digest = _file_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        ident = {"dataset": kind, "sha256": digest, "options": options}
     ident["standardize"] = config.standardizes
     if config.canaries:
         ident["canaries"] = {"num": config.canaries, "kind": config.canary_kind}
+    return ident
+
+
+def model_identity(config: ExperimentConfig) -> dict[str, Any]:
+    """The architecture: its name and options, and for a user's model the hash of its source."""
+    ident: dict[str, Any] = {"model": config.model, "options": config.model_options}
+    if models.is_user_model(config.model):
+        ident["source_sha256"] = models.user_model_sha256(config.model)
     return ident
 
 
@@ -65,7 +86,7 @@ def stacking(config: ExperimentConfig) -> bool:
     """Whether reference models train stacked: decided from the recipe alone ("on", "off", or "auto": for the
     architectures in `STACK_BY_DEFAULT`), never from a timing, so the same command gives the same numbers."""
     if config.stacked == "auto":
-        return config.model in STACK_BY_DEFAULT
+        return config.model in STACK_BY_DEFAULT  # a user's model trains one by one unless told "on"
     return config.stacked == "on"
 
 
@@ -114,8 +135,7 @@ def plan_jobs(config: ExperimentConfig, defense: DefenseSpec, seed: int, split: 
         key = digest(
             {
                 "data": data_id,
-                "model": config.model,
-                "model_options": config.model_options,
+                "model": model_identity(config),
                 "recipe": recipe.to_dict(),
                 "defense": defense.to_dict(),
                 "members": _members_hash(members),

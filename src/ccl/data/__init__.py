@@ -15,7 +15,9 @@ from .._registry import Registry
 from ..errors import InvalidArgumentError
 from .datasets import DataError, Dataset, from_arrays, load_cifar, load_digits, load_npz, load_tabular, make_synthetic
 from .download import ChecksumError, DownloadError, cache_dir
+from .images import load_image_folder
 from .splits import MembershipSplit, membership_split, shadow_split
+from .tables import load_csv, load_parquet, load_table
 
 __all__ = [
     "describe",
@@ -26,8 +28,11 @@ __all__ = [
     "MembershipSplit",
     "available",
     "cache_dir",
+    "file_kind",
     "from_arrays",
     "load",
+    "load_image_folder",
+    "load_table",
     "membership_split",
     "parameters",
     "shadow_split",
@@ -37,6 +42,11 @@ _REGISTRY: Registry[Dataset] = Registry("dataset")
 _REGISTRY.register("digits", load_digits, doc="scikit-learn's digits, 1,797 x 64, 10 classes (offline)")
 _REGISTRY.register("synthetic", make_synthetic, doc="seeded tabular task that overfits readily (offline)")
 _REGISTRY.register("npz", load_npz, doc="your own .npz with arrays X and y (path=...)")
+_REGISTRY.register("csv", load_csv, doc="your own .csv table (path=..., label=<column>; pandas)")
+_REGISTRY.register("parquet", load_parquet, doc="your own .parquet table (path=..., label=<column>; pandas, pyarrow)")
+_REGISTRY.register(
+    "image_folder", load_image_folder, doc="your own PNG/JPEG images, one subfolder per class (path=...; Pillow)"
+)
 for _name, _doc in (
     ("cifar10", "CIFAR-10, 60,000 x (3, 32, 32), 10 classes"),
     ("cifar100", "CIFAR-100, 60,000 x (3, 32, 32), 100 classes"),
@@ -50,18 +60,49 @@ for _name, _doc in (
     _REGISTRY.register(_name, partial(load_tabular, _name), doc=_doc + " (downloaded)")
 
 
+def file_kind(name: Any) -> str | None:
+    """The registered loader a dataset name that is a path stands for: "npz", "csv" or "parquet" (by its
+    suffix), "image_folder" (a name ending in "/"), or None for a registered name."""
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    text = os.fspath(name)
+    if text.endswith(("/", os.sep)):
+        return "image_folder"
+    if text.endswith(".npz"):
+        return "npz"
+    for suffix in (".csv", ".parquet"):  # any case: DATA.CSV is common
+        if text.lower().endswith(suffix):
+            return suffix[1:]
+    return None
+
+
+_REQUIRED = {"csv": ("path", "label"), "parquet": ("path", "label"), "image_folder": ("path",)}
+
+
 def load(name: str, **options: Any) -> Dataset:
     """Loads a registered dataset, e.g. `load("digits")`, `load("cifar10", cache="~/data")`,
-    `load("npz", path="mine.npz")`. A name ending in `.npz` is read as a file."""
-    if isinstance(name, (str, os.PathLike)) and str(name).endswith(".npz"):
-        valid = [p for p in _REGISTRY.parameters("npz") if p != "path"]
+    `load("npz", path="mine.npz")`, `load("csv", path="mine.csv", label="outcome")`,
+    `load("image_folder", path="photos")`. A name ending in `.npz`, `.csv` or `.parquet` is read as that
+    file, and a name ending in `/` as an image folder: `load("mine.csv", label="outcome")`, `load("photos/")`."""
+    kind = file_kind(name)
+    if kind is not None:
+        valid = [p for p in _REGISTRY.parameters(kind) if p != "path"]
+        what = "image folder" if kind == "image_folder" else f".{kind} file"
         for key in options:
             if key not in valid:
                 raise InvalidArgumentError(
-                    f"Unknown dataset option {key!r} for the .npz file {name}; it takes: {', '.join(valid)}."
+                    f"Unknown dataset option {key!r} for the {what} {name}; it takes: {', '.join(valid)}."
                 )
-        return load_npz(name, **options)
-    return _REGISTRY.create(name, **options)
+        options = {**options, "path": name}
+    elif isinstance(name, str) and name in _REQUIRED:
+        kind = name
+    for key in _REQUIRED.get(kind, ()) if kind is not None else ():
+        if key not in options:
+            value = "<the label column>" if key == "label" else "<your file or folder>"
+            raise InvalidArgumentError(
+                f"The dataset {name} needs the option {key}={value} (on the command line: --data-option {key}=...)."
+            )
+    return _REGISTRY.create(kind or name, **options)
 
 
 def parameters(name: str) -> list[str]:
