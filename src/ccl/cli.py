@@ -122,7 +122,18 @@ _RECIPE_FLAGS = (
 _RUNTIME_FLAGS = ("device", "compile", "threads")
 #: Top-level flags; the audit-only ones are not offered by `ccl train`.
 _COMMON_FLAGS = ("dataset", "model", "defenses", "seeds", "population_fraction")
-_AUDIT_FLAGS = ("num_references", "attacks", "flip_queries", "bootstrap", "stacked", "canaries", "canary_kind")
+_AUDIT_FLAGS = (
+    "num_references",
+    "attacks",
+    "flip_queries",
+    "bootstrap",
+    "stacked",
+    "canaries",
+    "canary_kind",
+    "target_members",
+    "target_checkpoint",
+    "target_logits",
+)
 
 
 _TRAIN_REFUSES = (
@@ -215,6 +226,16 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
             default=None,
             help="also query the flipped image (images only); default: no augmentation at query time",
         )
+        if kind == "audit":
+            g.add_argument(
+                "--target-members",
+                help="a model trained elsewhere: its members (.npy of indices or a boolean mask over the dataset)",
+            )
+            g.add_argument(
+                "--target-checkpoint",
+                help="... and its weights for --model (a state dict, loaded with weights_only=True, or .safetensors)",
+            )
+            g.add_argument("--target-logits", help="... or its outputs on every record of the dataset, (N, C) .npy")
         g.add_argument(
             "--canaries",
             type=int,
@@ -517,6 +538,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     if args.run_dir is None:
         raise ConfigError("Give the run directory: ccl report RUN_DIR")
+    if args.format != "html":  # for pipelines: print the aggregate, render nothing
+        from .results import table_markdown
+
+        agg = load_aggregate(args.run_dir)
+        if args.format == "json":
+            print((args.run_dir / "metrics.json").read_text(), end="")
+        elif args.format == "csv":
+            print((args.run_dir / "table.csv").read_text(), end="")
+        else:
+            print(table_markdown(agg), end="")
+        return 0
     path = render_report(args.run_dir, leakage=args.leakage)
     if (args.run_dir / "metrics.json").exists():
         print("\n".join(table_lines(load_aggregate(args.run_dir))))
@@ -576,6 +608,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", type=Path, nargs="?")
     p.add_argument("--list", action="store_true", help="list the datasets, models, losses and attacks")
+    p.add_argument(
+        "--format",
+        choices=["html", "json", "csv", "md"],
+        default="html",
+        help="html: render report.html (default); json/csv/md: print the results table to stdout",
+    )
     p.add_argument(
         "--leakage",
         choices=["tpr", "auc", "epsilon_lb"],

@@ -266,6 +266,9 @@ class ExperimentConfig:
     canaries: int = 0  # canary records added to the audit pool, each IN for half the models (even; 0: none)
     canary_kind: str = "mislabeled"  # "mislabeled" | "ood" (see ccl.data.canaries)
     leave_one_out: bool | str = "auto"  # every model as the target, pooled: "auto" (with >= 4 reference models)
+    target_members: str | None = None  # a model trained elsewhere: its members (.npy indices or boolean mask)
+    target_checkpoint: str | None = None  # ... and its weights for `model` (state dict; weights_only loading)
+    target_logits: str | None = None  # ... or its outputs (N, C) on every record
 
     def __post_init__(self) -> None:
         self.validate()
@@ -339,6 +342,32 @@ class ExperimentConfig:
             raise ConfigError(
                 expected("num_references", f"at least {LEAVE_ONE_OUT_MIN} with leave_one_out", self.num_references)
             )
+        for name in ("target_members", "target_checkpoint", "target_logits"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, str) or not Path(value).expanduser().is_file():
+                    raise ConfigError(expected(name, "the path of an existing file", value))
+                setattr(self, name, str(Path(value).expanduser().resolve()))
+        supplied = self.target_checkpoint is not None or self.target_logits is not None
+        if self.target_checkpoint is not None and self.target_logits is not None:
+            raise ConfigError("Give --target-checkpoint or --target-logits, not both.")
+        if supplied != (self.target_members is not None):
+            raise ConfigError(
+                "A supplied target needs both its members (--target-members) and its weights (--target-checkpoint) "
+                "or outputs (--target-logits)."
+            )
+        if supplied and self.canaries:
+            raise ConfigError(
+                "Canaries must be in the target's training set: they cannot be used with a supplied target."
+            )
+        if supplied and len(self.defenses) != 1:
+            raise ConfigError(
+                expected(
+                    "defenses",
+                    "one defense: the recipe the supplied target was trained with",
+                    [d.label for d in self.defenses],
+                )
+            )
         if self.standardize not in (True, False, "auto"):
             raise ConfigError(expected("standardize", "true, false or 'auto'", self.standardize))
         if not isinstance(self.flip_queries, bool):
@@ -360,10 +389,15 @@ class ExperimentConfig:
         self.fprs = sorted(float(f) for f in self.fprs)
 
     @property
+    def supplied_target(self) -> bool:
+        """Whether the target was trained elsewhere (its checkpoint or outputs are given), not by ccl."""
+        return self.target_checkpoint is not None or self.target_logits is not None
+
+    @property
     def uses_leave_one_out(self) -> bool:
         """Whether every model is also evaluated as the target ("auto": with at least 4 reference models)."""
-        if self.leave_one_out == "auto":
-            return self.num_references >= LEAVE_ONE_OUT_MIN
+        if self.leave_one_out == "auto":  # not for a supplied target: its references follow another recipe
+            return self.num_references >= LEAVE_ONE_OUT_MIN and not self.supplied_target
         return bool(self.leave_one_out)
 
     @property
@@ -371,6 +405,8 @@ class ExperimentConfig:
         """Whether tabular features are standardised: "auto" does it for the user's own files and leaves the
         registered datasets as their papers use them (digits in [0, 1], Purchase/Texas/Location binary)."""
         if self.standardize == "auto":
+            if self.supplied_target:  # the supplied target saw the features as they are
+                return False
             kind = data.file_kind(self.dataset) or self.dataset
             return kind in ("npz", "csv", "parquet")
         return bool(self.standardize)
@@ -405,6 +441,9 @@ class ExperimentConfig:
             "canaries": self.canaries,
             "canary_kind": self.canary_kind,
             "leave_one_out": self.leave_one_out,
+            "target_members": self.target_members,
+            "target_checkpoint": self.target_checkpoint,
+            "target_logits": self.target_logits,
         }
 
     @classmethod

@@ -243,7 +243,10 @@ def plot_loss_variance(agg: Aggregate, results: list[DefenseResult], colors: dic
                 color=colors[row.defense],
             )
     ax.set(xlabel="epoch", ylabel="variance of members' cross-entropy", yscale="log")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no training log (a supplied target)", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
 

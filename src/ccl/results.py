@@ -42,6 +42,7 @@ __all__ = [
     "load_scores",
     "save_scores",
     "table_lines",
+    "table_markdown",
     "write_aggregate",
 ]
 
@@ -320,3 +321,23 @@ def table_lines(agg: Aggregate, *, fpr: float = 0.01) -> list[str]:
             line += f" {auc:10.3f} {'n/a' if math.isnan(tpr) else f'{100 * tpr:.1f}%':>13s}"
         lines.append(line)
     return lines
+
+
+def table_markdown(agg: Aggregate) -> str:
+    """The aggregate as a Markdown table: test accuracy, then AUC and TPR at each FPR of every attack, the
+    pooled (leave-one-out) evaluation where the run has it."""
+    ev = "pooled" if agg.rows and all("pooled" in r.evaluations for r in agg.rows) else "target"
+    head = ["defense", "test acc"]
+    for a in agg.headline_attacks:
+        head += [f"{a} AUC"] + [f"{a} TPR@{100 * f:g}%" for f in agg.fprs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in agg.rows:
+        cells = [r.defense, f"{100 * r.test_acc:.1f}%"]
+        for a in agg.headline_attacks:
+            auc = r.metric(a, "auc", ev)[0]
+            cells.append("n/a" if math.isnan(auc) else f"{auc:.3f}")
+            for f in agg.fprs:
+                t = r.metric(a, tpr_key(f), ev)[0]
+                cells.append("n/a" if math.isnan(t) else f"{100 * t:.1f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n(evaluation: {'leave-one-out, pooled' if ev == 'pooled' else 'single target'})\n"

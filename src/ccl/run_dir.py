@@ -56,6 +56,9 @@ _FIXED = (
     "canaries",
     "canary_kind",
     "leave_one_out",
+    "target_members",
+    "target_checkpoint",
+    "target_logits",
 )
 #: The command-line flag of each setting, for messages.
 _FLAG = {

@@ -27,6 +27,7 @@ from .execute import ExecutionContext, Executor, LocalExecutor, ModelCache
 from .plan import model_seed, plan_jobs, result_key
 from .preflight import preflight
 from .score import score_defense
+from .supplied import load_members, supplied_note, supplied_split, supplied_target_logits
 
 __all__ = ["choose_threads", "run_audit", "run_train"]
 
@@ -78,6 +79,7 @@ def run_audit(
     executor = executor or LocalExecutor()
     per_model = 1 + config.num_references
     bar = None
+    members = load_members(config.target_members, len(dataset)) if config.supplied_target else None
     with rd.open(config, resume=resume, runtime=runtime, command=command), torch_threads(runtime.threads):
         if runtime.progress:
             from tqdm.auto import tqdm
@@ -87,12 +89,21 @@ def run_audit(
         try:
             results: list[DefenseResult] = []
             for seed in config.seeds:
-                split = data.membership_split(
-                    len(dataset),
-                    num_references=config.num_references,
-                    seed=seed,
-                    population_fraction=config.population_fraction,
-                )
+                if config.supplied_target:  # the members are given: the pool is built around them
+                    split = supplied_split(
+                        members,
+                        len(dataset),
+                        num_references=config.num_references,
+                        seed=seed,
+                        population_fraction=config.population_fraction,
+                    )
+                else:
+                    split = data.membership_split(
+                        len(dataset),
+                        num_references=config.num_references,
+                        seed=seed,
+                        population_fraction=config.population_fraction,
+                    )
                 seed_data, is_canary = dataset, np.zeros(split.pool.size, bool)
                 if config.canaries:
                     seed_data, split, is_canary = add_canaries(
@@ -115,8 +126,14 @@ def run_audit(
                                 tick(per_model)
                             continue
                     jobs = plan_jobs(config, defense, seed, split)
-                    executor.run(jobs, ctx, on_done=tick)
-                    logits = np.stack([cache.outputs(j, query_index) for j in jobs])  # (1 + K, Q, [A,] C)
+                    trained = jobs[1:] if config.supplied_target else jobs  # a supplied target is not trained
+                    if config.supplied_target and tick:
+                        tick(1)
+                    executor.run(trained, ctx, on_done=tick)
+                    outputs = [cache.outputs(j, query_index) for j in trained]
+                    if config.supplied_target:
+                        outputs.insert(0, supplied_target_logits(config, seed_data, query_index, runtime))
+                    logits = np.stack(outputs)  # (1 + K, Q, [A,] C)
                     result, arrays = score_defense(
                         config,
                         labels,
@@ -129,6 +146,8 @@ def run_audit(
                         is_canary=is_canary,
                         dp_epsilon=cache.info(jobs[0]).get("epsilon"),
                     )
+                    if config.supplied_target:
+                        result.notes.insert(0, supplied_note(config))
                     save_scores(out_dir, arrays)
                     result.save(out_dir)  # written last: its presence marks the result complete
                     results.append(result)

@@ -153,6 +153,10 @@ def result_key(config: ExperimentConfig, defense: DefenseSpec, seed: int) -> str
     """A hash of everything that determines one (defense, seed) result: a resumed run recomputes a result whose
     reference models or attacks changed since it was written."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("seeds", "defenses", "dataset")}
+    if config.supplied_target:  # the supplied files' contents, not their paths
+        from .supplied import supplied_identity
+
+        settings["supplied"] = supplied_identity(config)
     return digest({"settings": settings, "data": dataset_identity(config), "defense": defense.to_dict(), "seed": seed})[
         :20
     ]
