@@ -15,7 +15,9 @@ import numpy as np
 from .._registry import Registry
 from .base import Attack
 from .inputs import AttackInputs, NotEnoughReferencesError
+from .label_only import LabelOnlyAttack
 from .lira import LiRA
+from .qmia import QMIA
 from .rmia import RMIA
 from .shadow import ShadowClassifierAttack
 from .threshold import ThresholdAttack
@@ -24,8 +26,10 @@ __all__ = [
     "describe",
     "Attack",
     "AttackInputs",
+    "LabelOnlyAttack",
     "LiRA",
     "NotEnoughReferencesError",
+    "QMIA",
     "RMIA",
     "ShadowClassifierAttack",
     "ThresholdAttack",
@@ -50,6 +54,19 @@ _REGISTRY.register("lira", LiRA, defaults={"online": True}, doc="LiRA, online (I
 _REGISTRY.register("lira_offline", LiRA, defaults={"online": False}, doc="LiRA, offline (OUT only)")
 _REGISTRY.register("rmia", RMIA, defaults={"offline": False}, doc="RMIA, online")
 _REGISTRY.register("rmia_offline", RMIA, defaults={"offline": True}, doc="RMIA, offline (parameter a)")
+_REGISTRY.register(
+    "label_only_augmentation",
+    LabelOnlyAttack,
+    defaults={"kind": "augment"},
+    doc="label-only (Choquette-Choo et al. 2021): fraction of augmented copies still classified correctly",
+)
+_REGISTRY.register(
+    "label_only_noise",
+    LabelOnlyAttack,
+    defaults={"kind": "noise"},
+    doc="label-only: fraction of copies under Gaussian noise of increasing scale still classified correctly",
+)
+_REGISTRY.register("qmia", QMIA, doc="QMIA (Bertran et al. 2023): margin above a quantile regressed on the population")
 
 
 def create(name: str, **params: Any) -> Attack:
@@ -63,12 +80,17 @@ def available() -> list[str]:
 
 
 def runnable(attack: Attack, inputs: AttackInputs) -> bool:
-    """Whether `inputs` hold what `attack` needs (reference models, a population)."""
+    """Whether `inputs` hold what `attack` needs: reference models, a population (with the reference models'
+    outputs on it when the attack uses reference models), and the optional fields it names in `needs_inputs`
+    (the label-only attacks' predicted labels on perturbed copies, QMIA's features)."""
     if inputs.num_references < attack.min_references:
         return False
-    if attack.needs_population and inputs.population_reference_logits is None:
-        return False
-    return True
+    if attack.needs_population:
+        if inputs.population_target_logits is None:
+            return False
+        if attack.min_references > 0 and inputs.population_reference_logits is None:
+            return False
+    return all(getattr(inputs, name) is not None for name in getattr(attack, "needs_inputs", ()))
 
 
 def score_all(inputs: AttackInputs, *, names: list[str] | None = None) -> dict[str, np.ndarray]:

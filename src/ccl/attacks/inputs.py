@@ -15,6 +15,18 @@ Shapes (`A` is an optional axis of augmented queries of the same record; leave i
     population_labels:              (Z,)
     population_reference_logits:    (K, Z, C) or (K, Z, A, C)
     population_reference_in:        (K, Z) bool, default all False
+
+Optional inputs of the label-only attacks (`ccl.attacks.label_only`): the predicted labels of the target (and
+of the reference models) on `Q` perturbed copies of each record, for each kind of perturbation
+(`ccl.attacks.label_only.perturbed_queries`):
+    target_perturbed_labels:        (N, Q) int, on augmented copies (crop + flip; noise on tabular records)
+    reference_perturbed_labels:     (K, N, Q) int, the same for the reference models
+    target_noise_labels:            (N, Q') int, on copies with Gaussian noise of increasing scale
+    reference_noise_labels:         (K, N, Q') int, the same for the reference models
+
+Optional inputs of QMIA (`ccl.attacks.qmia`): the records' features (their inputs, flattened):
+    features:                       (N, d) float
+    population_features:            (Z, d) float
 """
 
 from __future__ import annotations
@@ -89,6 +101,40 @@ def _mask(name: str, value, shape: tuple[int, int]) -> np.ndarray:
     return arr
 
 
+def _predicted_labels(name: str, value, leading: tuple[int, ...], c: int, *, queries: int | None = None) -> np.ndarray:
+    """Checks predicted labels of shape `leading + (Q,)` (with `queries`, Q must equal it)."""
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidArgumentTypeError(expected(name, "integer predicted labels", arr.dtype))
+    tail = "Q" if queries is None else queries
+    if arr.ndim != len(leading) + 1 or arr.shape[:-1] != leading or arr.shape[-1] < 1:
+        raise InvalidArgumentError(expected(name, f"an array of shape {leading + (tail,)}", f"shape {arr.shape}"))
+    if queries is not None and arr.shape[-1] != queries:
+        raise InvalidArgumentError(
+            expected(name, f"{queries} queries per record like the target's", f"{arr.shape[-1]} (shape {arr.shape})")
+        )
+    if arr.size and (arr.min() < 0 or arr.max() >= c):
+        raise InvalidArgumentError(
+            expected(name, f"class indices in [0, {c})", f"values in [{arr.min()}, {arr.max()}]")
+        )
+    return arr.astype(np.int64, copy=False)
+
+
+def _features(name: str, value, n: int, *, d: int | None = None) -> np.ndarray:
+    """Checks finite features `(n, d)` (with `d`, the same width as `features`)."""
+    arr = np.asarray(value)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidArgumentTypeError(expected(name, "real-valued features", arr.dtype))
+    width = "d" if d is None else d
+    if arr.ndim != 2 or arr.shape[0] != n or (d is not None and arr.shape[1] != d) or arr.shape[1] < 1:
+        raise InvalidArgumentError(
+            expected(name, f"an array of shape ({n}, {width}) (flatten each record)", f"shape {arr.shape}")
+        )
+    if not np.all(np.isfinite(arr)):
+        raise InvalidArgumentError(expected(name, "finite values", "an array containing NaN or inf"))
+    return arr.astype(np.float64, copy=False)
+
+
 @dataclass(frozen=True)
 class AttackInputs:
     """Model outputs for an audit; see the module docstring for shapes. Arrays are stored in float64 with an
@@ -102,6 +148,12 @@ class AttackInputs:
     population_labels: np.ndarray | None = None
     population_reference_logits: np.ndarray | None = None
     population_reference_in: np.ndarray | None = field(default=None)
+    target_perturbed_labels: np.ndarray | None = None
+    reference_perturbed_labels: np.ndarray | None = None
+    target_noise_labels: np.ndarray | None = None
+    reference_noise_labels: np.ndarray | None = None
+    features: np.ndarray | None = None
+    population_features: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         tl = np.asarray(self.target_logits)
@@ -129,6 +181,7 @@ class AttackInputs:
             k = rl.shape[0] if rl.ndim else 0
             set_(self, "reference_logits", _logits("reference_logits", rl, (k, n), like=like))
             set_(self, "reference_in", _mask("reference_in", self.reference_in, (k, n)))
+        self._check_label_only_and_features(n, c)
         if self.population_target_logits is None:
             for name in ("population_labels", "population_reference_logits", "population_reference_in"):
                 if getattr(self, name) is not None:
@@ -166,6 +219,44 @@ class AttackInputs:
                 expected("population_reference_logits", "given with `population_reference_in`", None)
             )
 
+    def _check_label_only_and_features(self, n: int, c: int) -> None:
+        """Validates the optional inputs of the label-only attacks and of QMIA."""
+        set_ = object.__setattr__
+        k = self.num_references
+        for target, reference in (
+            ("target_perturbed_labels", "reference_perturbed_labels"),
+            ("target_noise_labels", "reference_noise_labels"),
+        ):
+            tv, rv = getattr(self, target), getattr(self, reference)
+            if tv is None:
+                if rv is not None:
+                    raise InvalidArgumentError(expected(target, f"given with `{reference}`", None))
+                continue
+            tv = _predicted_labels(target, tv, (n,), c)
+            set_(self, target, tv)
+            if rv is not None:
+                if self.reference_logits is None:
+                    raise InvalidArgumentError(
+                        expected("reference_logits", f"given with `{reference}` (with `reference_in`)", None)
+                    )
+                set_(self, reference, _predicted_labels(reference, rv, (k, n), c, queries=tv.shape[1]))
+        if self.features is not None:
+            set_(self, "features", _features("features", self.features, n))
+        if self.population_features is not None:
+            if self.features is None:
+                raise InvalidArgumentError(expected("features", "given with `population_features`", None))
+            if self.population_target_logits is None:
+                raise InvalidArgumentError(
+                    expected("population_target_logits", "given with `population_features`", None)
+                )
+            pt = np.asarray(self.population_target_logits)
+            z = pt.shape[0] if pt.ndim else 0
+            set_(
+                self,
+                "population_features",
+                _features("population_features", self.population_features, z, d=self.features.shape[1]),
+            )
+
     @property
     def num_samples(self) -> int:
         return self.target_logits.shape[0]
@@ -180,6 +271,12 @@ class AttackInputs:
                 f"Attack {attack!r} needs at least {minimum} reference model(s), but got {self.num_references}: "
                 "pass `reference_logits` and `reference_in`."
             )
+
+    def require_inputs(self, attack: str, names: tuple[str, ...], hint: str) -> None:
+        """Raises an error naming the first of the optional inputs `names` that is missing."""
+        for name in names:
+            if getattr(self, name) is None:
+                raise InvalidArgumentError(f"Attack {attack!r} needs `{name}`, which is missing: {hint}")
 
     def require_population(self, attack: str) -> None:
         if self.population_target_logits is None or self.population_reference_logits is None:

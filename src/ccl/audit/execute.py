@@ -67,7 +67,15 @@ class ModelCache:
             ) from None
         return None
 
-    def save(self, job: ModelJob, logits: np.ndarray, query_index: np.ndarray, *, epsilon: float | None = None) -> None:
+    def save(
+        self,
+        job: ModelJob,
+        logits: np.ndarray,
+        query_index: np.ndarray,
+        *,
+        epsilon: float | None = None,
+        extras: dict[str, np.ndarray] | None = None,
+    ) -> None:
         folder = self.folder(job)
         folder.mkdir(parents=True, exist_ok=True)
         write_json(
@@ -82,7 +90,12 @@ class ModelCache:
             },
         )
         with atomic_path(folder / "outputs.npz") as tmp, open(tmp, "wb") as fh:  # written last: marks completion
-            np.savez(fh, logits=logits, query_index=query_index)
+            np.savez(fh, logits=logits, query_index=query_index, **(extras or {}))
+
+    def extras(self, job: ModelJob) -> dict[str, np.ndarray]:
+        """The arrays stored with a model's logits (the label-only attacks' predicted labels)."""
+        with np.load(self.folder(job) / "outputs.npz", allow_pickle=False) as f:
+            return {k: f[k] for k in f.files if k not in ("logits", "query_index")}
 
     def info(self, job: ModelJob) -> dict:
         """What job.json records of a trained model (epsilon spent, trainer, ...)."""
@@ -110,6 +123,31 @@ class ExecutionContext:
     runtime: Runtime
     cache: ModelCache
     keep_checkpoints: bool = False  # keep reference models' checkpoints (the target's is always kept)
+    num_pool: int = 0  # the first `num_pool` query records are the audit pool (label-only queries run on them)
+
+
+#: Label-only attacks: perturbed copies of each pool record, and the scale of the tabular noise (in units of each
+#: feature's standard deviation over the pool). Every model answers the same copies (one seed).
+LABEL_ONLY_QUERIES = 16
+LABEL_ONLY_SCALE = 0.5
+LABEL_ONLY_SEED = 0x1AB
+
+
+@torch.no_grad()
+def perturbed_labels(forward_all, x_pool: torch.Tensor) -> dict[str, np.ndarray]:
+    """`{"augment_labels", "noise_labels"}`, each `(K, P, Q)`: the predicted labels of K models (`forward_all(x)
+    -> (K, B, C)`) on `LABEL_ONLY_QUERIES` perturbed copies of the pool records, for the label-only attacks."""
+    from ..attacks.label_only import perturbed_queries
+
+    x = x_pool.float().cpu()
+    std = x.std(0, unbiased=False)
+    out = {}
+    for kind in ("augment", "noise"):
+        queries = perturbed_queries(
+            x, kind=kind, num=LABEL_ONLY_QUERIES, scale=LABEL_ONLY_SCALE, seed=LABEL_ONLY_SEED, std=std
+        )
+        out[f"{kind}_labels"] = torch.stack([forward_all(q).argmax(-1).cpu() for q in queries], -1).numpy()
+    return out
 
 
 def _build(job: ModelJob, dataset: Dataset) -> torch.nn.Module:
@@ -140,6 +178,9 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
             )
             logits = [predict_logits(result.model, data.x[query], device=runtime.device, flip_queries=ctx.flip_queries)]
             epsilons = [result.epsilon]
+            device = resolve_device(runtime.device)
+            model = result.model.eval().to(device)
+            extras = perturbed_labels(lambda x: model(x.to(device))[None], data.x[query[: ctx.num_pool]])
         else:
             name = hashlib.sha256("-".join(j.key for j in jobs).encode()).hexdigest()[:20]
             stack = fit_stacked(
@@ -157,8 +198,11 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
             device = resolve_device(runtime.device)
             logits = list(predict_stacked(stack, data.x[query], flip_queries=ctx.flip_queries, device=device))
             epsilons = [None] * len(jobs)
-        for job, lg, eps in zip(jobs, logits, epsilons, strict=True):
-            ctx.cache.save(job, lg, ctx.query_index, epsilon=eps)
+            extras = perturbed_labels(
+                lambda x: stack.forward(x.to(device), shared_input=True), data.x[query[: ctx.num_pool]]
+            )
+        for k, (job, lg, eps) in enumerate(zip(jobs, logits, epsilons, strict=True)):
+            ctx.cache.save(job, lg, ctx.query_index, epsilon=eps, extras={n: v[k] for n, v in extras.items()})
         if not ctx.keep_checkpoints:  # outputs are stored: a reference model's weights are not needed again
             if len(jobs) > 1 or jobs[0].trainer == "stacked":
                 (ctx.cache.root / "stacked" / f"{name}.pt").unlink(missing_ok=True)

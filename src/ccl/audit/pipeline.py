@@ -114,7 +114,17 @@ def run_audit(
                 labels = seed_data.y[torch.as_tensor(query_index)].numpy()
                 if config.standardizes:
                     seed_data = standardize(seed_data, fit_index=split.pool[~is_canary])
-                ctx = ExecutionContext(seed_data, query_index, config.flip_queries, runtime, cache, keep_checkpoints)
+                ctx = ExecutionContext(
+                    seed_data,
+                    query_index,
+                    config.flip_queries,
+                    runtime,
+                    cache,
+                    keep_checkpoints,
+                    num_pool=split.pool.size,
+                )
+                flat = seed_data.x.reshape(len(seed_data), -1).numpy()
+                features, population_features = flat[split.pool], flat[split.population]
                 for defense in config.defenses:
                     out_dir = rd.result_dir(defense.slug, seed)
                     key = result_key(config, defense, seed)
@@ -131,6 +141,9 @@ def run_audit(
                         tick(1)
                     executor.run(trained, ctx, on_done=tick)
                     outputs = [cache.outputs(j, query_index) for j in trained]
+                    extras = [cache.extras(j) for j in trained]
+                    if config.supplied_target:
+                        extras.insert(0, {})  # no perturbed queries of a supplied target: label-only attacks skip
                     if config.supplied_target:
                         outputs.insert(0, supplied_target_logits(config, seed_data, query_index, runtime))
                     logits = np.stack(outputs)  # (1 + K, Q, [A,] C)
@@ -145,6 +158,9 @@ def run_audit(
                         target_log=cache.folder(jobs[0]) / "log.jsonl",
                         is_canary=is_canary,
                         dp_epsilon=cache.info(jobs[0]).get("epsilon"),
+                        extras=extras,
+                        features=features,
+                        population_features=population_features,
                     )
                     if config.supplied_target:
                         result.notes.insert(0, supplied_note(config))

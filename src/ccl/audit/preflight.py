@@ -22,7 +22,7 @@ from ..training import Runtime, resolve_device
 __all__ = ["check_attacks", "check_dependencies", "load_dataset", "preflight"]
 
 #: What each optional feature imports, and the extra that installs it.
-EXTRAS = {"report": ("matplotlib", "report"), "digits": ("sklearn", "data")}
+EXTRAS = {"report": ("matplotlib", "report"), "digits": ("sklearn", "data"), "dpsgd": ("opacus", "dp")}
 
 
 def check_dependencies(*features: str) -> None:
@@ -30,7 +30,9 @@ def check_dependencies(*features: str) -> None:
     for feature in features:
         module, extra = EXTRAS[feature]
         if importlib.util.find_spec(module) is None:
-            what = "the report's plots" if feature == "report" else f"the {feature!r} dataset"
+            what = {"report": "the report's plots", "dpsgd": "DP-SGD (the dpsgd defense)"}.get(
+                feature, f"the {feature!r} dataset"
+            )
             raise MissingDependencyError(
                 f"{what} need {module}, which is not installed: pip install 'ccl[{extra}]' (or 'ccl[all]'). "
                 "Nothing was trained."
@@ -96,6 +98,8 @@ def preflight(config: ExperimentConfig, runtime: Runtime, *, data_dir: str | os.
     """Runs every check and returns the loaded dataset."""
     resolve_device(runtime.device)
     check_attacks(config)
+    if any(d.procedure().dp is not None for d in config.defenses):
+        check_dependencies("dpsgd")
     dataset = load_dataset(config, data_dir=data_dir)
     check_data(config, dataset)
     data.membership_split(len(dataset), num_references=0, seed=0, population_fraction=config.population_fraction)

@@ -31,8 +31,8 @@ def attack_names(config: ExperimentConfig, inputs: attacks.AttackInputs) -> list
     for name in config.attacks:
         if not attacks.runnable(attacks.create(name), inputs):
             raise ConfigError(
-                f"Attack {name!r} needs reference models or a population this setup lacks "
-                f"(num_references={inputs.num_references})."
+                f"Attack {name!r} needs inputs this setup lacks (reference models, a population, the records' "
+                f"features or perturbed-query labels; num_references={inputs.num_references})."
             )
     return list(config.attacks)
 
@@ -111,9 +111,10 @@ def _notes(
     return notes
 
 
-#: Attacks left out of the leave-one-out evaluation: the shadow classifier trains one attack model per target,
-#: M times the cost of its single-target score.
-NOT_POOLED = ("shadow_classifier",)
+#: Attacks left out of the leave-one-out evaluation: the shadow classifier and QMIA train one attack model per
+#: target (M times their single-target cost); the label-only attacks read perturbed-query labels that the
+#: leave-one-out scorer does not pass on.
+NOT_POOLED = ("shadow_classifier", "label_only_augmentation", "label_only_noise", "qmia")
 #: The delta of the (epsilon, delta) lower bounds reported next to each attack.
 EPSILON_DELTA = 1e-5
 #: The one-run audit (Steinke et al.) runs on the canaries when there are at least this many.
@@ -229,6 +230,9 @@ def score_defense(
     target_log: Path,
     is_canary: np.ndarray | None = None,
     dp_epsilon: float | None = None,
+    extras: list[dict[str, np.ndarray]] | None = None,
+    features: np.ndarray | None = None,
+    population_features: np.ndarray | None = None,
 ) -> tuple[DefenseResult, dict[str, np.ndarray]]:
     """Runs the attacks on `logits (1 + K, Q, [A,] C)` (target first; queries: the pool, then the population)
     and measures utility. Returns the result and the per-record arrays to store with it.
@@ -244,14 +248,24 @@ def score_defense(
     target, refs = logits[0], logits[1:]
     has_refs = refs.shape[0] > 0
     has_pop = split.population.size > 0 and has_refs
+    label_only: dict[str, np.ndarray | None] = {}
+    if extras and all("augment_labels" in e for e in extras):  # the label-only attacks' queries (every model)
+        for kind, field in (("augment", "perturbed"), ("noise", "noise")):
+            label_only[f"target_{field}_labels"] = extras[0][f"{kind}_labels"]
+            if has_refs:
+                label_only[f"reference_{field}_labels"] = np.stack([e[f"{kind}_labels"] for e in extras[1:]])
+    pop_for_target = split.population.size > 0  # QMIA needs the population's target outputs, no references
     inputs = attacks.AttackInputs(
         target[:p],
         labels,
         refs[:, :p] if has_refs else None,
         split.reference_in if has_refs else None,
-        population_target_logits=target[p:] if has_pop else None,
-        population_labels=pop_labels if has_pop else None,
+        population_target_logits=target[p:] if pop_for_target else None,
+        population_labels=pop_labels if pop_for_target else None,
         population_reference_logits=refs[:, p:] if has_pop else None,
+        features=features,
+        population_features=population_features if pop_for_target else None,
+        **label_only,
     )
     is_member = split.target_in
     names = attack_names(config, inputs)
