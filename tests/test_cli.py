@@ -195,14 +195,15 @@ def test_demo_settings_are_valid_and_sized_for_a_laptop():
     labels = [d.label for d in config.defenses]
     for required in (
         "ce",
-        "focal(gamma=2)",
         "ccel(alpha=0.2)",
         "ccel(alpha=0.5)",
         "ccel(alpha=0.8)",
-        "ccql(alpha=0.5)",
         "relaxloss(alpha=0.5)",
+        "relaxloss(alpha=1)",
+        "dpsgd(epsilon=8)",
     ):
         assert required in labels
+    assert config.uses_leave_one_out and config.canaries > 0  # the worst-case evaluation, by default
     models = len(config.defenses) * len(config.seeds) * (1 + config.num_references)
     assert models <= 500 and config.train.epochs <= 100 and config.train.augment is False
     assert not config.flip_queries  # no augmentation at query time
