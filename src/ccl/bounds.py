@@ -40,8 +40,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._checks import check_in_range, check_positive_int, expected
+from ._scores import DegenerateMetricWarning, Interval
+from ._scores import validate_scores as _validate
 from .errors import InvalidArgumentError, InvalidArgumentTypeError
-from .metrics import DegenerateMetricWarning, Interval, _validate
 
 __all__ = [
     "EpsilonBound",

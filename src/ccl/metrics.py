@@ -23,6 +23,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._checks import check_in_range, check_positive_int, expected
+from ._scores import DegenerateMetricWarning, Interval
+from ._scores import validate_scores as _validate
+from .bounds import clopper_pearson, epsilon_lower_bound, one_run_epsilon_lower_bound
 from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
 __all__ = [
@@ -49,10 +52,6 @@ __all__ = [
 DEFAULT_FPRS = (1e-3, 1e-2)
 
 
-class DegenerateMetricWarning(UserWarning):
-    """A metric was asked of input that cannot support it; the metric is NaN."""
-
-
 class RocCurve(NamedTuple):
     """Points of the ROC curve at every distinct threshold, from (0, 0) to (1, 1), as `sklearn.metrics.roc_curve`
     with `drop_intermediate=False`: `thresholds[0]` is `inf`, and a sample is called a member when
@@ -61,34 +60,6 @@ class RocCurve(NamedTuple):
     fpr: np.ndarray
     tpr: np.ndarray
     thresholds: np.ndarray
-
-
-class Interval(NamedTuple):
-    low: float
-    high: float
-
-
-def _validate(scores: ArrayLike, is_member: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(scores)
-    m = np.asarray(is_member)
-    if s.ndim != 1:
-        raise InvalidArgumentError(expected("scores", "a 1-D array", f"shape {s.shape}"))
-    if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer)):
-        raise InvalidArgumentTypeError(expected("scores", "real numbers", s.dtype))
-    s = s.astype(np.float64)
-    if not np.all(np.isfinite(s)):
-        raise InvalidArgumentError(
-            expected("scores", "finite numbers", f"{int(np.sum(~np.isfinite(s)))} NaN or inf values")
-        )
-    if m.shape != s.shape:
-        raise InvalidArgumentError(
-            expected("is_member", f"an array of shape {s.shape} like `scores`", f"shape {m.shape}")
-        )
-    if m.dtype != bool:
-        if not (np.issubdtype(m.dtype, np.number) and np.isin(m, (0, 1)).all()):
-            raise InvalidArgumentError(expected("is_member", "booleans (or 0/1)", f"values {np.unique(m)[:5]}"))
-        m = m.astype(bool)
-    return s, m
 
 
 def _warn_nan(msg: str) -> float:
@@ -319,8 +290,3 @@ def roc_metrics(scores: ArrayLike, is_member: ArrayLike, fprs: Sequence[float] =
         if n_neg * f < 1 - 1e-9:
             _warn_nan(f"tpr_at_fpr(fpr={f:g}) needs at least {math.ceil(1 / f - 1e-9)} non-members, but got {n_neg}.")
     return _roc_metrics(s, m, fprs)
-
-
-# The privacy lower bounds live in `ccl.bounds` (they need exact binomial tails); they are metrics of an attack
-# too, so they are importable from here: `ccl.metrics.epsilon_lower_bound`.
-from .bounds import clopper_pearson, epsilon_lower_bound, one_run_epsilon_lower_bound  # noqa: E402
