@@ -212,3 +212,62 @@ def test_dp_sgd_and_early_stopping_lower_leakage_and_the_lower_bound_respects_th
 
     dp_jobs = [json.loads(p.read_text()) for p in models if json.loads(p.read_text())["defense"]["loss"] == "dpsgd"]
     assert len(dp_jobs) == 5 and all(j["trainer"] == "single" and 1.9 <= j["epsilon"] <= 2.0 for j in dp_jobs)
+
+
+# ------------------------------------------------------------------ HAMP
+def test_hamp_soft_labels_have_the_requested_entropy_and_the_loss_matches_its_formula():
+    import math
+
+    from ccl.defenses import HAMPLoss, hamp_soft_label_confidence
+
+    for c, gamma in ((10, 0.95), (3, 0.5), (100, 0.99)):
+        p = hamp_soft_label_confidence(c, gamma)
+        q = (1 - p) / (c - 1)
+        assert -(p * math.log(p) + (c - 1) * q * math.log(q)) == pytest.approx(gamma * math.log(c), rel=1e-9)
+    logits, target = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    loss = HAMPLoss(gamma=0.9, alpha=0.1, reduction="none")(logits, target)
+    p = hamp_soft_label_confidence(4, 0.9)
+    for i in range(6):
+        probs = torch.softmax(logits[i], -1)
+        soft = torch.full((4,), (1 - p) / 3)
+        soft[target[i]] = p
+        manual = -(soft * probs.log()).sum() + 0.1 * (probs * probs.log()).sum()
+        assert float(loss[i]) == pytest.approx(float(manual), rel=1e-5)
+
+
+def test_hamp_output_modification_keeps_the_rank_order_and_releases_random_scores():
+    from ccl.defenses import hamp_modify
+
+    rng = np.random.default_rng(0)
+    real, random = rng.normal(size=(50, 7)), rng.normal(size=(50, 7))
+    released = np.exp(hamp_modify(real, random))
+    assert (released.argmax(-1) == real.argmax(-1)).all()  # the predicted label stays
+    assert (released.argsort(-1) == real.argsort(-1)).all()  # so does the whole order
+    softmax = np.exp(random) / np.exp(random).sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.sort(released, -1), np.sort(softmax, -1), rtol=1e-5)  # the random input's scores
+
+
+def test_hamp_hides_from_score_attacks_but_not_from_label_only_ones(tmp_path):
+    """HAMP's modified outputs bring score-based attacks to chance; label-only attacks still see the labels,
+    and the headline reads the strongest attack of either kind."""
+    from ccl.results import load_aggregate
+    from ccl.summary import strongest_attack
+
+    config = ExperimentConfig.from_dict(
+        {
+            "dataset": "digits",
+            "model_options": {"hidden": [64]},
+            "population_fraction": 0.8,
+            "num_references": 4,
+            "bootstrap": 10,
+            "defenses": ["ce", "hamp"],
+            "train": {"epochs": 30, "batch_size": 32, "lr": 0.05, "schedule": "constant"},
+        }
+    )
+    run_audit(config, tmp_path / "run", runtime=QUIET)
+    agg = load_aggregate(tmp_path / "run")
+    ce, hamp = (r for r in agg.rows)
+    assert hamp.metric("lira", "auc", "pooled")[0] < 0.56 < ce.metric("lira", "auc", "pooled")[0]
+    assert hamp.metric("label_only_augmentation", "auc", "pooled")[0] > 0.56
+    assert strongest_attack(agg, "hamp").startswith("label_only")
+    assert hamp.test_acc > 0.85  # accuracy is measured on the released outputs: the labels are kept

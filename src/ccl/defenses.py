@@ -12,6 +12,11 @@ Every loss of `ccl.losses` is a defense that only changes the loss. The others c
   DenseNet with the same replacement. DP-SGD models train one by one (not stacked).
 - `early_stop` (the released model is the one after `epochs` epochs; the learning-rate schedule is still the
   recipe's): the simplest regulariser, and a baseline every defense must beat.
+- `hamp` (Chen and Pattabiraman, NDSS 2024): trains against high-entropy soft labels (`HAMPLoss`, entropy
+  `gamma * log C`) with an entropy regulariser (`alpha`), and modifies the released outputs at query time
+  (`hamp_modify`): each query's scores are those of a random input (uniform over the data's range), rearranged
+  to the query's own rank order, so the predicted label stays. Every attack sees the released outputs, and
+  accuracy is measured on them; label-only attacks are unaffected by the modification, by design.
 
 `create(name, **params)` returns a `Defense`: its loss and its `Procedure`. The syntax on the command line is
 the losses' one, `name:key=value,...` (e.g. `dpsgd:epsilon=8`, `early_stop:epochs=10`), and the reference models
@@ -20,17 +25,20 @@ of an audit train with exactly the target's defense (the attacker knows the reci
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+import numpy as np
+import torch
+from torch import Tensor, nn
 
 from . import losses
-from ._checks import check_choice, check_in_range, check_positive_int, expected
+from ._checks import check_choice, check_in_range, check_logits_targets, check_positive_int, expected
 from ._registry import Registry
 from .errors import InvalidArgumentError
 
-__all__ = ["DPSGD", "Defense", "Procedure", "available", "create", "describe", "parameters"]
+__all__ = ["DPSGD", "Defense", "HAMPLoss", "Procedure", "available", "create", "describe", "hamp_modify", "parameters"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class Procedure:
 
     dp: DPSGD | None = None
     stop_after: int | None = None  # early stopping: the model after this many epochs is released
+    modify_outputs: str | None = None  # "hamp": the released model's outputs are modified at query time
 
     @property
     def stackable(self) -> bool:
@@ -124,6 +133,63 @@ def _early_stop(*, epochs: int, loss: str = "ce") -> Defense:
     )
 
 
+def hamp_soft_label_confidence(num_classes: int, gamma: float) -> float:
+    """The true class's probability p of HAMP's soft label `[p, (1-p)/(C-1), ...]` whose entropy is `gamma`
+    times the largest possible, log C (bisection: the entropy falls as p rises from 1/C to 1)."""
+    c = num_classes
+    target = gamma * math.log(c)
+
+    def entropy(p: float) -> float:
+        q = (1 - p) / (c - 1)
+        return -(p * math.log(p) if p > 0 else 0.0) - ((c - 1) * q * math.log(q) if q > 0 else 0.0)
+
+    lo, hi = 1.0 / c, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if entropy(mid) > target else (lo, mid)
+    return (lo + hi) / 2
+
+
+class HAMPLoss(nn.Module):
+    """HAMP's training loss (Chen and Pattabiraman, NDSS 2024): cross-entropy against a high-entropy soft label
+    (the true class gets the probability whose label entropy is `gamma * log C`, the others share the rest)
+    minus `alpha` times the entropy of the prediction: `-sum_c s_c log p_c - alpha * H(p)`."""
+
+    def __init__(self, *, gamma: float = 0.95, alpha: float = 0.001, reduction: str = "mean") -> None:
+        super().__init__()
+        self.gamma = check_in_range("gamma", gamma, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        self.alpha = check_in_range("alpha", alpha, low=0.0)
+        self.reduction = check_choice("reduction", reduction, ("none", "mean", "sum"))
+
+    def per_sample(self, logits: Tensor, target: Tensor) -> Tensor:
+        c = logits.shape[-1]
+        p = hamp_soft_label_confidence(c, self.gamma)
+        log_p = torch.log_softmax(logits.float(), -1)
+        soft = torch.full_like(log_p, (1 - p) / (c - 1)).scatter_(-1, target[:, None], p)
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        return -(soft * log_p).sum(-1) - self.alpha * entropy
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        check_logits_targets(logits, target)
+        loss = self.per_sample(logits, target)
+        return loss.mean() if self.reduction == "mean" else loss.sum() if self.reduction == "sum" else loss
+
+
+def hamp_modify(logits: np.ndarray, random_logits: np.ndarray) -> np.ndarray:
+    """HAMP's output modification: each query's released scores are those of a random input, rearranged to the
+    rank order of the query's own scores (so the predicted label stays); returned as log-probabilities.
+    `logits (..., C)` and `random_logits (..., C)` of the same shape."""
+    real = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    rand = torch.softmax(torch.from_numpy(np.asarray(random_logits, dtype=np.float32)), -1)
+    ranks = real.argsort(-1).argsort(-1)  # the rank of each class in the query's own scores
+    released = rand.sort(-1).values.gather(-1, ranks)  # the random scores, in that order
+    return torch.log(released.clamp_min(1e-30)).numpy()
+
+
+def _hamp(*, gamma: float = 0.95, alpha: float = 0.001) -> Defense:
+    return Defense(HAMPLoss(gamma=gamma, alpha=alpha), Procedure(modify_outputs="hamp"))
+
+
 def _loss_only(name: str):
     def build(**params: Any) -> Defense:
         return Defense(losses.create(name, **params), Procedure())
@@ -134,6 +200,9 @@ def _loss_only(name: str):
 _REGISTRY: Registry[Defense] = Registry("defense")
 _REGISTRY.register("dpsgd", _dpsgd, doc="DP-SGD (Opacus): per-sample clipping and noise, epsilon from the accountant")
 _REGISTRY.register("early_stop", _early_stop, doc="release the model after `epochs` epochs (required)")
+_REGISTRY.register(
+    "hamp", _hamp, doc="HAMP: high-entropy soft labels, entropy regulariser, modified outputs at query time"
+)
 
 
 def _loss_names() -> list[str]:

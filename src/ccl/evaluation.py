@@ -51,14 +51,20 @@ def leave_one_out_scores_slow(
     *,
     population_logits: np.ndarray | None = None,
     population_labels: np.ndarray | None = None,
+    perturbed_labels: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """`(M, P)` scores: model j as the target, the others as its references, one `attack.score` call each. The
-    obviously correct reference for the fast paths; the only path for attacks without one."""
+    obviously correct reference for the fast paths; the only path for attacks without one. `perturbed_labels`
+    maps "perturbed" and "noise" to every model's `(M, P, Q)` predicted labels (the label-only attacks)."""
     m = logits.shape[0]
     out = np.empty(masks.shape, dtype=np.float64)
     for j in range(m):
         others = np.r_[0:j, j + 1 : m]
         has_pop = population_logits is not None
+        fields = {}
+        for field, values in (perturbed_labels or {}).items():
+            fields[f"target_{field}_labels"] = values[j]
+            fields[f"reference_{field}_labels"] = values[others]
         inputs = AttackInputs(
             logits[j],
             labels,
@@ -67,6 +73,7 @@ def leave_one_out_scores_slow(
             population_target_logits=population_logits[j] if has_pop else None,
             population_labels=population_labels if has_pop else None,
             population_reference_logits=population_logits[others] if has_pop else None,
+            **fields,
         )
         out[j] = attack.score(inputs)
     return out
@@ -148,6 +155,7 @@ def leave_one_out_scores(
     *,
     population_logits: np.ndarray | None = None,
     population_labels: np.ndarray | None = None,
+    perturbed_labels: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """`(M, P)` scores of every model as the target (`logits (M, P, [A,] C)`, `masks (M, P)` its members).
     LiRA and RMIA take the one-pass path (equal to `leave_one_out_scores_slow` up to rounding, tested); other
@@ -166,7 +174,13 @@ def leave_one_out_scores(
             raise NotEnoughReferencesError(f"{attack.name} needs a population.")
         return _rmia_loo(attack, logits, labels, masks, population_logits, population_labels)
     return leave_one_out_scores_slow(
-        attack, logits, labels, masks, population_logits=population_logits, population_labels=population_labels
+        attack,
+        logits,
+        labels,
+        masks,
+        population_logits=population_logits,
+        population_labels=population_labels,
+        perturbed_labels=perturbed_labels,
     )
 
 

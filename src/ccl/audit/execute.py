@@ -150,6 +150,23 @@ def perturbed_labels(forward_all, x_pool: torch.Tensor) -> dict[str, np.ndarray]
     return out
 
 
+@torch.no_grad()
+def _hamp_release(forward_all, logits: list[np.ndarray], x_all: torch.Tensor, n: int, *, seed: int) -> list:
+    """HAMP's released outputs: for each query, the scores of its own random input (uniform over each feature's
+    range in the data), rearranged to the query's rank order (`ccl.defenses.hamp_modify`)."""
+    from ..defenses import hamp_modify
+
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0x4A]).generate_state(1)[0]))
+    low, high = x_all.min(0).values, x_all.max(0).values
+    noise = low + (high - low) * torch.rand((n, *x_all.shape[1:]), generator=g)
+    random_logits = torch.cat([forward_all(noise[i : i + 1024]).float().cpu() for i in range(0, n, 1024)], 1).numpy()
+    out = []
+    for k, lg in enumerate(logits):
+        rl = random_logits[k] if lg.ndim == 2 else np.broadcast_to(random_logits[k][:, None, :], lg.shape)
+        out.append(hamp_modify(lg, rl))
+    return out
+
+
 def _build(job: ModelJob, dataset: Dataset) -> torch.nn.Module:
     return create_model(
         job.model, num_classes=dataset.num_classes, input_shape=dataset.input_shape, seed=job.seed, **job.model_options
@@ -180,7 +197,9 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
             epsilons = [result.epsilon]
             device = resolve_device(runtime.device)
             model = result.model.eval().to(device)
-            extras = perturbed_labels(lambda x: model(x.to(device))[None], data.x[query[: ctx.num_pool]])
+
+            def forward_all(x: torch.Tensor) -> torch.Tensor:
+                return model(x.to(device))[None]
         else:
             name = hashlib.sha256("-".join(j.key for j in jobs).encode()).hexdigest()[:20]
             stack = fit_stacked(
@@ -198,9 +217,13 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
             device = resolve_device(runtime.device)
             logits = list(predict_stacked(stack, data.x[query], flip_queries=ctx.flip_queries, device=device))
             epsilons = [None] * len(jobs)
-            extras = perturbed_labels(
-                lambda x: stack.forward(x.to(device), shared_input=True), data.x[query[: ctx.num_pool]]
-            )
+
+            def forward_all(x: torch.Tensor) -> torch.Tensor:
+                return stack.forward(x.to(device), shared_input=True)
+
+        extras = perturbed_labels(forward_all, data.x[query[: ctx.num_pool]])
+        if jobs[0].defense.procedure().modify_outputs == "hamp":  # queries see the released (modified) outputs
+            logits = _hamp_release(forward_all, logits, data.x, len(ctx.query_index), seed=jobs[0].seed)
         for k, (job, lg, eps) in enumerate(zip(jobs, logits, epsilons, strict=True)):
             ctx.cache.save(job, lg, ctx.query_index, epsilon=eps, extras={n: v[k] for n, v in extras.items()})
         if not ctx.keep_checkpoints:  # outputs are stored: a reference model's weights are not needed again

@@ -112,9 +112,8 @@ def _notes(
 
 
 #: Attacks left out of the leave-one-out evaluation: the shadow classifier and QMIA train one attack model per
-#: target (M times their single-target cost); the label-only attacks read perturbed-query labels that the
-#: leave-one-out scorer does not pass on.
-NOT_POOLED = ("shadow_classifier", "label_only_augmentation", "label_only_noise", "qmia")
+#: target (M times their single-target cost).
+NOT_POOLED = ("shadow_classifier", "qmia")
 #: The delta of the (epsilon, delta) lower bounds reported next to each attack.
 EPSILON_DELTA = 1e-5
 #: The one-run audit (Steinke et al.) runs on the canaries when there are at least this many.
@@ -145,6 +144,7 @@ def _pooled_evaluations(
     is_canary: np.ndarray,
     seed: int,
     pool: np.ndarray,
+    perturbed: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, dict[str, dict]], dict[str, np.ndarray], list[dict], dict[str, np.ndarray]]:
     """Leave-one-out scores of every pooled attack, and the pooled metrics on random records, canaries and the
     most vulnerable records. Returns (evaluation -> attack -> metrics, attack -> (M, P) scores, the table of the
@@ -164,6 +164,7 @@ def _pooled_evaluations(
                 masks,
                 population_logits=logits[:, p:] if has_pop else None,
                 population_labels=pop_labels if has_pop else None,
+                perturbed_labels=perturbed,
             )
         except attacks.NotEnoughReferencesError:
             continue
@@ -216,6 +217,16 @@ def _pooled_evaluations(
                     }
                 )
     return evals, loo, table, chosen_arrays
+
+
+def _every_model(label_only: dict) -> dict[str, np.ndarray] | None:
+    """(M, P, Q) predicted labels of every model, target first, per kind; None without them."""
+    out = {}
+    for field in ("perturbed", "noise"):
+        target, refs = label_only.get(f"target_{field}_labels"), label_only.get(f"reference_{field}_labels")
+        if target is not None and refs is not None:
+            out[field] = np.concatenate([target[None], refs])
+    return out or None
 
 
 def score_defense(
@@ -293,6 +304,7 @@ def score_defense(
             is_canary,
             seed,
             split.pool,
+            perturbed=_every_model(label_only),
         )
 
     target_loss = signals.loss(target[:, 0], labels_all)  # (Q,) cross-entropy of the un-augmented query
