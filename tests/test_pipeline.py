@@ -15,7 +15,7 @@ from ccl import cli
 from ccl.audit import plan_jobs, run_audit
 from ccl.config import ExperimentConfig, merge
 from ccl.errors import CclError, ConfigError
-from ccl.results import DefenseResult, aggregate, write_aggregate
+from ccl.results import DefenseResult, aggregate, load_results, write_aggregate
 from ccl.training import Recipe, Runtime, fit
 
 SRC = Path(ccl.__file__).parent
@@ -294,3 +294,15 @@ def test_the_example_yaml_is_a_valid_configuration():
     config = cli.build_config(args)
     assert config.dataset == "digits" and [d.label for d in config.defenses][0] == "ce"
     assert config.train.epochs == 60 and cli.build_runtime(args).device == "auto"
+
+
+def test_models_answer_perturbed_queries_only_when_a_label_only_attack_may_run(tmp_path):
+
+    for attacks, expect in ((["loss", "lira"], False), (["loss", "label_only_augmentation"], True)):
+        out = tmp_path / "-".join(attacks)
+        run_audit(ExperimentConfig.from_dict({**TINY_RAW, "attacks": attacks}), out, runtime=QUIET)
+        for folder in (out / "models").glob("*/outputs.npz"):
+            with np.load(folder) as f:
+                assert ("augment_labels" in f.files) == expect
+    (result,) = load_results(tmp_path / "loss-label_only_augmentation")
+    assert "label_only_augmentation" in result.attacks and "label_only_augmentation" in result.evaluations["pooled"]

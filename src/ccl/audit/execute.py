@@ -124,6 +124,7 @@ class ExecutionContext:
     cache: ModelCache
     keep_checkpoints: bool = False  # keep reference models' checkpoints (the target's is always kept)
     num_pool: int = 0  # the first `num_pool` query records are the audit pool (label-only queries run on them)
+    label_only: bool = True  # ask each model for its labels on perturbed copies of the pool (label-only attacks)
 
 
 #: Label-only attacks: perturbed copies of each pool record, and the scale of the tabular noise (in units of each
@@ -221,7 +222,7 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
             def forward_all(x: torch.Tensor) -> torch.Tensor:
                 return stack.forward(x.to(device), shared_input=True)
 
-        extras = perturbed_labels(forward_all, data.x[query[: ctx.num_pool]])
+        extras = perturbed_labels(forward_all, data.x[query[: ctx.num_pool]]) if ctx.label_only else {}
         if jobs[0].defense.procedure().modify_outputs == "hamp":  # queries see the released (modified) outputs
             logits = _hamp_release(forward_all, logits, data.x, len(ctx.query_index), seed=jobs[0].seed)
         for k, (job, lg, eps) in enumerate(zip(jobs, logits, epsilons, strict=True)):

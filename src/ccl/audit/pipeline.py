@@ -80,6 +80,8 @@ def run_audit(
     per_model = 1 + config.num_references
     bar = None
     members = load_members(config.target_members, len(dataset)) if config.supplied_target else None
+    # the models answer perturbed queries only when a label-only attack may run
+    label_only = config.attacks is None or any(a.startswith("label_only") for a in config.attacks)
     with rd.open(config, resume=resume, runtime=runtime, command=command), torch_threads(runtime.threads):
         if runtime.progress:
             from tqdm.auto import tqdm
@@ -122,6 +124,7 @@ def run_audit(
                     cache,
                     keep_checkpoints,
                     num_pool=split.pool.size,
+                    label_only=label_only,
                 )
                 flat = seed_data.x.reshape(len(seed_data), -1).numpy()
                 features, population_features = flat[split.pool], flat[split.population]
