@@ -360,6 +360,77 @@ def attack_scoring(quick: bool) -> list[dict]:
     return out
 
 
+def _loo_probe(n: int, k: int, c: int) -> dict:
+    """In a fresh process: peak extra memory (VmHWM after resetting it) of leave-one-out LiRA over 1 + K models,
+    against the bytes of the (1 + K, N, C) float32 logits it reads."""
+    from ccl.evaluation import leave_one_out_scores
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as fh:
+            line = next(line for line in fh if line.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1 + k, n, c)).astype(np.float32)
+    labels = rng.integers(0, c, n)
+    masks = np.zeros((1 + k, n), bool)
+    for j in range(0, 1 + k - 1, 2):
+        masks[j, rng.permutation(n)[: n // 2]] = True
+        masks[j + 1] = ~masks[j]
+    masks[-1, rng.permutation(n)[: n // 2]] = True
+    lira = ccl.attacks.create("lira")
+    leave_one_out_scores(lira, logits[:, :50], labels[:50], masks[:, :50])  # first-call costs
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = status("VmRSS")
+    t0 = time.perf_counter()
+    leave_one_out_scores(lira, logits, labels, masks)
+    seconds = time.perf_counter() - t0
+    return {"peak_extra_bytes": status("VmHWM") - before, "seconds": seconds, "logits_bytes": logits.nbytes}
+
+
+def leave_one_out(quick: bool) -> list[dict]:
+    """Leave-one-out LiRA over all 1 + K models against scoring one target (the issue's goal: <= 3x), and its
+    peak extra memory against the (1 + K, N, C) float32 logits it reads (goal: <= 1x)."""
+    n, k, c = (5_000, 16, 10) if quick else (50_000, 64, 10)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1 + k, n, c)).astype(np.float32)
+    labels = rng.integers(0, c, n)
+    masks = rng.random((1 + k, n)) < 0.5
+    from ccl.evaluation import leave_one_out_scores
+
+    lira = ccl.attacks.create("lira")
+    one = AttackInputs(logits[0], labels, logits[1:], masks[1:])
+    t_one = median_time(lambda: lira.score(one), repeats=3, warmup=1)
+    t_loo = median_time(lambda: leave_one_out_scores(lira, logits, labels, masks), repeats=3, warmup=1)
+    probe = subprocess.run(
+        [sys.executable, __file__, "--loo-probe", str(n), str(k), str(c)], check=True, capture_output=True, text=True
+    )
+    measured = json.loads(probe.stdout.strip().splitlines()[-1])
+    share = measured["peak_extra_bytes"] / measured["logits_bytes"]
+    return [
+        figure(
+            f"leave_one_out/lira_time/N={n},K={k}",
+            t_loo / t_one,
+            "x one target",
+            "<= 3",
+            t_loo / t_one <= 3,
+            loo_s=t_loo,
+            one_target_s=t_one,
+            models=1 + k,
+        ),
+        figure(
+            f"leave_one_out/lira_peak_memory/N={n},K={k},C={c}",
+            share,
+            "x the float32 logits",
+            "<= 1",
+            share <= 1,
+            peak_extra_mb=measured["peak_extra_bytes"] / 2**20,
+            logits_mb=measured["logits_bytes"] / 2**20,
+        ),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------- end to end
 def end_to_end(quick: bool) -> list[dict]:
     out = []
@@ -463,6 +534,7 @@ SECTIONS = {
     "training_efficiency": training_efficiency,
     "stacked_training": stacked_training,
     "attack_scoring": attack_scoring,
+    "leave_one_out": leave_one_out,
     "end_to_end": end_to_end,
     "cuda_cifar": cuda_cifar,
 }
@@ -472,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--rmia-probe"]:
         print(json.dumps(_rmia_probe(*(int(v) for v in argv[1:5]))))
+        return 0
+    if argv[:1] == ["--loo-probe"]:
+        print(json.dumps(_loo_probe(*(int(v) for v in argv[1:4]))))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")

@@ -146,6 +146,11 @@ _TRAIN_REFUSES = (
     "--leave-one-out",
     "--keep-checkpoints",
     "--leakage",
+    "--executor",
+    "--ray-address",
+    "--cpus-per-model",
+    "--gpus-per-model",
+    "--ray-max-retries",
 )
 
 
@@ -287,6 +292,15 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
     )
     if kind != "train":
         o.add_argument("--cache-dir", type=Path, help="trained-model cache shared across runs (default: OUT/models)")
+        x = p.add_argument_group("executor (YAML: runtime:)")
+        x.add_argument("--executor", choices=["local", "ray"], help="where the models train (default: local)")
+        x.add_argument(
+            "--ray-address",
+            help="a Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start a local Ray instance)",
+        )
+        x.add_argument("--cpus-per-model", type=float, help="CPUs per Ray task (default: 1)")
+        x.add_argument("--gpus-per-model", type=float, help="GPUs per model, fractions share a GPU (default: 0)")
+        x.add_argument("--ray-max-retries", type=int, help="retries of a task whose worker died (default: 2)")
         o.add_argument(
             "--leakage",
             choices=["tpr", "auc", "epsilon_lb"],
@@ -327,7 +341,38 @@ def _file_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
     runtime = raw.pop("runtime", None) or {}
     if not isinstance(runtime, dict):
         raise ConfigError(f"{args.config}: 'runtime:' must be a mapping (device, threads, ...).")
-    return raw, runtime
+    return raw, {k: v for k, v in runtime.items() if k not in _EXECUTOR_KEYS}
+
+
+#: `runtime:` keys of the executor (not of the training `Runtime`): where the models train.
+_EXECUTOR_KEYS = ("executor", "ray_address", "cpus_per_model", "gpus_per_model", "ray_max_retries")
+
+
+def build_executor(args: argparse.Namespace):
+    """The executor the flags (over the YAML `runtime:` keys) ask for: None (local) or a connected Ray one."""
+    settings = {}
+    if getattr(args, "config", None) is not None:
+        settings = {k: v for k, v in (load_config(args.config).get("runtime") or {}).items() if k in _EXECUTOR_KEYS}
+    for key in _EXECUTOR_KEYS:
+        if getattr(args, key, None) is not None:
+            settings[key] = getattr(args, key)
+    kind = settings.pop("executor", "local")
+    if kind not in ("local", "ray"):
+        raise ConfigError(f"--executor {kind!r}: expected local or ray.")
+    if kind == "local":
+        if settings:
+            raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in settings)} need --executor ray.")
+        return None
+    from .audit.ray_executor import RayExecutor
+
+    executor = RayExecutor(
+        address=settings.get("ray_address"),
+        cpus_per_model=float(settings.get("cpus_per_model", 1)),
+        gpus_per_model=float(settings.get("gpus_per_model", 0)),
+        max_retries=int(settings.get("ray_max_retries", 2)),
+    )
+    executor.connect()  # an unreachable cluster fails now, before the run directory exists
+    return executor
 
 
 def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -379,6 +424,7 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
     if args.command == "audit" and len(config.defenses) != 1:
         raise ConfigError("`ccl audit` audits one training recipe: give one --loss (use `ccl compare` for more).")
     check_dependencies("report")  # the report is drawn at the end: fail now, not after training
+    executor = build_executor(args)
     try:
         agg = run_audit(
             config,
@@ -388,10 +434,14 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
             cache_dir=args.cache_dir,
             data_dir=args.data_dir,
             keep_checkpoints=args.keep_checkpoints,
+            executor=executor,
             command=["ccl", *sys.argv[1:]],
         )
     except KeyboardInterrupt:
         return _interrupted(args.command, out)
+    finally:
+        if executor is not None:
+            executor.close()
     report = render_report(out, leakage=args.leakage or "tpr")
     print("\n".join(table_lines(agg)))
     print(f"\nReport: {report}")
@@ -455,6 +505,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     args.defenses = None if args.resume else [spec(low_v)]
     config, runtime, out = _resolve(args, "runs/tune")
     check_dependencies("report")
+    executor = build_executor(args)
     resume = args.resume
 
     def evaluate(values: list[float]):
@@ -470,6 +521,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             resume=resume,
             cache_dir=args.cache_dir,
             data_dir=args.data_dir,
+            executor=executor,
             command=["ccl", *sys.argv[1:]],
         )
         resume = True

@@ -79,43 +79,80 @@ def leave_one_out_scores_slow(
     return out
 
 
-def _loo_gaussian(phi: np.ndarray, w: np.ndarray, variance: str, need: int, name: str, side: str):
-    """Leave-one-out means and stds `(M, P, A)` of `phi (M, P, A)` over the models where `w (M, P)`, without
-    model j for row j; as `ccl.attacks.lira.gaussian_fit` computes them on the other M - 1 models."""
+def _loo_moments(phi: np.ndarray, w: np.ndarray, need: int, name: str, variance: str, side: str):
+    """Leave-one-out means `(M, P, A)`, sums of squared deviations `(M, P, A)` and counts `(M, P, 1)` of
+    `phi (M, P, A)` over the models where `w (M, P)`, without model j for row j."""
     wf = w[:, :, None].astype(np.float64)
     centre = phi.mean(0, keepdims=True)  # shifts out the common offset: sums of squares lose no precision
     x = phi - centre
     total, total_sq, count = (wf * x).sum(0), (wf * x**2).sum(0), wf.sum(0)  # (P, A), (P, A), (P, 1)
     count_j = count[None] - wf  # (M, P, 1)
-    fewest = int(count_j.min())
+    fewest = int(count_j.min()) if count_j.size else need
     if fewest < need:
         raise NotEnoughReferencesError(
             f"{name} with variance={variance!r} needs at least {need} {side} reference model(s) per record when "
             f"each model in turn is the target, but a record has {fewest}: train more reference models."
         )
-    sum_j = total[None] - wf * x
-    mean_j = sum_j / count_j
-    sq_j = np.maximum(total_sq[None] - wf * x**2 - count_j * mean_j**2, 0.0)  # sum of squared deviations
+    mean_j = (total[None] - wf * x) / count_j
+    sq_j = np.maximum(total_sq[None] - wf * x**2 - count_j * mean_j**2, 0.0)
+    return mean_j + centre, sq_j, count_j
+
+
+def _loo_gaussian(phi: np.ndarray, w: np.ndarray, variance: str, need: int, name: str, side: str, pooled=None):
+    """Leave-one-out means and stds `(M, P, A)` of `phi (M, P, A)` over the models where `w (M, P)`, without
+    model j for row j; as `ccl.attacks.lira.gaussian_fit` computes them on the other M - 1 models. For the
+    global variance, `pooled` is the `(M, 1, A)` std over all records (computed chunk by chunk by the caller)."""
+    mean_j, sq_j, count_j = _loo_moments(phi, w, need, name, variance, side)
     if variance == "per_example":
         std = np.sqrt(sq_j / (count_j - 1))
+    elif pooled is not None:
+        std = np.broadcast_to(pooled, mean_j.shape)
     else:
         std = np.broadcast_to(np.sqrt(sq_j.sum(1, keepdims=True) / (count_j - 1).sum(1, keepdims=True)), mean_j.shape)
-    return mean_j + centre, np.maximum(std, _MIN_STD)
+    return mean_j, np.maximum(std, _MIN_STD)
+
+
+#: Records scored at a time by the leave-one-out LiRA: its float64 temporaries are about ten (M, CHUNK, A)
+#: arrays, so memory stays bounded whatever N.
+LOO_CHUNK = 2048
 
 
 def _lira_loo(attack: LiRA, logits: np.ndarray, labels: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    variance = attack._resolved_variance(masks.shape[0] - 1)
-    need = 2 if variance == "per_example" else 1
-    phi = signals.scaled_logit(logits, labels[:, None])  # (M, P, A)
-    mu_out, s_out = _loo_gaussian(phi, ~masks, variance, need, attack.name, "OUT")
-    if attack.online:
-        mu_in, s_in = _loo_gaussian(phi, masks, variance, need, attack.name, "IN")
-        per_query = _log_normal_pdf(phi, mu_in, s_in) - _log_normal_pdf(phi, mu_out, s_out)
-    else:
-        import torch
+    import torch
 
-        per_query = torch.special.log_ndtr(torch.from_numpy((phi - mu_out) / s_out)).numpy()
-    return per_query.mean(-1)
+    m, p = masks.shape
+    variance = attack._resolved_variance(m - 1)
+    need = 2 if variance == "per_example" else 1
+    chunks = [slice(i, min(i + LOO_CHUNK, p)) for i in range(0, p, LOO_CHUNK)]
+
+    # phi (M, P, A) float64 is kept (a fifth of the float32 logits for 10 classes); it is computed chunk by chunk
+    phi_all = np.concatenate([signals.scaled_logit(logits[:, sl], labels[sl, None]) for sl in chunks], axis=1)
+
+    def phi_of(sl: slice) -> np.ndarray:
+        return phi_all[:, sl]
+
+    sides = {"OUT": ~masks, **({"IN": masks} if attack.online else {})}
+    pooled: dict[str, np.ndarray | None] = dict.fromkeys(sides)
+    if variance == "global":  # first pass: the within-record variance pooled over all records, per model
+        sums = {side: [0.0, 0.0] for side in sides}
+        for sl in chunks:
+            phi = phi_of(sl)
+            for side, w in sides.items():
+                _, sq_j, count_j = _loo_moments(phi, w[:, sl], need, attack.name, variance, side)
+                sums[side][0] = sums[side][0] + sq_j.sum(1, keepdims=True)
+                sums[side][1] = sums[side][1] + (count_j - 1).sum(1, keepdims=True)
+        pooled = {side: np.sqrt(sq / dof) for side, (sq, dof) in sums.items()}
+    out = np.empty((m, p))
+    for sl in chunks:
+        phi = phi_of(sl)
+        mu_out, s_out = _loo_gaussian(phi, sides["OUT"][:, sl], variance, need, attack.name, "OUT", pooled["OUT"])
+        if attack.online:
+            mu_in, s_in = _loo_gaussian(phi, sides["IN"][:, sl], variance, need, attack.name, "IN", pooled["IN"])
+            per_query = _log_normal_pdf(phi, mu_in, s_in) - _log_normal_pdf(phi, mu_out, s_out)
+        else:
+            per_query = torch.special.log_ndtr(torch.from_numpy((phi - mu_out) / s_out)).numpy()
+        out[:, sl] = per_query.mean(-1)
+    return out
 
 
 def _rmia_loo(
