@@ -360,6 +360,17 @@ def attack_scoring(quick: bool) -> list[dict]:
     return out
 
 
+def _balanced_masks(rng: np.random.Generator, m: int, n: int) -> np.ndarray:
+    """Membership of m models in complementary pairs, as ccl's splits draw them: every record IN for about half."""
+    masks = np.zeros((m, n), bool)
+    for j in range(0, m - 1, 2):
+        masks[j, rng.permutation(n)[: n // 2]] = True
+        masks[j + 1] = ~masks[j]
+    if m % 2:
+        masks[-1, rng.permutation(n)[: n // 2]] = True
+    return masks
+
+
 def _loo_probe(n: int, k: int, c: int) -> dict:
     """In a fresh process: peak extra memory (VmHWM after resetting it) of leave-one-out LiRA over 1 + K models,
     against the bytes of the (1 + K, N, C) float32 logits it reads."""
@@ -373,11 +384,7 @@ def _loo_probe(n: int, k: int, c: int) -> dict:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(1 + k, n, c)).astype(np.float32)
     labels = rng.integers(0, c, n)
-    masks = np.zeros((1 + k, n), bool)
-    for j in range(0, 1 + k - 1, 2):
-        masks[j, rng.permutation(n)[: n // 2]] = True
-        masks[j + 1] = ~masks[j]
-    masks[-1, rng.permutation(n)[: n // 2]] = True
+    masks = _balanced_masks(rng, 1 + k, n)
     lira = ccl.attacks.create("lira")
     leave_one_out_scores(lira, logits[:, :50], labels[:50], masks[:, :50])  # first-call costs
     with open("/proc/self/clear_refs", "w") as fh:
@@ -396,7 +403,7 @@ def leave_one_out(quick: bool) -> list[dict]:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(1 + k, n, c)).astype(np.float32)
     labels = rng.integers(0, c, n)
-    masks = rng.random((1 + k, n)) < 0.5
+    masks = _balanced_masks(rng, 1 + k, n)
     from ccl.evaluation import leave_one_out_scores
 
     lira = ccl.attacks.create("lira")

@@ -30,6 +30,8 @@ def test_quick_benchmark_run_writes_every_figure(tmp_path):
         "stacked_training/cpu/cnn",
         "attack_scoring/lira_online",
         "attack_scoring/rmia_peak_memory",
+        "leave_one_out/lira_time",
+        "leave_one_out/lira_peak_memory",
         "end_to_end/",
     ):
         assert any(n.startswith(prefix) for n in names), prefix

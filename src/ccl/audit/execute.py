@@ -222,7 +222,7 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
             def forward_all(x: torch.Tensor) -> torch.Tensor:
                 return stack.forward(x.to(device), shared_input=True)
 
-        extras = perturbed_labels(forward_all, data.x[query[: ctx.num_pool]]) if ctx.label_only else {}
+        extras = perturbed_labels(forward_all, data.x[query[: ctx.num_pool]]) if ctx.label_only and ctx.num_pool else {}
         if jobs[0].defense.procedure().modify_outputs == "hamp":  # queries see the released (modified) outputs
             logits = _hamp_release(forward_all, logits, data.x, len(ctx.query_index), seed=jobs[0].seed)
         for k, (job, lg, eps) in enumerate(zip(jobs, logits, epsilons, strict=True)):
