@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -244,6 +245,14 @@ class RayExecutor:
             "include_dashboard": False,
             "logging_level": logging.WARNING,
             "log_to_driver": True,  # workers' warnings and errors; their progress bars are off
+            # workers import what the driver can: a user's `--model my_module:build` from the working directory
+            "runtime_env": {
+                "env_vars": {
+                    "PYTHONPATH": os.pathsep.join(
+                        p for p in [os.getcwd(), *sys.path, os.environ.get("PYTHONPATH", "")] if p
+                    )
+                }
+            },
         }
         try:
             ray.init(address=self.address, **options)
