@@ -222,6 +222,9 @@ def plot_frontier(points, label: str, colors: dict, optimal: set[str]):
         xs, ys = [max(p.leakage, floor) for p in best], [p.accuracy for p in best]
         ax.step(xs, ys, where="post", color="grey", ls="--", lw=1, label="frontier")
     ax.set(xscale="log", xlabel=f"{label} (log; lower: more private)", ylabel="test accuracy (higher: more useful)")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis collide
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
