@@ -306,3 +306,13 @@ def test_models_answer_perturbed_queries_only_when_a_label_only_attack_may_run(t
                 assert ("augment_labels" in f.files) == expect
     (result,) = load_results(tmp_path / "loss-label_only_augmentation")
     assert "label_only_augmentation" in result.attacks and "label_only_augmentation" in result.evaluations["pooled"]
+
+
+@pytest.mark.parametrize("name", ["purchase100", "texas100", "location30", "cifar10"])
+def test_the_reproduction_configs_are_valid(name):
+    example = Path(__file__).resolve().parents[1] / "examples" / f"{name}.yaml"
+    args = cli.make_parser().parse_args(["compare", "--config", str(example)])
+    config = cli.build_config(args)
+    assert config.dataset == name and config.uses_leave_one_out
+    families = {d.family for d in config.defenses}
+    assert {"ce", "ccel", "relaxloss"} <= families and len(config.defenses) >= 7
