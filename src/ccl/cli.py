@@ -332,14 +332,23 @@ def flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     return layer
 
 
-def _file_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(experiment settings, runtime settings) of the `--config` file."""
+def _config_file(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(experiment settings, the whole `runtime:` section) of the `--config` file, read once per command."""
     if getattr(args, "config", None) is None:
         return {}, {}
-    raw = load_config(args.config)
-    runtime = raw.pop("runtime", None) or {}
-    if not isinstance(runtime, dict):
-        raise ConfigError(f"{args.config}: 'runtime:' must be a mapping (device, threads, ...).")
+    if getattr(args, "_config_file", None) is None:
+        raw = load_config(args.config)
+        runtime = raw.pop("runtime", None) or {}
+        if not isinstance(runtime, dict):
+            raise ConfigError(f"{args.config}: 'runtime:' must be a mapping (device, threads, ...).")
+        args._config_file = (raw, runtime)
+    raw, runtime = args._config_file
+    return dict(raw), dict(runtime)
+
+
+def _file_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(experiment settings, the training runtime's settings) of the `--config` file."""
+    raw, runtime = _config_file(args)
     return raw, {k: v for k, v in runtime.items() if k not in _EXECUTOR_KEYS}
 
 
@@ -349,9 +358,7 @@ _EXECUTOR_KEYS = ("executor", "ray_address", "cpus_per_model", "gpus_per_model",
 
 def build_executor(args: argparse.Namespace):
     """The executor the flags (over the YAML `runtime:` keys) ask for: None (local) or a connected Ray one."""
-    settings = {}
-    if getattr(args, "config", None) is not None:
-        settings = {k: v for k, v in (load_config(args.config).get("runtime") or {}).items() if k in _EXECUTOR_KEYS}
+    settings = {k: v for k, v in _config_file(args)[1].items() if k in _EXECUTOR_KEYS}
     for key in _EXECUTOR_KEYS:
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)

@@ -35,7 +35,9 @@ __all__ = [
     "leave_one_out_scores",
     "leave_one_out_scores_slow",
     "pooled_metrics",
+    "rank_by_leakage",
     "record_leakage",
+    "top_fraction",
     "vulnerable_records",
 ]
 
@@ -101,14 +103,9 @@ def _loo_moments(phi: np.ndarray, w: np.ndarray, need: int, name: str, variance:
 def _loo_gaussian(phi: np.ndarray, w: np.ndarray, variance: str, need: int, name: str, side: str, pooled=None):
     """Leave-one-out means and stds `(M, P, A)` of `phi (M, P, A)` over the models where `w (M, P)`, without
     model j for row j; as `ccl.attacks.lira.gaussian_fit` computes them on the other M - 1 models. For the
-    global variance, `pooled` is the `(M, 1, A)` std over all records (computed chunk by chunk by the caller)."""
+    global variance, `pooled` is the `(M, 1, A)` std over all records (the caller computes it chunk by chunk)."""
     mean_j, sq_j, count_j = _loo_moments(phi, w, need, name, variance, side)
-    if variance == "per_example":
-        std = np.sqrt(sq_j / (count_j - 1))
-    elif pooled is not None:
-        std = np.broadcast_to(pooled, mean_j.shape)
-    else:
-        std = np.broadcast_to(np.sqrt(sq_j.sum(1, keepdims=True) / (count_j - 1).sum(1, keepdims=True)), mean_j.shape)
+    std = np.sqrt(sq_j / (count_j - 1)) if variance == "per_example" else np.broadcast_to(pooled, mean_j.shape)
     return mean_j, np.maximum(std, _MIN_STD)
 
 
@@ -286,6 +283,25 @@ def record_leakage(scores: np.ndarray, masks: np.ndarray, *, models: np.ndarray 
         return np.where(m, s, 0).sum(0) / n_in - np.where(~m, s, 0).sum(0) / n_out
 
 
+def rank_by_leakage(
+    scores: np.ndarray, masks: np.ndarray, *, records: np.ndarray | None = None, seed=0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Splits the models in two halves at random (`seed`: anything `np.random.default_rng` takes) and ranks
+    `records` by `record_leakage` on the first half. Returns (the records, most vulnerable first; their leakage;
+    the other half of the models, which measures them without the choice overfitting)."""
+    records = np.arange(scores.shape[1]) if records is None else np.asarray(records)
+    order = np.random.default_rng(seed).permutation(scores.shape[0])
+    choose, measure = np.sort(order[: order.size // 2]), np.sort(order[order.size // 2 :])
+    gap = record_leakage(scores, masks, models=choose)[records]
+    rank = np.argsort(-np.nan_to_num(gap, nan=-np.inf), kind="mergesort")
+    return records[rank], gap[rank], measure
+
+
+def top_fraction(ranked: np.ndarray, fraction: float) -> np.ndarray:
+    """The first `fraction` of `ranked` (at least one)."""
+    return ranked[: max(1, int(round(fraction * ranked.size)))]
+
+
 def vulnerable_records(
     scores: np.ndarray,
     masks: np.ndarray,
@@ -299,14 +315,9 @@ def vulnerable_records(
     """Chooses the top `fraction` of `records` by `record_leakage` on a random half of the models and returns
     (the pooled metrics of the other half on them, the chosen record indices, their leakage on the choosing
     half)."""
-    records = np.arange(scores.shape[1]) if records is None else np.asarray(records)
-    order = np.random.default_rng(seed).permutation(scores.shape[0])
-    choose, measure = np.sort(order[: order.size // 2]), np.sort(order[order.size // 2 :])
-    gap = record_leakage(scores, masks, models=choose)[records]
-    k = max(1, int(round(fraction * records.size)))
-    top = np.argsort(-np.nan_to_num(gap, nan=-np.inf), kind="mergesort")[:k]
-    chosen = records[top]
+    ranked, gap, measure = rank_by_leakage(scores, masks, records=records, seed=seed)
+    chosen = top_fraction(ranked, fraction)
     metrics = pooled_metrics(
         scores, masks, records=chosen, models=measure, fprs=fprs, n_resamples=n_resamples, seed=seed
     )
-    return metrics, chosen, gap[top]
+    return metrics, chosen, gap[: chosen.size]

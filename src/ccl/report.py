@@ -47,11 +47,20 @@ def _colors(agg: Aggregate) -> dict[str, Any]:
     return {r.defense: cmap(i % cmap.N) for i, r in enumerate(agg.rows)}
 
 
-def _scores(run_dir: Path, r: DefenseResult) -> dict[str, np.ndarray]:
-    return load_scores(run_dir / "results" / r.slug / f"seed-{r.seed}")
+def _scores_of(run_dir: Path):
+    """A loader of each result's per-record arrays that reads every scores.npz once per rendering."""
+    loaded: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+
+    def scores(r: DefenseResult) -> dict[str, np.ndarray]:
+        key = (r.slug, r.seed)
+        if key not in loaded:
+            loaded[key] = load_scores(run_dir / "results" / r.slug / f"seed-{r.seed}")
+        return loaded[key]
+
+    return scores
 
 
-def plot_roc(run_dir: Path, agg: Aggregate, results: list[DefenseResult], colors: dict):
+def plot_roc(scores, agg: Aggregate, results: list[DefenseResult], colors: dict):
     """ROC curves on log-log axes, one panel per attack: every seed's curve, one colour per defense. The FPR
     axis starts at 1/(non-members), the finest rate the audit resolves; curves are steps (TPR at FPR x is the
     best TPR among thresholds with FPR <= x, as in the tables)."""
@@ -67,7 +76,7 @@ def plot_roc(run_dir: Path, agg: Aggregate, results: list[DefenseResult], colors
         for r in sorted(results, key=lambda r: (r.defense, r.seed)):
             if attack not in r.attacks:
                 continue
-            s = _scores(run_dir, r)
+            s = scores(r)
             curve = roc_curve(s[f"score_{attack}"], s["is_member"])
             keep = curve.fpr > 0  # fpr 0 cannot be drawn on a log axis; the step from 1/n on is exact
             ax.plot(
@@ -104,7 +113,7 @@ def plot_roc(run_dir: Path, agg: Aggregate, results: list[DefenseResult], colors
     return fig
 
 
-def plot_loss_histograms(run_dir: Path, agg: Aggregate, results: list[DefenseResult]):
+def plot_loss_histograms(scores, agg: Aggregate, results: list[DefenseResult]):
     """Member vs non-member cross-entropy of the target (log10 axis: fitted records sit near 0), one panel per
     defense, the first seed, one shared x-range."""
     plt = _plt()
@@ -112,7 +121,7 @@ def plot_loss_histograms(run_dir: Path, agg: Aggregate, results: list[DefenseRes
     for r in sorted(results, key=lambda r: r.seed, reverse=True):
         first_seed[r.defense] = r
     chosen = [first_seed[row.defense] for row in agg.rows if row.defense in first_seed]
-    losses = {r.defense: _scores(run_dir, r) for r in chosen}
+    losses = {r.defense: scores(r) for r in chosen}
     logs = {d: np.log10(np.maximum(s["target_loss"], 1e-8)) for d, s in losses.items()}
     lo, hi = min(v.min() for v in logs.values()), max(v.max() for v in logs.values())
     bins = np.linspace(lo, hi + 1e-9, 40)
@@ -254,7 +263,7 @@ def plot_loss_variance(agg: Aggregate, results: list[DefenseResult], colors: dic
     return fig
 
 
-def plot_evaluations(run_dir: Path, agg: Aggregate, results: list[DefenseResult], evaluation_attack: dict):
+def plot_evaluations(scores, agg: Aggregate, results: list[DefenseResult], evaluation_attack: dict):
     """Per defense (first seed): the pooled leave-one-out ROC of its strongest attack on random records, on
     canaries and on the most vulnerable records (measured on the models that did not choose them)."""
     plt = _plt()
@@ -269,12 +278,12 @@ def plot_evaluations(run_dir: Path, agg: Aggregate, results: list[DefenseResult]
     fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.6 * rows), squeeze=False)
     lowest = 1.0
     for ax, r in zip(axes.flat, chosen, strict=False):
-        s = _scores(run_dir, r)
+        s = scores(r)
         attack = evaluation_attack[r.defense]
         if f"loo_{attack}" not in s:
             ax.axis("off")
             continue
-        scores, masks = s[f"loo_{attack}"], s["masks"]
+        loo, masks = s[f"loo_{attack}"], s["masks"]
         canary = s.get("is_canary", np.zeros(masks.shape[1], bool))
         groups = {"random records": (np.nonzero(~canary)[0], np.arange(masks.shape[0]))}
         if canary.any():
@@ -282,7 +291,7 @@ def plot_evaluations(run_dir: Path, agg: Aggregate, results: list[DefenseResult]
         if "vulnerable_records" in s:
             groups["most vulnerable 5%"] = (s["vulnerable_records"], s["vulnerable_models"])
         for (label, (recs, mods)), color in zip(groups.items(), ("#1f77b4", "#d62728", "#9467bd"), strict=False):
-            sc, mm = scores[np.ix_(mods, recs)].ravel(), masks[np.ix_(mods, recs)].ravel()
+            sc, mm = loo[np.ix_(mods, recs)].ravel(), masks[np.ix_(mods, recs)].ravel()
             if mm.all() or not mm.any():
                 continue
             curve = roc_curve(sc, mm)
@@ -695,6 +704,7 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
         agg = aggregate(results, fprs=results[0].fprs)
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     head = headline(run_dir, agg, results)
+    scores = _scores_of(run_dir)
     fpoints, frontier_label = frontier_points(agg, results, leakage=leakage)
     optimal = set(frontier({p.defense: (p.accuracy, p.leakage) for p in fpoints}))
     verdicts = family_verdicts(fpoints)
@@ -708,7 +718,7 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
             "ROC curves (log-log), per attack",
             f"Every seed's curve ({', '.join(map(str, seeds))}), one colour per defense. The FPR axis starts at "
             "1/(non-members audited), the finest rate this audit resolves.",
-            plot_roc(run_dir, agg, results, colors),
+            plot_roc(scores, agg, results, colors),
         ),
         (
             "frontier",
@@ -730,13 +740,13 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
             "Random records, canaries and the most vulnerable records",
             "Pooled leave-one-out ROC of each defense's strongest attack (first seed). The most vulnerable records "
             "are measured on the models that did not choose them.",
-            plot_evaluations(run_dir, agg, results, evaluation_attack),
+            plot_evaluations(scores, agg, results, evaluation_attack),
         ),
         (
             "loss_histograms",
             "Members' and non-members' loss, per defense",
             "The target's cross-entropy on its members and non-members (first seed), on one shared axis.",
-            plot_loss_histograms(run_dir, agg, results),
+            plot_loss_histograms(scores, agg, results),
         ),
         (
             "loss_variance",

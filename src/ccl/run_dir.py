@@ -177,6 +177,13 @@ class RunDirectory:
         elif resume:
             raise RunDirectoryError(f"Nothing to resume: {self.path} does not exist or is empty.")
 
+    def check(self, config: ExperimentConfig, *, resume: bool) -> None:
+        """Everything `open` checks before it touches the directory: `--out` (`check_target`) and, for a resume,
+        that `config` only adds work to the stored one (`check_resume`). Cheap: callers run it before slow work."""
+        self.check_target(resume=resume)
+        if resume:
+            check_resume(self.stored_config(), config, where=self.path)
+
     def stored_raw(self) -> dict[str, Any]:
         """The stored config.yaml as a mapping; a corrupt one is named."""
         if not self.config_file.is_file():
@@ -219,9 +226,7 @@ class RunDirectory:
     ) -> Iterator[RunDirectory]:
         """Creates the directory (or checks it for `resume`), holds its lock, removes temporary files of dead
         writers, writes config.yaml and appends this invocation to run.json; yields self."""
-        self.check_target(resume=resume)
-        if resume:
-            check_resume(self.stored_config(), config, where=self.path)
+        self.check(config, resume=resume)
         created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)

@@ -68,11 +68,7 @@ def run_audit(
     Tabular features are standardised (`config.standardizes`) with statistics of each seed's audit pool."""
     runtime = runtime or Runtime()
     rd = RunDirectory(run_dir)
-    rd.check_target(resume=resume)
-    if resume:
-        from ..run_dir import check_resume
-
-        check_resume(rd.stored_config(), config, where=rd.path)
+    rd.check(config, resume=resume)  # before the dataset loads: a bad --out or resume fails at once
     cache = ModelCache(cache_dir if cache_dir is not None else rd.path / "models")
     dataset = preflight(config, runtime, data_dir=data_dir)  # before the run directory exists
     runtime = choose_threads(config, dataset, runtime)
@@ -193,11 +189,7 @@ def run_train(
     if len(config.defenses) != 1 or len(config.seeds) != 1:
         raise ConfigError("`ccl train` trains one model: give one --loss and one seed.")
     rd = RunDirectory(run_dir)
-    rd.check_target(resume=resume)
-    if resume:
-        from ..run_dir import check_resume
-
-        check_resume(rd.stored_config(), config, where=rd.path)
+    rd.check(config, resume=resume)  # before the dataset loads: a bad --out or resume fails at once
     dataset = preflight(config, runtime, data_dir=data_dir)
     runtime = choose_threads(config, dataset, runtime)
     seed = config.seeds[0]

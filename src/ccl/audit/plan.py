@@ -21,6 +21,7 @@ import numpy as np
 from .. import data, models
 from ..config import DefenseSpec, ExperimentConfig
 from ..data import MembershipSplit
+from ..data.download import file_digest
 from ..training import Recipe
 
 __all__ = ["ModelJob", "dataset_identity", "digest", "model_seed", "plan_jobs", "result_key", "stacking"]
@@ -36,11 +37,8 @@ def digest(obj: Any) -> str:
 
 @lru_cache(maxsize=32)
 def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The file's SHA-256, cached by (path, mtime, size): every job of a run hashes the dataset once."""
+    return file_digest(path, "sha256")
 
 
 @lru_cache(maxsize=32)

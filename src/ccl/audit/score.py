@@ -192,29 +192,23 @@ def _pooled_evaluations(
         table: list[dict] = []
         chooser = next((a for a in ("lira", "rmia", "loss") if a in loo), next(iter(loo), None))
         if chooser is not None:
-            order = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED])).permutation(masks.shape[0])
-            choose, measure = np.sort(order[: order.size // 2]), np.sort(order[order.size // 2 :])
-            gap = evaluation.record_leakage(loo[chooser], masks, models=choose)[random_records]
-            ranked = random_records[np.argsort(-np.nan_to_num(gap, nan=-np.inf), kind="mergesort")]
+            ranked, gap, measure = evaluation.rank_by_leakage(
+                loo[chooser], masks, records=random_records, seed=np.random.SeedSequence([seed, 0x5EED])
+            )
             for fraction in VULNERABLE_FRACTIONS:
-                top = ranked[: max(1, int(round(fraction * random_records.size)))]
+                top = evaluation.top_fraction(ranked, fraction)
                 evals[f"vulnerable_{100 * fraction:g}pct"] = {
                     name: evaluation.pooled_metrics(
                         sc, masks, records=top, models=measure, **(opts if name in BOOTSTRAPPED else quick)
                     )
                     for name, sc in loo.items()
                 }
-            chosen_arrays["vulnerable_records"] = ranked[: max(1, int(round(max(VULNERABLE_FRACTIONS) * ranked.size)))]
+            listed = evaluation.top_fraction(ranked, max(VULNERABLE_FRACTIONS))
+            chosen_arrays["vulnerable_records"] = listed
             chosen_arrays["vulnerable_models"] = measure
-            gap_by_record = dict(zip(random_records.tolist(), gap.tolist(), strict=True))
-            for i in ranked[: max(1, int(round(max(VULNERABLE_FRACTIONS) * random_records.size)))]:
+            for i, leakage in zip(listed, gap, strict=False):
                 table.append(
-                    {
-                        "record": int(pool[i]),
-                        "label": int(labels[i]),
-                        "leakage": gap_by_record[int(i)],
-                        "attack": chooser,
-                    }
+                    {"record": int(pool[i]), "label": int(labels[i]), "leakage": float(leakage), "attack": chooser}
                 )
     return evals, loo, table, chosen_arrays
 

@@ -12,7 +12,6 @@ so).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +20,11 @@ import torch
 from .._checks import expected
 from ..config import ExperimentConfig
 from ..data import Dataset, MembershipSplit
+from ..data.download import file_digest
 from ..errors import ConfigError, DataError
 from ..training import predict_logits
 
 __all__ = ["load_members", "supplied_identity", "supplied_note", "supplied_split", "supplied_target_logits"]
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_members(path: str, num_records: int) -> np.ndarray:
@@ -131,9 +123,9 @@ def supplied_target_logits(config: ExperimentConfig, dataset: Dataset, query_ind
 def supplied_identity(config: ExperimentConfig) -> dict:
     """What identifies the supplied target, for the result key: the files' hashes."""
     return {
-        "members": _sha256(config.target_members),
-        "checkpoint": _sha256(config.target_checkpoint) if config.target_checkpoint else None,
-        "logits": _sha256(config.target_logits) if config.target_logits else None,
+        "members": file_digest(config.target_members, "sha256"),
+        "checkpoint": file_digest(config.target_checkpoint, "sha256") if config.target_checkpoint else None,
+        "logits": file_digest(config.target_logits, "sha256") if config.target_logits else None,
     }
 
 
