@@ -117,7 +117,7 @@ _RECIPE_FLAGS = (
 )
 _RUNTIME_FLAGS = ("device", "compile", "threads")
 #: Top-level flags; the audit-only ones are not offered by `ccl train`.
-_COMMON_FLAGS = ("dataset", "model", "defenses", "seeds", "population_fraction")
+_COMMON_FLAGS = ("dataset", "model", "defenses", "seeds", "population_fraction", "reserve_fraction")
 _AUDIT_FLAGS = (
     "num_references",
     "attacks",
@@ -257,6 +257,12 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
             "convolutional models; part of the recipe)",
         )
     g.add_argument("--population-fraction", type=float, help="share of records no model trains on (default: 0.1)")
+    g.add_argument(
+        "--reserve-fraction",
+        type=float,
+        help="share of records kept for the defenses that learn from non-audited data (advreg, distillation, "
+        "early_stop:patience): never audited, never queried (default: 0.2 when such a defense is run, else 0)",
+    )
     g.add_argument(
         "--standardize",
         choices=["auto", "on", "off"],

@@ -176,6 +176,9 @@ def parse_defense(spec: str | dict | DefenseSpec) -> DefenseSpec:
 
 
 _TRAIN_KEYS = {f.name for f in dataclasses.fields(Recipe)}
+#: The defender's reserve when a defense needs one and `reserve_fraction` is not given: a fifth of the records.
+RESERVE_FRACTION = 0.2
+
 #: The fewest reference models for the leave-one-out evaluation (LiRA needs 2 IN and 2 OUT per record).
 LEAVE_ONE_OUT_MIN = 4
 _RUNTIME_KEYS = {f.name for f in dataclasses.fields(Runtime)}
@@ -257,6 +260,7 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     num_references: int = 8
     population_fraction: float = 0.1
+    reserve_fraction: float | None = None  # the defender's reserve; None: RESERVE_FRACTION if a defense needs one
     attacks: list[str] | None = None  # None: every attack the setup supports
     flip_queries: bool = False  # query the original and the flipped image (images only); no augmentation otherwise
     bootstrap: int = 200  # bootstrap resamples for confidence intervals (0: none)
@@ -324,6 +328,7 @@ class ExperimentConfig:
             check_positive_int("bootstrap", self.bootstrap, minimum=0)
         except CclError as err:
             raise ConfigError(str(err)) from None
+        self._resolve_reserve()
         if self.stacked not in ("auto", "on", "off"):
             raise ConfigError(expected("stacked", "one of 'auto', 'on', 'off'", self.stacked))
         try:
@@ -388,6 +393,32 @@ class ExperimentConfig:
                 raise ConfigError(str(err)) from None
         self.fprs = sorted(float(f) for f in self.fprs)
 
+    def _resolve_reserve(self) -> None:
+        """`reserve_fraction` None becomes `RESERVE_FRACTION` when a defense learns from the defender's reserve,
+        0 otherwise; stored resolved, so a resumed run keeps its split whatever defenses it adds."""
+        needs = [d.label for d in self.defenses if d.procedure().needs_reserve]
+        if self.reserve_fraction is None:
+            self.reserve_fraction = RESERVE_FRACTION if needs else 0.0
+        try:
+            check_in_range("reserve_fraction", self.reserve_fraction, low=0.0, high=0.9)
+        except CclError as err:
+            raise ConfigError(str(err)) from None
+        self.reserve_fraction = float(self.reserve_fraction)
+        if self.population_fraction + self.reserve_fraction > 0.9:
+            raise ConfigError(
+                expected(
+                    "reserve_fraction",
+                    f"at most {0.9 - self.population_fraction:g} with population_fraction {self.population_fraction:g}",
+                    self.reserve_fraction,
+                )
+            )
+        if needs and self.reserve_fraction == 0:
+            raise ConfigError(
+                f"{', '.join(needs)} learn(s) from the defender's reserve, records no audited model trains on, and "
+                "reserve_fraction is 0 (a resumed run keeps the value it started with): set --reserve-fraction "
+                f"above 0 (e.g. {RESERVE_FRACTION}) in a new run."
+            )
+
     @property
     def supplied_target(self) -> bool:
         """Whether the target was trained elsewhere (its checkpoint or outputs are given), not by ccl."""
@@ -432,6 +463,7 @@ class ExperimentConfig:
             "seeds": list(self.seeds),
             "num_references": self.num_references,
             "population_fraction": self.population_fraction,
+            "reserve_fraction": self.reserve_fraction,
             "attacks": None if self.attacks is None else list(self.attacks),
             "flip_queries": self.flip_queries,
             "bootstrap": self.bootstrap,

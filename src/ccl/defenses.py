@@ -10,8 +10,25 @@ Every loss of `ccl.losses` is a defense that only changes the loss. The others c
   (or `loss=` another per-sample loss of `ccl.losses`). Models with BatchNorm are converted by Opacus'
   `ModuleValidator.fix` (BatchNorm -> GroupNorm), so `mlp` and `cnn` work; the CIFAR ResNets and WideResNet too,
   DenseNet with the same replacement. DP-SGD models train one by one (not stacked).
-- `early_stop` (the released model is the one after `epochs` epochs; the learning-rate schedule is still the
-  recipe's): the simplest regulariser, and a baseline every defense must beat.
+- `early_stop`: the simplest regulariser, and a baseline every defense must beat. With `epochs=E` the released
+  model is the one after E epochs (the learning-rate schedule is still the recipe's); with `patience=P`,
+  training stops once the validation loss (cross-entropy on a validation split drawn from the defender's
+  reserve, records no audited model trains on) has not improved for P epochs, and the model of the best epoch
+  is released (as Keras' `restore_best_weights` or Lightning's best checkpoint do).
+- `advreg` (adversarial regularisation; Nasr, Shokri and Houmansadr, CCS 2018): a min-max game between the
+  classifier f and an inference model h(f(x), y) that tells members from non-members. Before every classifier
+  step, `k` steps train h to maximise its gain `mean log h(f(x), y) + mean log(1 - h(f(x'), y'))` on a batch of
+  members x and a batch of reference non-members x' drawn from the defender's reserve (Adam, lr 1e-3); then f
+  takes one step on `loss(f(x), y) + alpha * (mean h(f(x), y) - 0.5)`. The paper's Algorithm 1 writes the
+  regulariser as `alpha * log h`, which is unbounded below; the authors' code (and RelaxLoss' reproduction)
+  use the mean of h, and so does `ccl`. h sees the softmax output and the one-hot label in two branches (the
+  paper's architecture, narrower: 128-64 and 64, then 64-1). `alpha=0` trains exactly the plain loss (tested).
+- `distillation` (DMP, Shejwalkar and Houmansadr, AAAI 2021): a teacher of the same architecture is trained
+  with the recipe on the private members; the released student, from the same initial weights, is trained
+  with the recipe only on the defender's reserve (records no audited model trains on), against the teacher's
+  soft labels at temperature T: the loss is `T^2 * KL(softmax(t / T) || softmax(s / T))` (Hinton et al.). The
+  student never sees a member, so what it leaks it leaks through the teacher's outputs on the reserve. DMP
+  also filters the reference set by the teacher's entropy; `ccl` uses the whole reserve.
 - `hamp` (Chen and Pattabiraman, NDSS 2024): trains against high-entropy soft labels (`HAMPLoss`, entropy
   `gamma * log C`) with an entropy regulariser (`alpha`), and modifies the released outputs at query time
   (`hamp_modify`): each query's scores are those of a random input (uniform over the data's range), rearranged
@@ -38,7 +55,19 @@ from ._checks import check_choice, check_in_range, check_logits_targets, check_p
 from ._registry import Registry
 from .errors import InvalidArgumentError
 
-__all__ = ["DPSGD", "Defense", "HAMPLoss", "Procedure", "available", "create", "describe", "hamp_modify", "parameters"]
+__all__ = [
+    "AdvReg",
+    "DPSGD",
+    "Defense",
+    "Distillation",
+    "HAMPLoss",
+    "Procedure",
+    "available",
+    "create",
+    "describe",
+    "hamp_modify",
+    "parameters",
+]
 
 
 @dataclass(frozen=True)
@@ -70,11 +99,38 @@ class Procedure:
     dp: DPSGD | None = None
     stop_after: int | None = None  # early stopping: the model after this many epochs is released
     modify_outputs: str | None = None  # "hamp": the released model's outputs are modified at query time
+    patience: int | None = None  # early stopping: stop when the validation loss has not improved for this long
+    adversary: AdvReg | None = None  # adversarial regularisation: the inner inference model's settings
+    distill: Distillation | None = None  # DMP: a teacher on the members, the released student on the reserve
 
     @property
     def stackable(self) -> bool:
-        """Whether models of this defense may train stacked (DP-SGD's per-sample clipping runs one by one)."""
-        return self.dp is None
+        """Whether models of this defense may train stacked: those that only change the loss or stop after a
+        fixed number of epochs (DP-SGD's per-sample clipping, an inner adversary, a teacher or a patience rule
+        train one model at a time)."""
+        return self.dp is None and not self.needs_reserve
+
+    @property
+    def needs_reserve(self) -> bool:
+        """Whether the defense learns from the defender's reserve: records no audited model trains on (the
+        inner adversary's non-members, the student's transfer set, the validation split)."""
+        return self.patience is not None or self.adversary is not None or self.distill is not None
+
+
+@dataclass(frozen=True)
+class AdvReg:
+    """Adversarial regularisation's settings (see the module docstring)."""
+
+    alpha: float  # the weight of the inference model's output in the classifier's loss
+    steps: int  # inference-model steps per classifier step (the paper's k)
+    lr: float  # the inference model's Adam learning rate
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """DMP's settings: the temperature of the soft labels."""
+
+    temperature: float
 
 
 @dataclass(frozen=True)
@@ -125,12 +181,38 @@ def _per_sample_loss(defense: str, loss: str) -> nn.Module:
     return losses.create(loss)
 
 
-def _early_stop(*, epochs: int, loss: str = "ce") -> Defense:
-    check_positive_int("epochs", epochs)
+def _early_stop(*, epochs: int | None = None, patience: int | None = None, loss: str = "ce") -> Defense:
+    if (epochs is None) == (patience is None):
+        raise InvalidArgumentError(
+            expected(
+                "epochs",
+                "given (the model after that many epochs is released), or patience instead, not both",
+                f"epochs={epochs}, patience={patience}",
+            )
+        )
+    if epochs is not None:
+        check_positive_int("epochs", epochs)
+    if patience is not None:
+        check_positive_int("patience", patience)
     return Defense(
         _per_sample_loss("early_stop", loss) if loss != "relaxloss" else losses.create(loss),
-        Procedure(stop_after=int(epochs)),
+        Procedure(
+            stop_after=None if epochs is None else int(epochs), patience=None if patience is None else int(patience)
+        ),
     )
+
+
+def _advreg(*, alpha: float = 3.0, k: int = 1, lr: float = 1e-3, loss: str = "ce") -> Defense:
+    check_in_range("alpha", alpha, low=0.0)
+    check_positive_int("k", k)
+    check_in_range("lr", lr, low=0.0, low_inclusive=False)
+    return Defense(_per_sample_loss("advreg", loss), Procedure(adversary=AdvReg(float(alpha), int(k), float(lr))))
+
+
+def _distillation(*, temperature: float = 1.0, loss: str = "ce") -> Defense:
+    check_in_range("temperature", temperature, low=0.0, low_inclusive=False)
+    # `loss` trains the teacher; the student always learns the teacher's soft labels
+    return Defense(_per_sample_loss("distillation", loss), Procedure(distill=Distillation(float(temperature))))
 
 
 def hamp_soft_label_confidence(num_classes: int, gamma: float) -> float:
@@ -199,7 +281,19 @@ def _loss_only(name: str):
 
 _REGISTRY: Registry[Defense] = Registry("defense")
 _REGISTRY.register("dpsgd", _dpsgd, doc="DP-SGD (Opacus): per-sample clipping and noise, epsilon from the accountant")
-_REGISTRY.register("early_stop", _early_stop, doc="release the model after `epochs` epochs (required)")
+_REGISTRY.register(
+    "early_stop",
+    _early_stop,
+    doc="release the model after `epochs` epochs, or at the best validation loss with `patience` (reserve data)",
+)
+_REGISTRY.register(
+    "advreg", _advreg, doc="adversarial regularisation (Nasr et al.): an inner inference model, reserve non-members"
+)
+_REGISTRY.register(
+    "distillation",
+    _distillation,
+    doc="DMP: a teacher on the members, the released student on the reserve's soft labels",
+)
 _REGISTRY.register(
     "hamp", _hamp, doc="HAMP: high-entropy soft labels, entropy regulariser, modified outputs at query time"
 )

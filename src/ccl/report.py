@@ -643,10 +643,18 @@ def _html(
         if notes
         else ""
     )
+    share = config.get("reserve_fraction") or 0
+    reserve = (
+        f"{100 * share:g}% of the records kept as the defender's reserve (never audited or queried; the defenses "
+        "that learn from non-audited data use it, target and references alike), "
+        if share
+        else ""
+    )
     protocol = (
         f"Dataset <b>{html.escape(str(config['dataset']))}</b>, model <b>{html.escape(str(config['model']))}</b>, "
         f"{first.num_members} members and {first.num_nonmembers} non-members audited per target "
         f"(disjoint, balanced), {first.num_population} population records never trained on, "
+        f"{reserve}"
         f"{first.num_references} reference models per target trained with the same loss, hyperparameters and "
         f"epochs, seeds {seeds}. Queries {queries}. Test accuracy is measured on records the target never "
         f"trained on. TPR at an FPR is n/a when fewer than 1/FPR non-members are audited."

@@ -48,6 +48,7 @@ _FIXED = (
     "model_options",
     "train",
     "population_fraction",
+    "reserve_fraction",
     "flip_queries",
     "bootstrap",
     "stacked",

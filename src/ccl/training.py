@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -464,7 +465,7 @@ def _train_epoch(
         scaler.step(optimizer)
         scaler.update()
         total_loss += losses.detach().float() * idx.shape[1]
-        correct += (out.argmax(-1) == yb).sum(1)
+        correct += (out.argmax(-1) == (yb.argmax(-1) if yb.is_floating_point() else yb)).sum(1)  # soft labels too
         seen += idx.shape[1]
     seen = max(seen, 1)
     bad_model, bad_batch = bad.tolist()
@@ -483,7 +484,7 @@ def train_models(
     device: torch.device,
     start_epoch: int = 0,
     optimizer_state: dict | None = None,
-    on_epoch_end: Callable[[int, torch.optim.Optimizer, dict[str, Tensor]], None] | None = None,
+    on_epoch_end: Callable[[int, torch.optim.Optimizer, dict[str, Tensor]], bool | None] | None = None,
     names: list[str] | None = None,
     progress: bool = False,
     description: str = "train",
@@ -493,8 +494,9 @@ def train_models(
 ) -> None:
     """Trains `models` (K of one recipe, on `device`) on the records `member_idx (K, m)` of `(x, y)` from
     `start_epoch` to `recipe.epochs`, model j with `seeds[j]`. After each epoch `on_epoch_end(epoch, optimizer,
-    {"loss", "acc"})` runs (checkpoints and logs go there). Raises `TrainingError` naming the model, the epoch
-    and the batch when a loss or the weights stop being finite."""
+    {"loss", "acc"})` runs (checkpoints and logs go there); when it returns True, training stops there (a
+    patience rule). `y` may hold soft labels `(N, C)` for a loss that takes them. Raises `TrainingError` naming
+    the model, the epoch and the batch when a loss or the weights stop being finite."""
     names = names or [f"model {j}" for j in range(models.k)]
 
     def kept() -> str:
@@ -557,11 +559,14 @@ def train_models(
                     f"(or their squared norm overflows float32); {kept()}. Lower the "
                     "learning rate (--lr) or check the data."
                 )
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, optimizer, {"loss": outcome.loss, "acc": outcome.acc})
+            stop = on_epoch_end is not None and on_epoch_end(
+                epoch, optimizer, {"loss": outcome.loss, "acc": outcome.acc}
+            )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(outcome.loss.mean()):.3f}", acc=f"{float(outcome.acc.mean()):.3f}")
+            if stop:
+                break
     finally:
         if bar is not None:
             bar.close()
@@ -594,6 +599,7 @@ def fit(
     resume: bool = True,
     description: str = "train",
     procedure=None,
+    reserve: tuple[Tensor, Tensor] | None = None,
 ) -> FitResult:
     """Trains `model` in place with `loss_fn` on `train = (x, y)`.
 
@@ -610,7 +616,12 @@ def fit(
         log_path: the JSONL log (default: `checkpoint_dir/log.jsonl` when `checkpoint_dir` is given).
         procedure: what a defense does to training beyond its loss (`ccl.defenses.Procedure`): DP-SGD (the
             returned model is the one trained, BatchNorm replaced by GroupNorm where Opacus needs it; the log
-            records the epsilon spent), early stopping.
+            records the epsilon spent), early stopping after a number of epochs or by patience, adversarial
+            regularisation, distillation (the returned model is the student; the teacher trains first, into
+            `checkpoint_dir/teacher`). See `ccl.defenses`.
+        reserve: `(x, y)` the defender's reserve, records that no audited model trains on, for the defenses
+            that learn from such data (`procedure.needs_reserve`): early stopping's validation split,
+            adversarial regularisation's reference non-members, distillation's transfer set.
 
     Raises:
         InvalidArgumentError / InvalidArgumentTypeError: bad data (empty split, labels outside [0, C), shapes
@@ -634,6 +645,120 @@ def fit(
                 expected("heldout", f"records of shape {tuple(x.shape[1:])} like train", tuple(hx.shape[1:]))
             )
 
+    needs_reserve = procedure is not None and getattr(procedure, "needs_reserve", False)
+    if needs_reserve:
+        if reserve is None:
+            raise InvalidArgumentError(
+                expected("reserve", "(x, y) records no audited model trains on, for this defense", None)
+            )
+        rx, ry = _check_data("reserve", reserve)
+        _check_labels("reserve", ry, num_classes)
+        if rx.shape[1:] != x.shape[1:]:
+            raise InvalidArgumentError(
+                expected("reserve", f"records of shape {tuple(x.shape[1:])} like train", tuple(rx.shape[1:]))
+            )
+    if procedure is not None and getattr(procedure, "distill", None) is not None:
+        return _fit_distilled(
+            model,
+            loss_fn,
+            (x, y),
+            (rx, ry),
+            recipe=recipe,
+            runtime=runtime,
+            heldout=heldout,
+            checkpoint_dir=checkpoint_dir,
+            log_path=log_path,
+            resume=resume,
+            description=description,
+            procedure=procedure,
+        )
+    return _fit(
+        model,
+        loss_fn,
+        (x, y),
+        recipe=recipe,
+        runtime=runtime,
+        heldout=None if heldout is None else (hx, hy),
+        checkpoint_dir=checkpoint_dir,
+        log_path=log_path,
+        resume=resume,
+        description=description,
+        procedure=procedure,
+        reserve=(rx, ry) if needs_reserve else None,
+    )
+
+
+def _fit_distilled(
+    model: nn.Module,
+    loss_fn,
+    train: tuple[Tensor, Tensor],
+    reserve: tuple[Tensor, Tensor],
+    *,
+    recipe: Recipe,
+    runtime: Runtime,
+    heldout,
+    checkpoint_dir,
+    log_path,
+    resume: bool,
+    description: str,
+    procedure,
+) -> FitResult:
+    """DMP: the teacher (a copy of `model`, same initial weights) trains on the members with `loss_fn`; then
+    `model`, the released student, trains on the reserve's records against the teacher's soft labels. Its log
+    keeps the member/non-member statistics of the private members."""
+    from .distillation import DistillationLoss, soft_labels
+
+    teacher = fit(
+        copy.deepcopy(model),
+        loss_fn,
+        train,
+        recipe=recipe,
+        runtime=runtime,
+        heldout=heldout,
+        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / "teacher",
+        resume=resume,
+        description=f"{description} teacher",
+    ).model
+    t = procedure.distill.temperature
+    rx = reserve[0]
+    teacher_logits = torch.as_tensor(predict_logits(teacher, rx, device=runtime.device))
+    return _fit(
+        model,
+        DistillationLoss(temperature=t),
+        (rx, soft_labels(teacher_logits, t)),
+        recipe=recipe,
+        runtime=runtime,
+        heldout=heldout,
+        checkpoint_dir=checkpoint_dir,
+        log_path=log_path,
+        resume=resume,
+        description=f"{description} student",
+        procedure=procedure,
+        stats_members=train,
+    )
+
+
+def _fit(
+    model: nn.Module,
+    loss_fn,
+    train: tuple[Tensor, Tensor],
+    *,
+    recipe: Recipe,
+    runtime: Runtime,
+    heldout: tuple[Tensor, Tensor] | None,
+    checkpoint_dir,
+    log_path,
+    resume: bool,
+    description: str,
+    procedure,
+    reserve: tuple[Tensor, Tensor] | None = None,
+    stats_members: tuple[Tensor, Tensor] | None = None,
+) -> FitResult:
+    """`fit` on checked inputs. `stats_members`: the records whose loss statistics the log reports as the
+    members' (default: the training records; a distilled student's are the teacher's members)."""
+    x, y = train
+    if heldout is not None:
+        hx, hy = heldout
     device = resolve_device(runtime.device)
     images = x.ndim == 4
     if recipe.augment and not images:
@@ -644,6 +769,12 @@ def fit(
     x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
     if heldout is not None:
         hx, hy = hx.to(device).contiguous(memory_format=memory_format), hy.to(device)
+    if reserve is not None:
+        reserve = (reserve[0].to(device).contiguous(memory_format=memory_format), reserve[1].to(device))
+    if stats_members is not None:
+        sx, sy = stats_members[0].to(device).contiguous(memory_format=memory_format), stats_members[1].to(device)
+    else:  # soft labels: the statistics of their argmax
+        sx, sy = x, (y.argmax(-1) if y.is_floating_point() else y)
     dp = None
     if procedure is not None and procedure.dp is not None:
         from .dp import DPTrainer
@@ -653,6 +784,26 @@ def fit(
         forward = dp.module
     else:
         forward = torch.compile(model) if runtime.compile else model
+    adversary = getattr(procedure, "adversary", None)
+    if adversary is not None:
+        from .advreg import AdversarialLoss
+
+        loss_fn = AdversarialLoss(
+            loss_fn,
+            classifier=forward,
+            module=model,
+            members=(x, y),
+            reserve=reserve,
+            num_classes=_num_classes(model, x),
+            alpha=adversary.alpha,
+            steps=adversary.steps,
+            lr=adversary.lr,
+            batch_size=recipe.batch_size,
+            seed=recipe.seed,
+        )
+    patience = getattr(procedure, "patience", None)
+    watch = {"best": math.inf, "best_epoch": 0, "bad": 0, "stopped": False}  # the patience rule's state
+    best_state: dict[str, Tensor] | None = None
     last = (
         recipe.epochs if procedure is None or procedure.stop_after is None else min(recipe.epochs, procedure.stop_after)
     )
@@ -673,8 +824,13 @@ def fit(
             )
         model.load_state_dict(state["model"])
         optimizer_state, start, history = state["optimizer"], int(state["epoch"]), state["history"]
+        if adversary is not None:
+            loss_fn.load_state_dict(state["adversary"])
+        if patience is not None:
+            watch, best_state = json.loads(state["patience"]), state["best_model"]
 
-    def on_epoch_end(epoch: int, optimizer: torch.optim.Optimizer, stats: dict[str, Tensor]) -> None:
+    def on_epoch_end(epoch: int, optimizer: torch.optim.Optimizer, stats: dict[str, Tensor]) -> bool:
+        nonlocal best_state
         record = {
             "epoch": epoch + 1,
             "lr": lr_at(epoch, recipe),
@@ -684,8 +840,21 @@ def fit(
         }
         if dp is not None:
             record["epsilon"] = dp.epsilon(epoch + 1)
-        if (epoch + 1) % runtime.eval_every == 0 or epoch + 1 == last:
-            record.update(_member_stats(model, (x, y), None if heldout is None else (hx, hy), recipe.batch_size))
+        if adversary is not None:
+            record["inference_gain"] = loss_fn.last_gain
+        if patience is not None:  # the validation loss (CE on the reserve) decides when to stop
+            val_loss = _loss_stats(model, *reserve, 4 * recipe.batch_size)["loss_mean"]
+            record["val_loss"] = val_loss
+            if val_loss < watch["best"]:
+                watch.update(best=val_loss, best_epoch=epoch + 1, bad=0)
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                watch["bad"] += 1
+            watch["stopped"] = watch["bad"] >= patience
+        if (epoch + 1) % runtime.eval_every == 0 or epoch + 1 == last or watch["stopped"]:
+            record.update(_member_stats(model, (sx, sy), None if heldout is None else (hx, hy), recipe.batch_size))
+        if patience is not None and (watch["stopped"] or epoch + 1 == last):
+            record["released_epoch"] = watch["best_epoch"]
         history.append(record)
         if ckpt_path is not None:
             state = {
@@ -695,11 +864,16 @@ def fit(
                 "history": json.dumps(history),
                 "recipe": json.dumps(identity),
             }
+            if adversary is not None:
+                state["adversary"] = loss_fn.state_dict()
+            if patience is not None:
+                state["patience"], state["best_model"] = json.dumps(watch), best_state
             with atomic_path(ckpt_path) as tmp:
                 torch.save(state, tmp)
         if log_path is not None:
             write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
         clock[0] = time.perf_counter()
+        return watch["stopped"]
 
     clock = [time.perf_counter()]
     with torch_threads(runtime.threads), warnings.catch_warnings():
@@ -714,7 +888,7 @@ def fit(
             recipe=recipe,
             seeds=[recipe.seed],
             device=device,
-            start_epoch=start,
+            start_epoch=last if watch["stopped"] else start,
             optimizer_state=optimizer_state,
             on_epoch_end=on_epoch_end,
             names=["the model"],
@@ -724,5 +898,7 @@ def fit(
             stop_after=last,
             dp=dp,
         )
+    if patience is not None and best_state is not None:  # the best epoch's model is released
+        model.load_state_dict(best_state)
     model.eval()
     return FitResult(model, history, start, epsilon=dp.epsilon(last) if dp is not None else None)

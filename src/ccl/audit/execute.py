@@ -7,8 +7,8 @@ one job alone, or up to `MAX_STACK` stacked jobs of one group, trained by the on
 
 Cache layout (`cache/<key>/`): checkpoint.pt and log.jsonl (single jobs), outputs.npz (logits and the query
 index they answer), job.json (what the job was). Stacked groups checkpoint under `cache/stacked/`. Once a
-model's outputs are stored, a reference model's checkpoint is deleted unless `keep_checkpoints` (the target's
-is kept: it is the audited model). While a job
+model's outputs are stored, a reference model's checkpoint (and any distillation teacher's) is deleted unless
+`keep_checkpoints` (the target's is kept: it is the audited model). While a job
 trains, its folder holds a lock: two processes sharing a `--cache-dir` never train one model twice at once.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,7 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
                 checkpoint_dir=ctx.cache.folder(job),
                 description=f"{job.defense.label} {job.role}",
                 procedure=job.defense.procedure(),
+                reserve=data.subset(job.reserve) if job.reserve is not None else None,
             )
             logits = [predict_logits(result.model, data.x[query], device=runtime.device, flip_queries=ctx.flip_queries)]
             epsilons = [result.epsilon]
@@ -230,8 +232,10 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
         if not ctx.keep_checkpoints:  # outputs are stored: a reference model's weights are not needed again
             if len(jobs) > 1 or jobs[0].trainer == "stacked":
                 (ctx.cache.root / "stacked" / f"{name}.pt").unlink(missing_ok=True)
-            elif jobs[0].role != "target":
-                (ctx.cache.folder(jobs[0]) / "checkpoint.pt").unlink(missing_ok=True)
+            else:
+                if jobs[0].role != "target":
+                    (ctx.cache.folder(jobs[0]) / "checkpoint.pt").unlink(missing_ok=True)
+                shutil.rmtree(ctx.cache.folder(jobs[0]) / "teacher", ignore_errors=True)  # distillation's teacher
     return logits
 
 

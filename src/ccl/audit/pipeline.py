@@ -94,6 +94,7 @@ def run_audit(
                         num_references=config.num_references,
                         seed=seed,
                         population_fraction=config.population_fraction,
+                        reserve_fraction=config.reserve_fraction,
                     )
                 else:
                     split = data.membership_split(
@@ -101,6 +102,7 @@ def run_audit(
                         num_references=config.num_references,
                         seed=seed,
                         population_fraction=config.population_fraction,
+                        reserve_fraction=config.reserve_fraction,
                     )
                 seed_data, is_canary = dataset, np.zeros(split.pool.size, bool)
                 if config.canaries:
@@ -194,7 +196,12 @@ def run_train(
     runtime = choose_threads(config, dataset, runtime)
     seed = config.seeds[0]
     with rd.open(config, resume=resume, runtime=runtime, command=command), torch_threads(runtime.threads):
-        split = data.membership_split(len(dataset), seed=seed, population_fraction=config.population_fraction)
+        split = data.membership_split(
+            len(dataset),
+            seed=seed,
+            population_fraction=config.population_fraction,
+            reserve_fraction=config.reserve_fraction,
+        )
         split.save(rd.split_file(seed))
         if config.standardizes:
             dataset = standardize(dataset, fit_index=split.pool)
@@ -209,6 +216,7 @@ def run_train(
             checkpoint_dir=rd.path / "model",
             resume=True,
             procedure=config.defenses[0].procedure(),
+            reserve=dataset.subset(split.reserve) if split.reserve.size else None,
         )
         last = {k: v for k, v in result.history[-1].items() if k != "seconds"}
         write_json(rd.path / "metrics.json", {"defense": config.defenses[0].label, "seed": seed, **last})

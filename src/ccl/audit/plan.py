@@ -109,6 +109,7 @@ class ModelJob:
     members: np.ndarray  # indices into the dataset
     trainer: str  # "single" | "stacked"
     group: str  # jobs of one group may train stacked together (same defense, recipe and member count)
+    reserve: np.ndarray | None = None  # the defender's reserve (indices), for the defenses that learn from it
 
     @property
     def seed(self) -> int:
@@ -125,24 +126,28 @@ def plan_jobs(config: ExperimentConfig, defense: DefenseSpec, seed: int, split: 
     data_id = dataset_identity(config)
     stacked = stacking(config) and split.num_references > 1 and defense.procedure().stackable
     group = digest({"defense": defense.to_dict(), "seed": seed, "recipe": config.train.to_dict()})[:12]
+    reserve = split.reserve if defense.procedure().needs_reserve else None
     jobs = []
     for index in range(1 + split.num_references):
         members = split.target_members if index == 0 else split.reference_members(index - 1)
         recipe = config.train.replace(seed=model_seed(seed, index))
         trainer = "stacked" if stacked and index > 0 else "single"
-        key = digest(
-            {
-                "data": data_id,
-                "model": model_identity(config),
-                "recipe": recipe.to_dict(),
-                "defense": defense.to_dict(),
-                "members": _members_hash(members),
-                "trainer": trainer,
-            }
-        )[:20]
+        content = {
+            "data": data_id,
+            "model": model_identity(config),
+            "recipe": recipe.to_dict(),
+            "defense": defense.to_dict(),
+            "members": _members_hash(members),
+            "trainer": trainer,
+        }
+        if reserve is not None:  # only for the defenses that use it: the others' keys are unchanged
+            content["reserve"] = _members_hash(reserve)
+        key = digest(content)[:20]
         role = "target" if index == 0 else f"reference-{index - 1}"
         jobs.append(
-            ModelJob(key, role, defense, config.model, dict(config.model_options), recipe, members, trainer, group)
+            ModelJob(
+                key, role, defense, config.model, dict(config.model_options), recipe, members, trainer, group, reserve
+            )
         )
     return jobs
 

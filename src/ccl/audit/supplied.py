@@ -55,25 +55,34 @@ def load_members(path: str, num_records: int) -> np.ndarray:
 
 
 def supplied_split(
-    members: np.ndarray, num_records: int, *, num_references: int, seed: int, population_fraction: float
+    members: np.ndarray,
+    num_records: int,
+    *,
+    num_references: int,
+    seed: int,
+    population_fraction: float,
+    reserve_fraction: float = 0.0,
 ) -> MembershipSplit:
-    """The pool: the members and as many non-members (drawn by `seed`); the population: a share of the rest;
-    reference models in complementary pairs over the pool, as `membership_split` draws them."""
+    """The pool: the members and as many non-members (drawn by `seed`); the population and the defender's
+    reserve: shares of the rest; reference models in complementary pairs over the pool, as `membership_split`
+    draws them."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A]))
     outside = np.setdiff1d(np.arange(num_records), members)
     m = members.size
     n_pop = int(round(population_fraction * num_records))
-    if outside.size < m + max(n_pop, 0):
-        take = outside.size - n_pop
+    n_res = int(round(reserve_fraction * num_records))
+    if outside.size < m + n_pop + n_res:
+        take = outside.size - n_pop - n_res
         if take < 2:
             raise ConfigError(
                 f"The target trained on {m} of {num_records} records: too few others remain for its non-members "
-                f"and a population of {n_pop}; lower --population-fraction."
+                f"and a population of {n_pop} (and a reserve of {n_res}); lower --population-fraction."
             )
         members = np.sort(rng.choice(members, take, replace=False))  # audit a random subset of the members
         m = take
     order = rng.permutation(outside)
     nonmembers, population = order[:m], np.sort(order[m : m + n_pop])
+    reserve = np.sort(order[m + n_pop : m + n_pop + n_res])
     pool = np.sort(np.r_[members, nonmembers])
     target_in = np.isin(pool, members)
     reference_in = np.zeros((num_references, pool.size), bool)  # complementary pairs, as membership_split
@@ -81,7 +90,7 @@ def supplied_split(
         reference_in[j, rng.permutation(pool.size)[: pool.size // 2]] = True
         if j + 1 < num_references:
             reference_in[j + 1] = ~reference_in[j]
-    return MembershipSplit(pool, target_in, reference_in, population, num_records, seed)
+    return MembershipSplit(pool, target_in, reference_in, population, num_records, seed, reserve)
 
 
 def supplied_target_logits(config: ExperimentConfig, dataset: Dataset, query_index: np.ndarray, runtime) -> np.ndarray:

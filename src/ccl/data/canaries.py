@@ -74,6 +74,7 @@ def add_canaries(
         population,
         n + num,
         split.seed,
+        split.reserve,
     )
     is_canary = np.r_[np.zeros(split.pool.size, bool), np.ones(num, bool)]
     return new, new_split, is_canary

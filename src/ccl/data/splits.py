@@ -3,6 +3,10 @@
 `membership_split` is the LiRA/RMIA design. From `n` records and a seed:
 
 - `population`: records no model trains on (RMIA's population sample, and held-out data);
+- `reserve` (empty unless asked for): the defender's records, which no audited model trains on as a member
+  and no attack queries: early stopping's validation split, adversarial regularisation's reference
+  non-members, distillation's transfer set. Every model of the split (target and references alike, the
+  attacker knowing the recipe) uses the same reserve;
 - the rest is the audit pool. The target trains on a random half of it (`target_in`), so its members and
   non-members are disjoint and balanced;
 - `reference_in (K, pool)`: reference model k trains on the records where it is True. Models come in
@@ -19,7 +23,7 @@ Splits are saved as `.npz` (atomically) with the run and reload bit-for-bit.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +45,7 @@ class MembershipSplit:
         reference_in: `(K, P)` bool, reference model k's members among `pool`.
         population: `(Z,)` indices of records no model trains on.
         seed: the seed the split was drawn with.
+        reserve: `(R,)` indices of the defender's records (never audited, never in the population).
     """
 
     pool: np.ndarray
@@ -49,11 +54,13 @@ class MembershipSplit:
     population: np.ndarray
     num_records: int
     seed: int
+    reserve: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
         p = self.pool.shape[0]
         assert self.target_in.shape == (p,) and self.reference_in.shape[1:] == (p,)
         assert not np.intersect1d(self.pool, self.population).size, "pool and population overlap"
+        assert not np.intersect1d(self.reserve, np.r_[self.pool, self.population]).size, "the reserve overlaps"
 
     @property
     def num_references(self) -> int:
@@ -78,6 +85,7 @@ class MembershipSplit:
             num_references=num_references,
             seed=self.seed,
             population_fraction=self.population.size / self.num_records,
+            reserve_fraction=self.reserve.size / self.num_records,
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -88,6 +96,7 @@ class MembershipSplit:
                 target_in=self.target_in,
                 reference_in=self.reference_in,
                 population=self.population,
+                reserve=self.reserve,
                 num_records=self.num_records,
                 seed=self.seed,
             )
@@ -97,8 +106,15 @@ class MembershipSplit:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as f:
+                reserve = f["reserve"] if "reserve" in f.files else np.zeros(0, np.int64)
                 return cls(
-                    f["pool"], f["target_in"], f["reference_in"], f["population"], int(f["num_records"]), int(f["seed"])
+                    f["pool"],
+                    f["target_in"],
+                    f["reference_in"],
+                    f["population"],
+                    int(f["num_records"]),
+                    int(f["seed"]),
+                    reserve,
                 )
         except Exception as err:  # OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError, ...
             raise RunDirectoryError(
@@ -107,9 +123,15 @@ class MembershipSplit:
 
 
 def membership_split(
-    num_records: int, *, num_references: int = 0, seed: int = 0, population_fraction: float = 0.1
+    num_records: int,
+    *,
+    num_references: int = 0,
+    seed: int = 0,
+    population_fraction: float = 0.1,
+    reserve_fraction: float = 0.0,
 ) -> MembershipSplit:
-    """Draws the LiRA/RMIA split described in the module docstring.
+    """Draws the LiRA/RMIA split described in the module docstring (the reserve follows the population in the
+    seed's permutation, so a split without a reserve is the same as before reserves existed).
 
     The draws for the pool, the target and each reference model use separate streams derived from `seed`,
     so the reference masks of the first k models do not change when `num_references` grows.
@@ -117,13 +139,20 @@ def membership_split(
     n = check_positive_int("num_records", num_records, minimum=4)
     k = check_positive_int("num_references", num_references, minimum=0)
     frac = check_in_range("population_fraction", population_fraction, low=0.0, high=0.9)
+    res_frac = check_in_range("reserve_fraction", reserve_fraction, low=0.0, high=0.9)
+    if frac + res_frac > 0.9:
+        raise InvalidArgumentError(
+            expected("reserve_fraction", f"at most {0.9 - frac:g} with population_fraction {frac:g}", res_frac)
+        )
     seed = check_positive_int("seed", seed, minimum=0)
     root = np.random.SeedSequence(seed)
     rng_pool, rng_target, rng_refs = (np.random.default_rng(s) for s in root.spawn(3))
     order = rng_pool.permutation(n)
     n_pop = int(round(frac * n))
-    n_pop += (n - n_pop) % 2  # an even pool: every model then trains on exactly half of it
-    population, pool = np.sort(order[:n_pop]), np.sort(order[n_pop:])
+    n_res = int(round(res_frac * n))
+    n_pop += (n - n_pop - n_res) % 2  # an even pool: every model then trains on exactly half of it
+    population, pool = np.sort(order[:n_pop]), np.sort(order[n_pop + n_res :])
+    reserve = np.sort(order[n_pop : n_pop + n_res])
     p = pool.size
     if p < 2:
         raise InvalidArgumentError(
@@ -141,7 +170,7 @@ def membership_split(
         reference_in[j, heads] = True
         if j + 1 < k:
             reference_in[j + 1] = ~reference_in[j]
-    return MembershipSplit(pool, target_in, reference_in, population, n, int(seed))
+    return MembershipSplit(pool, target_in, reference_in, population, n, int(seed), reserve)
 
 
 def shadow_split(num_records: int, *, seed: int = 0) -> dict[str, np.ndarray]:
