@@ -3,6 +3,7 @@
     python benchmarks/run.py            # the full set (about 5 minutes on a 2-core CPU, longer with the demo)
     python benchmarks/run.py --quick    # small sizes: a smoke run (CI runs it)
     python benchmarks/run.py --only loss_overhead attack_scoring --out results.json
+    python benchmarks/run.py --only dp_step    # DP-SGD step vs an ordinary one (about 30 s)
 
 Each figure is printed with its goal and whether the goal is met, and all are written to a JSON file
 (default benchmarks/results.json). Timings are medians over repeats; ratios cancel most of the machine's noise.
@@ -223,6 +224,113 @@ def stacked_training(quick: bool) -> list[dict]:
                 ">= 4 (CUDA, K=16)",
                 None,
                 note="not measured: no CUDA device on this machine",
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- DP-SGD
+def dp_step(quick: bool) -> list[dict]:
+    """One DP-SGD step (forward, per-sample gradients, clipping, noise, update) through ccl's path, `DPTrainer`
+    as `fit` uses it, against one ordinary step of the same model on a batch of the same size: Purchase100's MLP
+    (600 features, 1024-512-256-128, 100 classes) and recipe (examples/purchase100.yaml: batch 256, SGD with
+    momentum 0.9 and weight decay 5e-4), cross-entropy, a batch of exactly the expected Poisson size. Rounds
+    alternate a block of ordinary steps with one step of each DP path, so drifts of the machine hit all alike;
+    the figures are medians over rounds. Paths: Opacus' hooks (`per_sample="opacus"`, the default), torch.func
+    (`per_sample="ghost"`), and, as a reference that ccl does not use, Opacus' ghost clipping
+    (`GradSampleModuleFastGradientClipping`: norms from activations and output gradients, no per-sample
+    gradients, a second backward pass)."""
+    import warnings
+
+    try:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+    except ImportError:
+        note = "not measured: needs Opacus >= 1.5 (pip install 'ccl[dp]')"
+        return [figure("dp_step/opacus", float("nan"), "", "<= 3 (Purchase MLP)", None, note=note)]
+
+    import ccl.defenses
+    from ccl.dp import DPTrainer
+    from ccl.training import make_optimizer
+
+    batch, hidden, num_records = (32, (128, 64), 1_000) if quick else (256, (1024, 512, 256, 128), 39_000)
+    rounds, block = (3, 3) if quick else (15, 10)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, 600, generator=g) < 0.3).float()
+    y = torch.randint(0, 100, (batch,), generator=g)
+    recipe = Recipe(epochs=30, batch_size=batch, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4)
+    defense = ccl.defenses.create("dpsgd", noise_multiplier=1.0)  # the time does not depend on the noise
+    loss_fn, settings = defense.loss, defense.procedure.dp
+
+    def build():
+        return ccl.models.create("mlp", num_classes=100, input_shape=(600,), seed=0, hidden=hidden)
+
+    def stepper(forward, optimizer, loss=loss_fn):
+        def step():  # as ccl.training._train_epoch does it
+            optimizer.zero_grad(set_to_none=True)
+            loss(forward(x), y).backward()
+            optimizer.step()
+
+        return step
+
+    plain = build()
+    steps = {"plain": stepper(plain, make_optimizer(plain.parameters(), recipe))}
+    for kind in ("opacus", "ghost"):
+        trainer = DPTrainer(build(), settings, num_records=num_records, batch_size=batch, epochs=30, per_sample=kind)
+        optimizer = trainer.optimizer(make_optimizer(trainer.model.parameters(), recipe))
+        trainer.start_epoch(optimizer, seed=0, epoch=0, device=torch.device("cpu"))
+        steps[kind] = stepper(trainer.module, optimizer)
+    ghost_model = build()
+    ghost_module = GradSampleModuleFastGradientClipping(
+        ghost_model, max_grad_norm=settings.max_grad_norm, use_ghost_clipping=True, loss_reduction="mean"
+    )
+    ghost_optimizer = DPOptimizerFastGradientClipping(
+        make_optimizer(ghost_model.parameters(), recipe),
+        noise_multiplier=1.0,
+        max_grad_norm=settings.max_grad_norm,
+        expected_batch_size=batch,
+        loss_reduction="mean",
+    )
+    ghost_loss = DPLossFastGradientClipping(ghost_module, ghost_optimizer, loss_fn, loss_reduction="mean")
+    steps["ghost_clipping"] = stepper(ghost_module, ghost_optimizer, ghost_loss)
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # as fit() filters it
+        for step in steps.values():
+            for _ in range(3):
+                step()
+        for _ in range(rounds):
+            for name, step in steps.items():
+                n = block if name == "plain" else 1
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    step()
+                times[name].append((time.perf_counter() - t0) / n)
+    ref = statistics.median(times["plain"])
+    label = f"purchase_mlp,b={batch}" if not quick else f"small_mlp,b={batch}"
+    details = dict(reference_ms=1e3 * ref, threads=torch.get_num_threads(), rounds=rounds)
+    opacus_s = statistics.median(times["opacus"])
+    out = []
+    for name, what in (
+        ("opacus", "Opacus' hooks: ccl's path for models other than plain MLPs"),
+        ("ghost", "ccl's default for plain MLPs: ghost norms, one backward pass for the clipped sum"),
+        ("ghost_clipping", "reference, not a ccl path: Opacus' ghost clipping"),
+    ):
+        t = statistics.median(times[name])
+        goal = name == "ghost"  # the Purchase MLP's path in ccl
+        out.append(
+            figure(
+                f"dp_step/{name}/{label}",
+                t / ref,
+                "x an ordinary SGD step",
+                "<= 3 (Purchase MLP)" if goal else "(report)",
+                t / ref <= 3 if goal and not quick else None,
+                ms=1e3 * t,
+                speedup_vs_opacus=opacus_s / t,
+                path=what,
+                **details,
             )
         )
     return out
@@ -540,6 +648,7 @@ SECTIONS = {
     "loss_overhead": loss_overhead,
     "training_efficiency": training_efficiency,
     "stacked_training": stacked_training,
+    "dp_step": dp_step,
     "attack_scoring": attack_scoring,
     "leave_one_out": leave_one_out,
     "end_to_end": end_to_end,
