@@ -186,3 +186,20 @@ def test_ghost_norms_equal_the_per_sample_loop_and_a_reused_layer_falls_back_to_
     loss_fn(trainer.module(x), y).backward()
     for p, e in zip(trainer.model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-5)
+
+
+def test_an_in_place_activation_falls_back_from_ghost_norms_and_the_model_stays_picklable(tmp_path):
+    """ReLU(inplace=True) overwrites a Linear layer's recorded output: the ghost formula would read the
+    activation's gradient, so the norms come from torch.func instead; no hook is left on the user's model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(inplace=True), nn.Linear(16, 7))
+    x, y = data(n=11)
+    loss_fn = ccl.losses.create("ce")
+    expected, _ = clipped_sum_by_loop(model, loss_fn, x, y, 0.3)
+    trainer = DPTrainer(copy.deepcopy(model), settings(max_grad_norm=0.3), num_records=100, batch_size=11, epochs=1)
+    assert trainer.per_sample == "ghost"
+    loss_fn(trainer.module(x), y).backward()
+    for p, e in zip(trainer.model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-5)
+    assert not any(m._forward_hooks for m in trainer.model.modules())
+    torch.save(trainer.model, tmp_path / "whole.pt")  # a user may save the trained module whole

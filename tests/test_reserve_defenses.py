@@ -36,7 +36,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def train(defense, *, epochs=8, seed=0, checkpoint_dir=None, loss=None, model=None):
+def train(defense, *, epochs=8, seed=0, checkpoint_dir=None, loss=None, model=None, lr=0.05):
     data, mem, non, res = digits_parts()
     d = defenses.create(*defense) if isinstance(defense, tuple) else defense
     return fit(
@@ -44,7 +44,7 @@ def train(defense, *, epochs=8, seed=0, checkpoint_dir=None, loss=None, model=No
         loss or d.loss,
         data.subset(mem),
         heldout=data.subset(non),
-        recipe=Recipe(epochs=epochs, batch_size=32, lr=0.05, schedule="constant", seed=seed),
+        recipe=Recipe(epochs=epochs, batch_size=32, lr=lr, schedule="constant", seed=seed),
         runtime=QUIET,
         procedure=d.procedure,
         reserve=data.subset(res),
@@ -197,6 +197,20 @@ def test_patience_releases_the_best_validation_epoch_as_a_brute_force_over_epoch
     assert len(result.history) == stopped_at and result.history[-1]["released_epoch"] == best_epoch
     assert [r["val_loss"] for r in result.history] == pytest.approx(losses[:stopped_at], rel=1e-5)
     assert same_weights(result.model, models[best_epoch - 1])
+
+
+def test_the_patience_checkpoint_and_last_record_are_those_of_the_released_model(tmp_path):
+    data, _, non, _ = digits_parts()
+    d = defenses.create("early_stop", patience=2)
+    result = train(d, epochs=30, checkpoint_dir=tmp_path / "p", model=mlp(hidden=(128,)), lr=0.3)
+    last = result.history[-1]
+    assert last["released_epoch"] < last["epoch"] < 30  # it stopped, after the best epoch
+    state = ccl.training.load_checkpoint(tmp_path / "p" / "checkpoint.pt")
+    released = mlp(hidden=(128,))
+    released.load_state_dict(state["model"])
+    assert same_weights(released, result.model)
+    hx, hy = data.subset(non)
+    assert last["heldout_acc"] == pytest.approx(float((result.model(hx).argmax(1) == hy).float().mean()))
 
 
 def test_an_interrupted_patience_run_resumes_to_the_same_model(tmp_path):

@@ -397,6 +397,7 @@ class ExperimentConfig:
         """`reserve_fraction` None becomes `RESERVE_FRACTION` when a defense learns from the defender's reserve,
         0 otherwise; stored resolved, so a resumed run keeps its split whatever defenses it adds."""
         needs = [d.label for d in self.defenses if d.procedure().needs_reserve]
+        given = self.reserve_fraction
         if self.reserve_fraction is None:
             self.reserve_fraction = RESERVE_FRACTION if needs else 0.0
         try:
@@ -405,12 +406,11 @@ class ExperimentConfig:
             raise ConfigError(str(err)) from None
         self.reserve_fraction = float(self.reserve_fraction)
         if self.population_fraction + self.reserve_fraction > 0.9:
+            why = f" (the default when {', '.join(needs)} run)" if given is None else ""
             raise ConfigError(
-                expected(
-                    "reserve_fraction",
-                    f"at most {0.9 - self.population_fraction:g} with population_fraction {self.population_fraction:g}",
-                    self.reserve_fraction,
-                )
+                f"`reserve_fraction` {self.reserve_fraction:g}{why} and `population_fraction` "
+                f"{self.population_fraction:g} leave too little to audit: together they may be at most 0.9. Lower "
+                "--population-fraction or set --reserve-fraction lower."
             )
         if needs and self.reserve_fraction == 0:
             raise ConfigError(

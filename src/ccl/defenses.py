@@ -12,8 +12,8 @@ Every loss of `ccl.losses` is a defense that only changes the loss. The others c
   DenseNet with the same replacement. DP-SGD models train one by one (not stacked).
 - `early_stop`: the simplest regulariser, and a baseline every defense must beat. With `epochs=E` the released
   model is the one after E epochs (the learning-rate schedule is still the recipe's); with `patience=P`,
-  training stops once the validation loss (cross-entropy on a validation split drawn from the defender's
-  reserve, records no audited model trains on) has not improved for P epochs, and the model of the best epoch
+  training stops once the validation loss (cross-entropy on the defender's reserve, records no audited model
+  trains on) has not improved for P epochs, and the model of the best epoch
   is released (as Keras' `restore_best_weights` or Lightning's best checkpoint do).
 - `advreg` (adversarial regularisation; Nasr, Shokri and Houmansadr, CCS 2018): a min-max game between the
   classifier f and an inference model h(f(x), y) that tells members from non-members. Before every classifier

@@ -161,33 +161,44 @@ class _ClippedForward(nn.Module):
         self._linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         owned = {id(p) for m in self._linears for p in m.parameters()}
         self.ghost = all(id(p) in owned for p in model.parameters() if p.requires_grad)
-        self._seen: list[tuple[nn.Linear, Tensor, Tensor]] | None = None
-        if self.ghost:
-            for m in self._linears:
-                m.register_forward_hook(self._record)
-
-    def _record(self, module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if self._seen is not None:
-            self._seen.append((module, inputs[0].detach(), output))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
-            return self.model(x)
-        self._seen = [] if self.ghost else None
-        try:
-            out = self.model(x)
-        finally:
-            seen, self._seen = self._seen, None
+        if not torch.is_grad_enabled() or not self.ghost:
+            out, seen = self.model(x), None
+        else:  # the hooks live only for this call: the user's model is left as it was (and stays picklable)
+            seen = []
+
+            def record(module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+                seen.append((module, inputs[0], output, inputs[0]._version, output._version))
+
+            handles = [m.register_forward_hook(record) for m in self._linears]
+            try:
+                out = self.model(x)
+            finally:
+                for h in handles:
+                    h.remove()
         if out.requires_grad:
             inputs = x.detach()
-            usable = seen is not None and len({id(m) for m, _, _ in seen}) == len(seen)  # each layer used once
-            usable = usable and all(a.ndim == 2 and z.requires_grad for _, a, z in seen)
-            layers = seen if usable else None
+            layers = [(m, a.detach(), z) for m, a, z, _, _ in seen] if seen and self._ghost_holds(seen) else None
             # the hook sits on an alias: the norms' own backward pass starts at `out` and does not fire it again
             released = out.view_as(out)
             released.register_hook(lambda g: self._clip(inputs, g, out, layers))
             return released
         return out
+
+    @staticmethod
+    def _ghost_holds(seen: list) -> bool:
+        """Whether `|a_i|^2 |delta_i|^2` gives this forward's norms: each layer (and each parameter) used once,
+        on (N, in) inputs, and neither its input nor its output changed in place afterwards (an in-place
+        activation would make the recorded output the activation's, not the layer's)."""
+        params = [id(p) for m, *_ in seen for p in m.parameters()]
+        return (
+            len({id(m) for m, *_ in seen}) == len(seen)
+            and len(set(params)) == len(params)
+            and all(
+                a.ndim == 2 and z.requires_grad and a._version == va and z._version == vz for _, a, z, va, vz in seen
+            )
+        )
 
     def ghost_norms(self, out: Tensor, out_grad: Tensor, layers: list) -> Tensor:
         """`(N,)` per-sample gradient norms from each Linear layer's inputs and output gradients (one extra

@@ -657,25 +657,7 @@ def fit(
             raise InvalidArgumentError(
                 expected("reserve", f"records of shape {tuple(x.shape[1:])} like train", tuple(rx.shape[1:]))
             )
-    if procedure is not None and getattr(procedure, "distill", None) is not None:
-        return _fit_distilled(
-            model,
-            loss_fn,
-            (x, y),
-            (rx, ry),
-            recipe=recipe,
-            runtime=runtime,
-            heldout=heldout,
-            checkpoint_dir=checkpoint_dir,
-            log_path=log_path,
-            resume=resume,
-            description=description,
-            procedure=procedure,
-        )
-    return _fit(
-        model,
-        loss_fn,
-        (x, y),
+    common = dict(
         recipe=recipe,
         runtime=runtime,
         heldout=None if heldout is None else (hx, hy),
@@ -684,8 +666,10 @@ def fit(
         resume=resume,
         description=description,
         procedure=procedure,
-        reserve=(rx, ry) if needs_reserve else None,
     )
+    if procedure is not None and getattr(procedure, "distill", None) is not None:
+        return _fit_distilled(model, loss_fn, (x, y), (rx, ry), **common)
+    return _fit(model, loss_fn, (x, y), reserve=(rx, ry) if needs_reserve else None, **common)
 
 
 def _fit_distilled(
@@ -851,10 +835,11 @@ def _fit(
             else:
                 watch["bad"] += 1
             watch["stopped"] = watch["bad"] >= patience
+            if watch["stopped"] or epoch + 1 == last:  # done: the best epoch's model is the released one, and
+                model.load_state_dict(best_state)  # the last record's statistics and the checkpoint are its
+                record["released_epoch"] = watch["best_epoch"]
         if (epoch + 1) % runtime.eval_every == 0 or epoch + 1 == last or watch["stopped"]:
             record.update(_member_stats(model, (sx, sy), None if heldout is None else (hx, hy), recipe.batch_size))
-        if patience is not None and (watch["stopped"] or epoch + 1 == last):
-            record["released_epoch"] = watch["best_epoch"]
         history.append(record)
         if ckpt_path is not None:
             state = {

@@ -156,6 +156,8 @@ def result_key(config: ExperimentConfig, defense: DefenseSpec, seed: int) -> str
     """A hash of everything that determines one (defense, seed) result: a resumed run recomputes a result whose
     reference models or attacks changed since it was written."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("seeds", "defenses", "dataset")}
+    if not settings["reserve_fraction"]:  # no reserve: the same key as before reserves existed
+        del settings["reserve_fraction"]
     if config.supplied_target:  # the supplied files' contents, not their paths
         from .supplied import supplied_identity
 

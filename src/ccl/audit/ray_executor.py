@@ -166,7 +166,13 @@ def _worker_context(boxed_ref: list) -> ExecutionContext:
 
 
 def _writable(job: ModelJob) -> ModelJob:
-    return job if job.members.flags.writeable else dataclasses.replace(job, members=np.array(job.members))
+    """The job with writable index arrays (Ray hands them over read-only, which torch warns about)."""
+    changes = {}
+    if not job.members.flags.writeable:
+        changes["members"] = np.array(job.members)
+    if job.reserve is not None and not job.reserve.flags.writeable:
+        changes["reserve"] = np.array(job.reserve)
+    return dataclasses.replace(job, **changes) if changes else job
 
 
 def _crash_once(marker: str | None) -> None:
