@@ -62,6 +62,8 @@ def one_seed(cache: Path, **changes):
 
 
 def _warm() -> None:
+    import torch._dynamo  # noqa: F401  (torch.optim imports it lazily: a test's Ctrl-C must not interrupt that)
+
     import ccl.audit.execute  # noqa: F401
 
 

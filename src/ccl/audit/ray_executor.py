@@ -189,13 +189,8 @@ def _crash_once(marker: str | None) -> None:
 def _train_task(group: list[ModelJob], boxed_ref: list, crash_marker: str | None = None) -> str:
     """The body of one Ray task: `train_group` in the worker, which stores the outputs in the cache. Returns the
     worker's host name (the driver names it if it cannot see the files)."""
-    import torch._dynamo  # noqa: F401
-
     from ..training import torch_threads
 
-    # torch.optim imports torch._dynamo (and with it sympy) lazily, on a worker's first optimizer. Once in CI that
-    # first import, inside a task, failed with "module 'sympy' has no attribute 'core'", a partly imported module
-    # seen from another thread of the worker; importing it here, before any work, keeps it out of the training.
     _crash_once(crash_marker)
     ctx = _worker_context(boxed_ref)
     with torch_threads(ctx.runtime.threads):
