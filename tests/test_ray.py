@@ -6,6 +6,7 @@ runs either way."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -61,20 +62,19 @@ def one_seed(cache: Path, **changes):
     return ctx, plan_jobs(cfg, cfg.defenses[0], 0, split)
 
 
-def _warm() -> None:
-    import torch._dynamo  # noqa: F401  (torch.optim imports it lazily: a test's Ctrl-C must not interrupt that)
-
-    import ccl.audit.execute  # noqa: F401
-
-
 @pytest.fixture(scope="module")
 def ray_instance():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        warm = ray.remote(_warm)
-        [warm.remote() for _ in range(2)]  # workers import torch while the first test trains its local reference
+
+        def warm() -> None:  # nested, so Ray ships it by value (workers cannot import this test module)
+            import torch._dynamo  # noqa: F401  (torch.optim imports it lazily, in seconds)
+
+            import ccl.audit.execute  # noqa: F401
+
+        [ray.remote(warm).remote() for _ in range(2)]  # workers import torch while the first test trains locally
     yield ray
     if started:
         ray.shutdown()
@@ -158,6 +158,37 @@ def test_ctrl_c_cancels_the_rest_and_keeps_completed_jobs(ray_instance, tmp_path
     for job in jobs:
         ours, theirs = (c.cache.outputs(job, ctx.query_index) for c in (ctx, local))
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_cancelling_kills_a_running_task_and_removes_its_temporary_files(ray_instance, tmp_path):
+    from ccl.audit.ray_executor import RayExecutor
+
+    def stubborn(folder: str) -> None:
+        """A task that ignores interrupts while it holds a half-written file, as a task in the middle of an import or
+        a write would be left by one."""
+        import time
+
+        from ccl._io import atomic_path
+
+        with atomic_path(os.path.join(folder, "outputs.npz")):
+            while True:
+                try:
+                    time.sleep(0.05)
+                except KeyboardInterrupt:
+                    pass
+
+    ctx, jobs = one_seed(tmp_path / "cache")
+    folder = ctx.cache.folder(jobs[0])
+    folder.mkdir(parents=True)
+    ref = ray_instance.remote(stubborn).remote(str(folder))  # nested, so Ray ships it by value
+    deadline = time.monotonic() + 60
+    while not list(folder.glob(".*.tmp")):  # the task is running and writing
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.05)
+    RayExecutor()._cancel({ref: [jobs[0]]}, ctx)
+    ready, _ = ray_instance.wait([ref], timeout=1)
+    assert ready  # an interrupt alone would not have stopped it: its worker was killed
+    assert not list(folder.glob(".*.tmp"))
 
 
 def test_a_crashed_worker_is_retried(ray_instance, local_runs, tmp_path, monkeypatch):

@@ -21,6 +21,10 @@ like); the driver checks that each task's outputs are visible to it and names th
 - Faults: a task whose worker dies is retried up to `max_retries` times; an error raised by training (e.g.
   `TrainingError`) is not retried and is re-raised as it was raised. On an error or Ctrl-C, the tasks still
   queued or running are cancelled; completed jobs stay in the cache (a resumed run does not train them again).
+  A running task is cancelled by killing its worker process (Ray starts a fresh one): an interrupt raised
+  inside the task could land in the middle of a lazy import (torch imports sympy on first use) and leave a
+  half-imported module that breaks every later task on that worker. Its locks die with it (`flock`), and the
+  temporary files it was writing are removed.
 - Determinism: every job carries its own seeds, so which worker trains what never changes a number.
 
 Ray is imported only when an executor is built; without it, `MissingDependencyError` names the extra.
@@ -44,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_in_range, check_positive_int, expected
+from .._io import remove_stale_temporaries
 from ..errors import CclError, InvalidArgumentTypeError, MissingDependencyError, RunDirectoryError
 from .execute import ExecutionContext, group_jobs, train_group
 from .plan import ModelJob
@@ -339,7 +344,7 @@ class RayExecutor:
                 if on_done:
                     on_done(len(group))
         except BaseException:  # an error, or Ctrl-C: stop the rest; completed jobs stay in the cache
-            self._cancel(list(pending))
+            self._cancel(pending, ctx)
             raise
 
     def _check_device(self, ctx: ExecutionContext) -> None:
@@ -357,15 +362,20 @@ class RayExecutor:
                 stacklevel=3,
             )
 
-    def _cancel(self, refs: list) -> None:
-        """Cancels queued and running tasks (a running one gets a KeyboardInterrupt, and its cache locks are
-        released) and waits a little for them to stop, so that a resumed run does not find their locks held."""
+    def _cancel(self, pending: dict[Any, list[ModelJob]], ctx: ExecutionContext) -> None:
+        """Cancels queued tasks and kills the workers of running ones, waits a little for them to stop (their
+        cache locks die with them), then removes the temporary files they left in their models' folders."""
+        refs = list(pending)
         for ref in refs:
             with contextlib.suppress(Exception):
-                self._ray.cancel(ref)
+                self._ray.cancel(ref, force=True)
         if refs:
             with contextlib.suppress(Exception):
                 self._ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+        for group in pending.values():
+            for job in group:
+                with contextlib.suppress(OSError):
+                    remove_stale_temporaries(ctx.cache.folder(job), recursive=True)
 
     def _result(self, ref: Any, group: list[ModelJob]) -> str:
         exceptions = self._ray.exceptions
