@@ -127,3 +127,42 @@ def test_with_one_seed_the_headline_uses_a_paired_bootstrap_over_records(tmp_pat
     assert "bootstrap over models and records" in head.method
     assert all(not math.isnan(v) for v in (*c.accuracy_delta_ci, *c.auc_delta_ci))
     assert c.auc_delta_ci[0] <= c.auc_delta <= c.auc_delta_ci[1]
+
+
+def test_the_paired_bootstrap_equals_a_slow_loop_over_the_separate_metrics(tmp_path):
+    """The headline's pooled bootstrap takes AUC and TPR from one ROC per resample: it equals a loop that draws
+    the same resamples and calls `roc_auc` and `tpr_at_fpr` separately."""
+    import warnings
+
+    from ccl.metrics import DegenerateMetricWarning, roc_auc, tpr_at_fpr
+    from ccl.results import load_scores
+    from ccl.summary import _bootstrap_deltas
+
+    out = tmp_path / "run"
+    run_audit(_tiny(["ce", "ccel:alpha=0.2"], [0]), out, runtime=QUIET)
+    a, b = (load_scores(out / "results" / slug / "seed-0") for slug in ("ce", "ccel_alpha=0.2"))
+    fpr, n = 0.1, 30
+    fast = _bootstrap_deltas(a, b, "loss", fpr, n, 7, "pooled")
+
+    rng = np.random.default_rng(7)
+    masks, held = a["masks"], a["heldout_correct"].size
+    records = np.nonzero(~a["is_canary"])[0] if "is_canary" in a else np.arange(masks.shape[1])
+    values = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateMetricWarning)
+        for _ in range(n):
+            mi = rng.integers(0, masks.shape[0], masks.shape[0])
+            ri = records[rng.integers(0, records.size, records.size)]
+            mm = masks[np.ix_(mi, ri)].ravel()
+            xa, xb = (s["loo_loss"][np.ix_(mi, ri)].ravel() for s in (a, b))
+            h = rng.choice(np.arange(held), held)
+            values.append(
+                (
+                    a["heldout_correct"][h].mean() - b["heldout_correct"][h].mean(),
+                    roc_auc(xa, mm) - roc_auc(xb, mm),
+                    tpr_at_fpr(xa, mm, fpr=fpr) - tpr_at_fpr(xb, mm, fpr=fpr),
+                )
+            )
+    slow = [tuple(np.nanpercentile(np.array(values)[:, j], [2.5, 97.5])) for j in range(3)]
+    assert all(lo < hi for lo, hi in fast)  # the two defenses differ
+    np.testing.assert_allclose(np.array(fast), np.array(slow), rtol=0, atol=1e-12)

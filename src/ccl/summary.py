@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import DegenerateMetricWarning, roc_auc, tpr_at_fpr, tpr_key
+from .metrics import DegenerateMetricWarning, roc_metrics, tpr_key
 from .results import Aggregate, DefenseResult, load_scores
 
 __all__ = ["Comparison", "Headline", "frontier", "headline", "strongest_attack"]
@@ -181,10 +181,11 @@ def _bootstrap_deltas(
                 idx = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
                 mm, xa, xb = m[idx], sa[idx], sb[idx]
             h = rng.choice(held, held.size)
+            ra, rb = roc_metrics(xa, mm, [fpr]), roc_metrics(xb, mm, [fpr])  # [AUC, advantage, TPR]: one sort each
             values[i] = (
                 a["heldout_correct"][h].mean() - b["heldout_correct"][h].mean(),
-                roc_auc(xa, mm) - roc_auc(xb, mm),
-                tpr_at_fpr(xa, mm, fpr=fpr) - tpr_at_fpr(xb, mm, fpr=fpr),
+                ra[0] - rb[0],
+                ra[2] - rb[2],
             )
     out = []
     for j in range(3):
