@@ -128,6 +128,54 @@ def test_predict_perturbed_labels_equals_argmax_on_each_chunk_of_queries():
     np.testing.assert_array_equal(got, predict_perturbed_labels(model, x, kind="noise", num=5, scale=1.0, seed=7))
 
 
+def test_the_audit_asks_every_model_the_queries_of_predict_perturbed_labels_a_block_at_a_time(monkeypatch):
+    """The pipeline's labels (K stacked models at once) equal `predict_perturbed_labels` of each model, and the
+    queries are drawn `CHUNK` records at a time (a large pool never sits in memory Q times)."""
+    import ccl.attacks.label_only as lo
+    from ccl.audit import execute
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)) for _ in range(2)]
+    x = torch.randn(CHUNK + 300, 4)
+    sizes = []
+    real = lo.perturbed_queries
+    monkeypatch.setattr(lo, "perturbed_queries", lambda x, **kw: sizes.append(len(x)) or real(x, **kw))
+    got = execute.perturbed_labels(lambda q: torch.stack([net(q) for net in nets]), x)
+    assert max(sizes) == CHUNK and sum(sizes) == 2 * len(x)
+    for kind in ("augment", "noise"):
+        assert got[f"{kind}_labels"].shape == (2, len(x), execute.LABEL_ONLY_QUERIES)
+        for k, net in enumerate(nets):
+            expect = predict_perturbed_labels(
+                net,
+                x,
+                kind=kind,
+                num=execute.LABEL_ONLY_QUERIES,
+                scale=execute.LABEL_ONLY_SCALE,
+                seed=execute.LABEL_ONLY_SEED,
+                device="cpu",
+            )
+            np.testing.assert_array_equal(got[f"{kind}_labels"][k], expect)
+
+
+def test_cached_labels_on_other_queries_are_never_mixed_with_new_ones(tmp_path):
+    """A model cached with labels from another way of drawing the queries counts as not trained (it is trained
+    again), so that a resumed audit never compares models that answered different queries."""
+    from ccl.audit.execute import LABEL_ONLY_FORMAT, ModelCache
+
+    class Job:
+        key = "m"
+
+    cache, index, logits = ModelCache(tmp_path), np.arange(5), np.zeros((5, 3), np.float32)
+    labels = np.zeros((5, 16), np.int64)
+    (tmp_path / "m").mkdir()
+    for marker, found in ((None, False), (LABEL_ONLY_FORMAT - 1, False), (LABEL_ONLY_FORMAT, True)):
+        extra = {} if marker is None else {"label_only_format": np.asarray(marker)}
+        np.savez(tmp_path / "m" / "outputs.npz", logits=logits, query_index=index, augment_labels=labels, **extra)
+        assert (cache.outputs(Job, index) is not None) == found
+    np.savez(tmp_path / "m" / "outputs.npz", logits=logits, query_index=index)  # no label-only queries at all
+    assert cache.outputs(Job, index) is not None
+
+
 # ------------------------------------------------------------------ label-only scores
 def label_only_inputs(seed=0, n=30, q=7, k=4, c=3):
     rng = np.random.default_rng(seed)

@@ -59,7 +59,10 @@ class ModelCache:
             return None
         try:
             with np.load(path, allow_pickle=False) as f:
-                if np.array_equal(f["query_index"], query_index):
+                stale = "augment_labels" in f.files and (  # labels on other queries: train again
+                    "label_only_format" not in f.files or int(f["label_only_format"]) != LABEL_ONLY_FORMAT
+                )
+                if np.array_equal(f["query_index"], query_index) and not stale:
                     return f["logits"]
         except Exception as err:
             raise RunDirectoryError(
@@ -96,7 +99,7 @@ class ModelCache:
     def extras(self, job: ModelJob) -> dict[str, np.ndarray]:
         """The arrays stored with a model's logits (the label-only attacks' predicted labels)."""
         with np.load(self.folder(job) / "outputs.npz", allow_pickle=False) as f:
-            return {k: f[k] for k in f.files if k not in ("logits", "query_index")}
+            return {k: f[k] for k in f.files if k not in ("logits", "query_index", "label_only_format")}
 
     def info(self, job: ModelJob) -> dict:
         """What job.json records of a trained model (epsilon spent, trainer, ...)."""
@@ -133,22 +136,38 @@ class ExecutionContext:
 LABEL_ONLY_QUERIES = 16
 LABEL_ONLY_SCALE = 0.5
 LABEL_ONLY_SEED = 0x1AB
+#: Stored beside the labels: how the queries were drawn. 2: in blocks of `label_only.CHUNK` records (the queries
+#: of `predict_perturbed_labels`). Cached labels without it (1: one draw over the whole pool, which held
+#: `Q x pool` records in memory) came from other queries, so those models are trained again, never mixed.
+LABEL_ONLY_FORMAT = 2
 
 
 @torch.no_grad()
 def perturbed_labels(forward_all, x_pool: torch.Tensor) -> dict[str, np.ndarray]:
     """`{"augment_labels", "noise_labels"}`, each `(K, P, Q)`: the predicted labels of K models (`forward_all(x)
-    -> (K, B, C)`) on `LABEL_ONLY_QUERIES` perturbed copies of the pool records, for the label-only attacks."""
-    from ..attacks.label_only import perturbed_queries
+    -> (K, B, C)`) on `LABEL_ONLY_QUERIES` perturbed copies of the pool records, for the label-only attacks.
+
+    The copies are those of `ccl.attacks.label_only.predict_perturbed_labels` with `seed=LABEL_ONLY_SEED` and
+    the pool's standard deviations: drawn in blocks of `CHUNK` records, so the memory is that of `CHUNK * Q`
+    records, whatever the pool's size."""
+    from ..attacks.label_only import CHUNK, chunk_seed, perturbed_queries
 
     x = x_pool.float().cpu()
     std = x.std(0, unbiased=False)
-    out = {}
+    out: dict[str, np.ndarray] = {"label_only_format": np.asarray(LABEL_ONLY_FORMAT)}
     for kind in ("augment", "noise"):
-        queries = perturbed_queries(
-            x, kind=kind, num=LABEL_ONLY_QUERIES, scale=LABEL_ONLY_SCALE, seed=LABEL_ONLY_SEED, std=std
-        )
-        out[f"{kind}_labels"] = torch.stack([forward_all(q).argmax(-1).cpu() for q in queries], -1).numpy()
+        blocks = []
+        for b, start in enumerate(range(0, x.shape[0], CHUNK)):
+            queries = perturbed_queries(
+                x[start : start + CHUNK],
+                kind=kind,
+                num=LABEL_ONLY_QUERIES,
+                scale=LABEL_ONLY_SCALE,
+                seed=chunk_seed(LABEL_ONLY_SEED, b),
+                std=std,
+            )
+            blocks.append(torch.stack([forward_all(q).argmax(-1).cpu() for q in queries], -1))  # (K, B, Q)
+        out[f"{kind}_labels"] = torch.cat(blocks, 1).numpy()
     return out
 
 
@@ -228,7 +247,9 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
         if jobs[0].defense.procedure().modify_outputs == "hamp":  # queries see the released (modified) outputs
             logits = _hamp_release(forward_all, logits, data.x, len(ctx.query_index), seed=jobs[0].seed)
         for k, (job, lg, eps) in enumerate(zip(jobs, logits, epsilons, strict=True)):
-            ctx.cache.save(job, lg, ctx.query_index, epsilon=eps, extras={n: v[k] for n, v in extras.items()})
+            ctx.cache.save(
+                job, lg, ctx.query_index, epsilon=eps, extras={n: v[k] if v.ndim else v for n, v in extras.items()}
+            )
         if not ctx.keep_checkpoints:  # outputs are stored: a reference model's weights are not needed again
             if len(jobs) > 1 or jobs[0].trainer == "stacked":
                 (ctx.cache.root / "stacked" / f"{name}.pt").unlink(missing_ok=True)
