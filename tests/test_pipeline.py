@@ -316,3 +316,4 @@ def test_the_reproduction_configs_are_valid(name):
     assert config.dataset == name and config.uses_leave_one_out
     families = {d.family for d in config.defenses}
     assert {"ce", "ccel", "relaxloss"} <= families and len(config.defenses) >= 7
+    cli.build_runtime(args)  # its runtime: section, if any, is valid
