@@ -51,6 +51,7 @@ __all__ = [
     "calibrated_correct_fraction",
     "chunk_seed",
     "correct_fraction",
+    "labels_on_perturbed_queries",
     "predict_perturbed_labels",
     "perturbed_queries",
 ]
@@ -180,21 +181,34 @@ def predict_perturbed_labels(
     `x`, options and seed, every model gets the same queries. The model is moved to `device`; the memory is
     that of `CHUNK * Q` records (about 400 MB for 32 copies of 32x32x3 images in float32)."""
     xt = _records(x).cpu()
-    sd = _feature_std(xt, std)
     device = resolve_device(device)
     was_training = model.training
     model.eval()
     model.to(device)
-    out = []
     try:
-        for b, start in enumerate(range(0, xt.shape[0], CHUNK)):
-            queries = perturbed_queries(
-                xt[start : start + CHUNK], kind=kind, num=num, scale=scale, seed=chunk_seed(seed, b), std=sd
-            )
-            out.append(torch.stack([model(q.to(device)).argmax(-1).cpu() for q in queries], 1))
+        labels = labels_on_perturbed_queries(
+            lambda q: model(q.to(device)), xt, kind=kind, num=num, scale=scale, seed=seed, std=std
+        )
     finally:
         model.train(was_training)
-    return torch.cat(out).numpy().astype(np.int64)
+    return labels.numpy().astype(np.int64)
+
+
+@torch.no_grad()
+def labels_on_perturbed_queries(
+    forward, x: torch.Tensor, *, kind: str, num: int, scale: float | None, seed: int, std: Any = None
+) -> torch.Tensor:
+    """The argmax of `forward(q) -> (..., B, C)` on the queries of `predict_perturbed_labels`, `(..., N, Q)` on
+    the CPU: blocks of `CHUNK` records of the CPU records `x`, block `b` drawn with `chunk_seed(seed, b)`, `std`
+    by default over all of `x`. `forward` may answer for several models at once (leading dimensions)."""
+    sd = _feature_std(x, std)
+    out = []
+    for b, start in enumerate(range(0, x.shape[0], CHUNK)):
+        queries = perturbed_queries(
+            x[start : start + CHUNK], kind=kind, num=num, scale=scale, seed=chunk_seed(seed, b), std=sd
+        )
+        out.append(torch.stack([forward(q).argmax(-1).cpu() for q in queries], -1))
+    return torch.cat(out, -2)
 
 
 # ----------------------------------------------------------------------------------------------------------

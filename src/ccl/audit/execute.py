@@ -93,8 +93,11 @@ class ModelCache:
                 "epsilon": epsilon,  # DP-SGD: the epsilon this model spent; None otherwise
             },
         )
+        extras = dict(extras or {})
+        if "augment_labels" in extras:  # how the label-only queries were drawn (`outputs` checks it)
+            extras["label_only_format"] = np.asarray(LABEL_ONLY_FORMAT)
         with atomic_path(folder / "outputs.npz") as tmp, open(tmp, "wb") as fh:  # written last: marks completion
-            np.savez(fh, logits=logits, query_index=query_index, **(extras or {}))
+            np.savez(fh, logits=logits, query_index=query_index, **extras)
 
     def extras(self, job: ModelJob) -> dict[str, np.ndarray]:
         """The arrays stored with a model's logits (the label-only attacks' predicted labels)."""
@@ -150,25 +153,15 @@ def perturbed_labels(forward_all, x_pool: torch.Tensor) -> dict[str, np.ndarray]
     The copies are those of `ccl.attacks.label_only.predict_perturbed_labels` with `seed=LABEL_ONLY_SEED` and
     the pool's standard deviations: drawn in blocks of `CHUNK` records, so the memory is that of `CHUNK * Q`
     records, whatever the pool's size."""
-    from ..attacks.label_only import CHUNK, chunk_seed, perturbed_queries
+    from ..attacks.label_only import labels_on_perturbed_queries
 
     x = x_pool.float().cpu()
-    std = x.std(0, unbiased=False)
-    out: dict[str, np.ndarray] = {"label_only_format": np.asarray(LABEL_ONLY_FORMAT)}
-    for kind in ("augment", "noise"):
-        blocks = []
-        for b, start in enumerate(range(0, x.shape[0], CHUNK)):
-            queries = perturbed_queries(
-                x[start : start + CHUNK],
-                kind=kind,
-                num=LABEL_ONLY_QUERIES,
-                scale=LABEL_ONLY_SCALE,
-                seed=chunk_seed(LABEL_ONLY_SEED, b),
-                std=std,
-            )
-            blocks.append(torch.stack([forward_all(q).argmax(-1).cpu() for q in queries], -1))  # (K, B, Q)
-        out[f"{kind}_labels"] = torch.cat(blocks, 1).numpy()
-    return out
+    return {
+        f"{kind}_labels": labels_on_perturbed_queries(
+            forward_all, x, kind=kind, num=LABEL_ONLY_QUERIES, scale=LABEL_ONLY_SCALE, seed=LABEL_ONLY_SEED
+        ).numpy()
+        for kind in ("augment", "noise")
+    }
 
 
 @torch.no_grad()
@@ -247,9 +240,7 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
         if jobs[0].defense.procedure().modify_outputs == "hamp":  # queries see the released (modified) outputs
             logits = _hamp_release(forward_all, logits, data.x, len(ctx.query_index), seed=jobs[0].seed)
         for k, (job, lg, eps) in enumerate(zip(jobs, logits, epsilons, strict=True)):
-            ctx.cache.save(
-                job, lg, ctx.query_index, epsilon=eps, extras={n: v[k] if v.ndim else v for n, v in extras.items()}
-            )
+            ctx.cache.save(job, lg, ctx.query_index, epsilon=eps, extras={n: v[k] for n, v in extras.items()})
         if not ctx.keep_checkpoints:  # outputs are stored: a reference model's weights are not needed again
             if len(jobs) > 1 or jobs[0].trainer == "stacked":
                 (ctx.cache.root / "stacked" / f"{name}.pt").unlink(missing_ok=True)
