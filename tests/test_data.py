@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import pickle
 import tarfile
@@ -49,6 +50,36 @@ def test_npz_and_arrays(tmp_path):
         ccl.data.from_arrays(np.zeros((3, 2)), np.array([0, 1, 5]), num_classes=2)
     with pytest.raises(ccl.data.DataError, match="`X`.*empty"):
         ccl.data.from_arrays(np.zeros((0, 2)), np.zeros(0, int))
+
+
+def test_every_registered_dataset_says_how_it_is_preprocessed(tmp_path):
+    for name in ccl.data.available():  # the downloaded ones without a download: their parsers are tested below
+        assert len(ccl.data.preprocessing(name)) > 40, name
+    # the words match the code: digits are scikit-learn's 0..16 pixels divided by 16
+    from sklearn.datasets import load_digits
+
+    digits = ccl.data.load("digits")
+    assert digits.preprocessing == ccl.data.preprocessing("digits")
+    assert "0-16, divided by 16 to [0, 1]" in digits.preprocessing
+    assert torch.equal(digits.x, torch.tensor(load_digits().data / 16.0, dtype=torch.float32))
+    assert ccl.data.load("synthetic", num_samples=10).preprocessing == ccl.data.preprocessing("synthetic")
+    np.savez(tmp_path / "mine.npz", X=np.ones((4, 2)), y=np.arange(4) % 2)
+    mine = ccl.data.load(str(tmp_path / "mine.npz"))
+    assert mine.preprocessing == ccl.data.preprocessing("npz") == ccl.data.preprocessing(tmp_path / "mine.npz")
+    assert "--standardize off" in mine.preprocessing and "supplied target" in mine.preprocessing
+    assert "exactly as given" in ccl.data.from_arrays(np.ones((4, 2)), np.arange(4) % 2).preprocessing
+    if importlib.util.find_spec("pandas") is not None:
+        (tmp_path / "mine.csv").write_text("a,label\n1,x\n2,y\n")
+        assert ccl.data.load(str(tmp_path / "mine.csv"), label="label").preprocessing == ccl.data.preprocessing("csv")
+    if importlib.util.find_spec("PIL") is not None:
+        from PIL import Image
+
+        (tmp_path / "photos" / "cat").mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / "photos" / "cat" / "1.png")
+        folder = ccl.data.load(f"{tmp_path / 'photos'}/")
+        assert folder.preprocessing == ccl.data.preprocessing("image_folder")
+    with pytest.raises(ValueError, match="Unknown dataset 'digit'.*Did you mean 'digits'"):
+        ccl.data.preprocessing("digit")
 
 
 def test_unknown_dataset_lists_the_valid_ones():
@@ -116,6 +147,8 @@ def test_cifar_download_verify_and_parse(tmp_path, monkeypatch, name):
     expected = (raw[0, 1024 + 32 + 2] / 255.0 - mean[1]) / std[1]
     assert float(d.x[0, 1, 1, 2]) == pytest.approx(expected, rel=1e-5)
     assert d.extra["num_train"] == len(labels) - (6 if name == "cifar10" else 6)
+    assert d.preprocessing == ccl.data.preprocessing(name)
+    assert f"mean {mean} and std {std}" in d.preprocessing and "divided by 255" in d.preprocessing
 
 
 def test_wrong_checksum_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
@@ -185,6 +218,9 @@ def test_purchase_texas_location_parsers(tmp_path, monkeypatch):
     loc_d = ccl.data.load("location30", cache=cache)
     np.testing.assert_array_equal(loc_d.y.numpy(), loc[:, 0] - 1)
     assert (loc_d.num_classes, loc_d.input_shape) == (30, (446,))
+    for name, loaded in (("purchase100", p), ("texas100", t), ("location30", loc_d)):
+        assert loaded.preprocessing == ccl.data.preprocessing(name)
+        assert "not scaled" in loaded.preprocessing and "--standardize on" in loaded.preprocessing
 
     # a second load reads the parsed cache; a corrupted one is refused with its path
     assert torch.equal(ccl.data.load("purchase100", cache=cache).x, p.x)

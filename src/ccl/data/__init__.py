@@ -11,9 +11,21 @@ import os
 from functools import partial
 from typing import Any
 
+from .._checks import unknown_name
 from .._registry import Registry
 from ..errors import InvalidArgumentError
-from .datasets import DataError, Dataset, from_arrays, load_cifar, load_digits, load_npz, load_tabular, make_synthetic
+from . import images, tables
+from .datasets import (
+    PREPROCESSING,
+    DataError,
+    Dataset,
+    from_arrays,
+    load_cifar,
+    load_digits,
+    load_npz,
+    load_tabular,
+    make_synthetic,
+)
 from .download import ChecksumError, DownloadError, cache_dir
 from .images import load_image_folder
 from .splits import MembershipSplit, membership_split, shadow_split
@@ -35,6 +47,7 @@ __all__ = [
     "load_table",
     "membership_split",
     "parameters",
+    "preprocessing",
     "shadow_split",
 ]
 
@@ -58,6 +71,14 @@ for _name, _doc in (
     ("location30", "Location30, 5,010 x 446 binary, 30 classes"),
 ):
     _REGISTRY.register(_name, partial(load_tabular, _name), doc=_doc + " (downloaded)")
+
+# what each loader does to its records, also `Dataset.preprocessing` of what it loads: a listing needs no download
+_PREPROCESSING = {
+    **PREPROCESSING,
+    "csv": tables.PREPROCESSING,
+    "parquet": tables.PREPROCESSING,
+    "image_folder": images.PREPROCESSING,
+}
 
 
 def file_kind(name: Any) -> str | None:
@@ -118,3 +139,17 @@ def available() -> list[str]:
 def describe(name: str) -> tuple[str, dict]:
     """(one-line description, {parameter: default}) of a registered name."""
     return _REGISTRY.describe(name)
+
+
+def preprocessing(name: str | os.PathLike) -> str:
+    """What `load(name)` does to the records, and what `ccl audit` does to them next, in words: the
+    `Dataset.preprocessing` of what it loads, known without loading (or downloading) it.
+
+    Example:
+        >>> ccl.data.preprocessing("digits")[:80]
+        "scikit-learn's load_digits: 8x8 images of integer pixel values 0-16, divided by "
+    """
+    kind = file_kind(name) or name
+    if kind not in _PREPROCESSING:
+        raise InvalidArgumentError(unknown_name("dataset", name, _PREPROCESSING))
+    return _PREPROCESSING[kind]

@@ -4,10 +4,16 @@ first use (verified by checksum, parsed from the exact upstream formats), and us
 Every loader returns a `Dataset` whose `x` is float32 `(N, *input_shape)` and `y` int64 `(N,)` in
 `[0, num_classes)`. Benchmarks with an official train/test split (CIFAR) are returned as one pool, train then
 test, as the membership-inference literature does: the membership split decides who is a member.
+
+Each loader also says, in `Dataset.preprocessing`, exactly what it did to the records and what the audit does
+to them next (`--standardize`): a model trained elsewhere is only audited soundly when it was trained on records
+preprocessed the same way, and a mismatch (raw digits 0-16 against ccl's digits in [0, 1]) changes its losses
+without a word. The texts below are read from the code they sit next to; keep them exact when it changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -24,12 +30,78 @@ from .._io import atomic_path
 from ..errors import DataError
 from .download import RemoteFile, fetch
 
-__all__ = ["DataError", "Dataset", "from_arrays", "load_npz", "make_synthetic"]
+__all__ = ["PREPROCESSING", "DataError", "Dataset", "from_arrays", "load_npz", "make_synthetic"]
+
+# per-channel statistics of the CIFAR training sets, the usual normalisation
+_CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+# What the audit does to a table of features after loading (`ccl.data.transforms.standardize`, called by
+# `ccl.audit.pipeline` when `ExperimentConfig.standardizes`): the same words for every dataset it applies to.
+_ZSCORE = (
+    "each feature minus its mean, divided by its standard deviation, both over that seed's audit pool (never "
+    "the population; a constant feature is only centred)"
+)
+_USER_TABLE = (
+    f"ccl audit, compare and train then standardise the features per seed (--standardize auto): {_ZSCORE}; not "
+    "for a supplied target, which is queried on the features as they are; --standardize off keeps them as they are"
+)
+_REGISTERED_TABLE = f"Not standardised by default; --standardize on standardises them per seed: {_ZSCORE}"
+_IMAGES = "--standardize has no effect on images"
+
+
+def _cifar(name: str, title: str, labels: str) -> str:
+    mean, std = _CIFAR_STATS[name]
+    return (
+        "The python archive's uint8 pixels 0-255 as (3, 32, 32) RGB, divided by 255 to [0, 1], then normalised per "
+        f"channel with the {title} training set's statistics, (x - mean) / std with mean {mean} and std {std}, on "
+        f"all 60,000 images (train then test); float32; {labels} as given. {_IMAGES}."
+    )
+
+
+#: What each loader of this module does to its records, by registered name (`Dataset.preprocessing`).
+PREPROCESSING = {
+    "digits": (
+        "scikit-learn's load_digits: 8x8 images of integer pixel values 0-16, divided by 16 to [0, 1], float32, "
+        "as 64 features (as_image=True: reshaped to (1, 8, 8)); labels 0-9 as given. "
+        f"{_REGISTERED_TABLE}; with as_image=True, {_IMAGES}."
+    ),
+    "synthetic": (
+        "Features drawn from N(0, 1), float32, not scaled; labels argmax(x W + noise * eps) (seeded). "
+        f"{_REGISTERED_TABLE}."
+    ),
+    "npz": (
+        "The file's X cast to float32 exactly as stored (it must be finite), y to int64 (integer labels from 0). "
+        f"For an X of shape (N, D), {_USER_TABLE}. An X of more dimensions (images) is left as stored."
+    ),
+    "cifar10": _cifar("cifar10", "CIFAR-10", "labels 0-9"),
+    "cifar100": _cifar("cifar100", "CIFAR-100", "the fine labels 0-99"),
+    "purchase100": (
+        "dataset_purchase: the first column, the label 1-100, minus 1 to 0-99; the other 600 columns (binary 0/1 "
+        f"in the published file) as float32 exactly as in the file, not scaled. {_REGISTERED_TABLE}."
+    ),
+    "texas100": (
+        "texas/100/feats: the 6,169 columns (binary 0/1 in the published file) as float32 exactly as in the file, "
+        "not scaled; "
+        f"texas/100/labels: 1-100 minus 1 to 0-99. {_REGISTERED_TABLE}."
+    ),
+    "location30": (
+        'bangkok: the first column, the quoted label "1"-"30", minus 1 to 0-29; the other 446 columns (binary 0/1 '
+        f"in the published file) as float32 exactly as in the file, not scaled. {_REGISTERED_TABLE}."
+    ),
+}
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A pool of labelled records. `x`: float32 `(N, *input_shape)`; `y`: int64 `(N,)` in `[0, num_classes)`."""
+    """A pool of labelled records. `x`: float32 `(N, *input_shape)`; `y`: int64 `(N,)` in `[0, num_classes)`.
+
+    `preprocessing` says, in words, what the loader did to the records of `source` to make `x` and `y`, and what
+    `ccl audit` does to them next: a model trained elsewhere must have been trained on records made the same way.
+    """
 
     name: str
     x: torch.Tensor
@@ -38,6 +110,7 @@ class Dataset:
     input_shape: tuple[int, ...]
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    preprocessing: str = ""
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -85,7 +158,8 @@ def from_arrays(
     k = int(y_arr.max()) + 1 if num_classes is None else int(num_classes)
     if int(y_arr.min()) < 0 or int(y_arr.max()) >= k:
         raise DataError(expected("y", f"labels in [0, {k})", f"labels in [{int(y_arr.min())}, {int(y_arr.max())}]"))
-    return Dataset(name, x_arr, y_arr, k, tuple(x_arr.shape[1:]), source)
+    what = "X cast to float32 exactly as given (it must be finite), y to int64 (integer labels from 0)"
+    return Dataset(name, x_arr, y_arr, k, tuple(x_arr.shape[1:]), source, preprocessing=f"{what}.")
 
 
 def load_npz(path: str | os.PathLike, *, num_classes: int | None = None) -> Dataset:
@@ -103,9 +177,10 @@ def load_npz(path: str | os.PathLike, *, num_classes: int | None = None) -> Data
     except Exception as err:
         raise DataError(f"Cannot read {path} as a .npz file ({err}); is it corrupt or truncated?") from None
     try:
-        return from_arrays(x, y, name=path.stem, num_classes=num_classes, source=str(path))
+        dataset = from_arrays(x, y, name=path.stem, num_classes=num_classes, source=str(path))
     except DataError as err:
         raise DataError(f"{path}: {err}") from None
+    return dataclasses.replace(dataset, preprocessing=PREPROCESSING["npz"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,7 +197,13 @@ def load_digits(*, as_image: bool = False) -> Dataset:
     if as_image:
         x = x.reshape(-1, 1, 8, 8)
     return Dataset(
-        "digits", x, torch.tensor(d.target, dtype=torch.int64), 10, tuple(x.shape[1:]), "scikit-learn load_digits"
+        "digits",
+        x,
+        torch.tensor(d.target, dtype=torch.int64),
+        10,
+        tuple(x.shape[1:]),
+        "scikit-learn load_digits",
+        preprocessing=PREPROCESSING["digits"],
     )
 
 
@@ -143,7 +224,8 @@ def make_synthetic(
     x = torch.randn(n, d, generator=g)
     w = torch.randn(d, c, generator=g)
     y = (x @ w + float(noise) * torch.randn(n, c, generator=g)).argmax(1)
-    return Dataset("synthetic", x, y, c, (d,), f"synthetic(seed={seed}, noise={noise})")
+    source = f"synthetic(seed={seed}, noise={noise})"
+    return Dataset("synthetic", x, y, c, (d,), source, preprocessing=PREPROCESSING["synthetic"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,12 +254,6 @@ REMOTE = {
         "sha256",
         "927203f85a868f8ee17a0ded1dc61699efe602167beabe34fbf45b4b1de94b33",
     ),
-}
-
-# per-channel statistics of the CIFAR training sets, the usual normalisation
-_CIFAR_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
 
@@ -229,7 +305,14 @@ def load_cifar(name: str, *, cache: str | os.PathLike | None = None, download: b
     num_classes = 10 if name == "cifar10" else 100
     n_train = sum(len(y) for y in ys[:-1])
     return Dataset(
-        name, x, torch.from_numpy(np.concatenate(ys)), num_classes, (3, 32, 32), str(path), {"num_train": n_train}
+        name,
+        x,
+        torch.from_numpy(np.concatenate(ys)),
+        num_classes,
+        (3, 32, 32),
+        str(path),
+        {"num_train": n_train},
+        preprocessing=PREPROCESSING[name],
     )
 
 
@@ -296,4 +379,5 @@ def load_tabular(
         num_classes,
         (x.shape[1],),
         str(path),
+        preprocessing=PREPROCESSING[name],
     )

@@ -31,10 +31,18 @@ from .._checks import expected
 from ..errors import DataError, InvalidArgumentError, InvalidArgumentTypeError, MissingDependencyError
 from .datasets import Dataset
 
-__all__ = ["IMAGE_SUFFIXES", "folder_digest", "image_files", "load_image_folder"]
+__all__ = ["IMAGE_SUFFIXES", "PREPROCESSING", "folder_digest", "image_files", "load_image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _INSTALL = "pip install 'ccl[images]'"
+
+#: What `load_image_folder` does to the images, in words (`Dataset.preprocessing`; the module's docstring in short).
+PREPROCESSING = (
+    "Each PNG/JPEG converted to RGB (grayscale=True: L; an alpha channel dropped), resized to size=(H, W) "
+    "(default 32x32) with bilinear interpolation, aspect ratio not kept, and its pixel values 0-255 divided by 255 "
+    "to [0, 1] (a 16-bit grayscale PNG: 0-65535 divided by 65535); float32 (C, H, W); no per-channel "
+    "normalisation; labels 0..C-1 in the sorted order of the class folders. --standardize has no effect on images."
+)
 
 
 def _import_pil(path: Path) -> Any:
@@ -176,4 +184,5 @@ def load_image_folder(path: str | os.PathLike, *, size: tuple[int, int] = (32, 3
         (channels, height, width),
         str(folder),
         {"classes": [name for name, _ in listing], "files": names},
+        preprocessing=PREPROCESSING,
     )

@@ -31,12 +31,19 @@ import torch
 
 from .._checks import expected
 from ..errors import DataError, InvalidArgumentError, InvalidArgumentTypeError, MissingDependencyError
-from .datasets import Dataset
+from .datasets import _USER_TABLE, Dataset
 
-__all__ = ["SUFFIXES", "load_csv", "load_parquet", "load_table"]
+__all__ = ["PREPROCESSING", "SUFFIXES", "load_csv", "load_parquet", "load_table"]
 
 SUFFIXES = (".csv", ".parquet")
 _INSTALL = "pip install 'ccl[tables]'"
+
+#: What `load_table` and the audit do to a table, in words (`Dataset.preprocessing`; the module's docstring in short).
+PREPROCESSING = (
+    "The label column mapped to 0..C-1 in the sorted order of its values; the drop columns removed; each "
+    "categorical column one-hot encoded (one 0/1 column per value, sorted); every other column as float32 exactly "
+    f"as in the file (missing values refused, nothing imputed or scaled). {_USER_TABLE}."
+)
 
 
 def _import_pandas(path: Path, fmt: str) -> Any:
@@ -218,6 +225,7 @@ def _load(path: str | os.PathLike, fmt: str, label: Any, categorical: Any, drop:
         (x.shape[1],),
         str(path),
         {"label": label, "classes": [_plain(v) for v in classes], "features": features},
+        preprocessing=PREPROCESSING,
     )
 
 
