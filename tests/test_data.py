@@ -82,6 +82,15 @@ def test_every_registered_dataset_says_how_it_is_preprocessed(tmp_path):
         ccl.data.preprocessing("digit")
 
 
+def test_report_list_prints_each_datasets_preprocessing(capsys):
+    from ccl import cli
+
+    assert cli.main(["report", "--list"]) == 0
+    listing = " ".join(capsys.readouterr().out.split())  # the descriptions are wrapped over lines
+    for name in ccl.data.available():
+        assert f"preprocessing: {ccl.data.preprocessing(name)}" in listing, name
+
+
 def test_unknown_dataset_lists_the_valid_ones():
     with pytest.raises(ValueError, match="Unknown dataset 'cifar-10'.*cifar10.*Did you mean 'cifar10'"):
         ccl.data.load("cifar-10")

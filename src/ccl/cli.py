@@ -631,6 +631,10 @@ def _print_registries() -> None:
             doc, params = registry.describe(name)
             shown = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in params.items())
             print(f"  {name:20s} {doc}" + (f"\n  {'':20s} parameters: {shown}" if shown else ""))
+            if registry is data:  # what a model trained elsewhere must have been trained on
+                text = f"preprocessing: {data.preprocessing(name)}"
+                indent = dict(initial_indent=" " * 23, subsequent_indent=" " * 25)
+                print(textwrap.fill(text, 118, break_on_hyphens=False, **indent))
         print()
     print("A defense is NAME or NAME:key=value,... e.g. ccel:alpha=0.5,beta=1 (see README for the formulas).")
 
