@@ -22,7 +22,7 @@ import torch
 from ._checks import expected
 from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
-__all__ = ["confidence", "entropy", "loss", "modified_entropy", "scaled_logit", "SIGNALS"]
+__all__ = ["confidence", "entropy", "loss", "modified_entropy", "scaled_logit", "scaled_logit_float64", "SIGNALS"]
 
 
 def _tensor(name: str, value: Any) -> torch.Tensor:
@@ -116,6 +116,25 @@ def scaled_logit(logits: Any, labels: Any) -> np.ndarray:
     z, y = _inputs(logits, labels)
     log_p_y, log_rest = _log_p_y_and_rest(z, y)
     return (log_p_y - log_rest).numpy()
+
+
+def scaled_logit_float64(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`scaled_logit` of float64 numpy logits `(..., C)` that are already validated (finite, labels in range),
+    as `z_y - logsumexp_{k != y} z_k`: one temporary of the logits' size and no thread pool, for callers that
+    go through large arrays a chunk at a time (LiRA). Equal to `scaled_logit` to float rounding.
+
+    Example:
+        >>> scaled_logit_float64(np.array([[2.0, 0.0, 0.0]]), np.array([0]))  # log(p / (1 - p)), p = e^2 / (e^2 + 2)
+        array([1.30685282])
+    """
+    y = np.broadcast_to(labels, logits.shape[:-1])[..., None]  # (..., 1)
+    z_y = np.take_along_axis(logits, y, -1)[..., 0]  # (...)
+    rest = logits.copy()  # (..., C)
+    np.put_along_axis(rest, y, -np.inf, -1)
+    top = rest.max(-1)  # (...) the largest other logit, so that exp() below is at most 1
+    np.subtract(rest, top[..., None], out=rest)
+    np.exp(rest, out=rest)
+    return z_y - top - np.log(rest.sum(-1))
 
 
 SIGNALS = {

@@ -11,6 +11,11 @@ scores averaged. `variance="per_example"` fits one spread per record; `"global"`
 variance over all records (better with fewer than ~64 reference models, as the paper finds); `"auto"` picks
 global below 64 reference models. Means and variances use all available IN/OUT observations of each record
 (unbiased variance, ddof=1); spreads are floored at 1e-6.
+
+Memory: the reference logits `(K, N, A, C)` are turned into phi a chunk of records at a time (`CHUNK_BYTES` of
+logits), and only per-record moments `(N, A)` are kept, so the temporaries never grow with N (they were 5.5x the
+float32 logits at N=50,000, K=64, C=10 with all records at once). Each record's fit is independent and the
+global variance is a sum of per-record moments, so the scores do not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -23,22 +28,76 @@ from .._checks import check_choice
 from .base import Attack
 from .inputs import AttackInputs, NotEnoughReferencesError
 
-__all__ = ["LiRA", "gaussian_fit"]
+__all__ = ["LiRA", "gaussian_fit", "gaussian_moments", "gaussian_spread", "scaled_logit_moments"]
 
 _MIN_STD = 1e-6
 
+#: Bytes of float64 reference logits turned into phi at a time (8 MiB): the largest temporary is one copy of a
+#: chunk (`signals.scaled_logit_float64`), and a chunk this size still runs at numpy's full speed.
+CHUNK_BYTES = 8 * 2**20
 
-def gaussian_fit(phi: np.ndarray, mask: np.ndarray, *, variance: str) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std `(N, A)` of `phi (K, N, A)` over the models where `mask (K, N)` is True."""
+
+def gaussian_moments(phi: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Count `(N, 1)`, mean `(N, A)` and sum of squared deviations `(N, A)` of `phi (K, N, A)` over the models
+    where `mask (K, N)` is True."""
     w = mask[:, :, None].astype(np.float64)  # (K, N, 1)
     count = w.sum(0)  # (N, 1)
     mean = (w * phi).sum(0) / count  # (N, A)
     sq = (w * (phi - mean) ** 2).sum(0)  # (N, A)
+    return count, mean, sq
+
+
+def gaussian_spread(count: np.ndarray, sq: np.ndarray, *, variance: str) -> np.ndarray:
+    """Std `(N, A)` from the moments of `gaussian_moments`: per record, or the within-record variance pooled over
+    all records (one number per query index); floored at 1e-6."""
     if variance == "per_example":
         std = np.sqrt(sq / (count - 1))
-    else:  # pooled within-record variance, one number per query index
-        std = np.broadcast_to(np.sqrt(sq.sum(0) / (count - 1).sum(0)), mean.shape)
-    return mean, np.maximum(std, _MIN_STD)
+    else:
+        std = np.broadcast_to(np.sqrt(sq.sum(0) / (count - 1).sum(0)), sq.shape)
+    return np.maximum(std, _MIN_STD)
+
+
+def gaussian_fit(phi: np.ndarray, mask: np.ndarray, *, variance: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std `(N, A)` of `phi (K, N, A)` over the models where `mask (K, N)` is True."""
+    count, mean, sq = gaussian_moments(phi, mask)
+    return mean, gaussian_spread(count, sq, variance=variance)
+
+
+def records_per_chunk(reference_logits: np.ndarray, *, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """How many records of `reference_logits (K, N, A, C)` make `chunk_bytes` of float64 logits (at least 1)."""
+    k, _, a, c = reference_logits.shape
+    return max(1, chunk_bytes // (8 * k * a * c))
+
+
+def scaled_logit_moments(
+    target_logits: np.ndarray,
+    reference_logits: np.ndarray,
+    labels: np.ndarray,
+    masks: dict[str, np.ndarray],
+    *,
+    chunk_records: int,
+) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """The target's phi `(N, A)` and, for each mask `(K, N)`, the `gaussian_moments` of the reference models'
+    phi, computed `chunk_records` records at a time.
+
+    Args:
+        target_logits: `(N, A, C)` float64, validated (as `AttackInputs` stores them).
+        reference_logits: `(K, N, A, C)` float64, validated.
+        labels: `(N,)` int.
+        masks: side name -> `(K, N)` bool, the models whose phi each side's moments use.
+        chunk_records: records per step; bounds the temporaries to about that many records' logits.
+    """
+    n = labels.shape[0]
+    phi_target, parts = [], {side: [] for side in masks}
+    for start in range(0, n, chunk_records):
+        rows = slice(start, start + chunk_records)
+        y = labels[rows, None]  # (n, 1) broadcasts over the query axis
+        phi_target.append(signals.scaled_logit_float64(target_logits[rows], y))  # (n, A)
+        phi_ref = signals.scaled_logit_float64(reference_logits[:, rows], y)  # (K, n, A)
+        for side, mask in masks.items():
+            parts[side].append(gaussian_moments(phi_ref, mask[:, rows]))
+    moments = {side: tuple(np.concatenate(m) for m in zip(*chunks, strict=True)) for side, chunks in parts.items()}
+    return np.concatenate(phi_target), moments
 
 
 def _log_normal_pdf(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -79,12 +138,19 @@ class LiRA(Attack):
             raise NotEnoughReferencesError(
                 f"{self.name} with a global variance needs some record with 2 or more IN and OUT observations."
             )
-        labels = inputs.labels[:, None]  # (N, 1) broadcasts over the query axis
-        phi_target = signals.scaled_logit(inputs.target_logits, labels)  # (N, A)
-        phi_ref = signals.scaled_logit(inputs.reference_logits, labels)  # (K, N, A)
-        mu_out, s_out = gaussian_fit(phi_ref, masks["OUT"], variance=variance)
+        phi_target, moments = scaled_logit_moments(
+            inputs.target_logits,
+            inputs.reference_logits,
+            inputs.labels,
+            masks,
+            chunk_records=records_per_chunk(inputs.reference_logits),
+        )  # (N, A) and, per side, (N, 1), (N, A), (N, A)
+        fits = {
+            side: (mean, gaussian_spread(count, sq, variance=variance)) for side, (count, mean, sq) in moments.items()
+        }
+        mu_out, s_out = fits["OUT"]
         if self.online:
-            mu_in, s_in = gaussian_fit(phi_ref, masks["IN"], variance=variance)
+            mu_in, s_in = fits["IN"]
             per_query = _log_normal_pdf(phi_target, mu_in, s_in) - _log_normal_pdf(phi_target, mu_out, s_out)
         else:
             per_query = torch.special.log_ndtr(torch.from_numpy((phi_target - mu_out) / s_out)).numpy()
