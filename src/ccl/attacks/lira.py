@@ -28,7 +28,15 @@ from .._checks import check_choice
 from .base import Attack
 from .inputs import AttackInputs, NotEnoughReferencesError
 
-__all__ = ["LiRA", "gaussian_fit", "gaussian_moments", "gaussian_spread", "scaled_logit_moments"]
+__all__ = [
+    "CHUNK_BYTES",
+    "LiRA",
+    "gaussian_fit",
+    "gaussian_moments",
+    "gaussian_spread",
+    "records_per_chunk",
+    "scaled_logit_moments",
+]
 
 _MIN_STD = 1e-6
 
@@ -63,7 +71,7 @@ def gaussian_fit(phi: np.ndarray, mask: np.ndarray, *, variance: str) -> tuple[n
     return mean, gaussian_spread(count, sq, variance=variance)
 
 
-def records_per_chunk(reference_logits: np.ndarray, *, chunk_bytes: int = CHUNK_BYTES) -> int:
+def records_per_chunk(reference_logits: np.ndarray, *, chunk_bytes: int) -> int:
     """How many records of `reference_logits (K, N, A, C)` make `chunk_bytes` of float64 logits (at least 1)."""
     k, _, a, c = reference_logits.shape
     return max(1, chunk_bytes // (8 * k * a * c))
@@ -143,7 +151,7 @@ class LiRA(Attack):
             inputs.reference_logits,
             inputs.labels,
             masks,
-            chunk_records=records_per_chunk(inputs.reference_logits),
+            chunk_records=records_per_chunk(inputs.reference_logits, chunk_bytes=CHUNK_BYTES),
         )  # (N, A) and, per side, (N, 1), (N, A), (N, A)
         fits = {
             side: (mean, gaussian_spread(count, sq, variance=variance)) for side, (count, mean, sq) in moments.items()
