@@ -15,6 +15,7 @@ from ccl.evaluation import (
     leave_one_out_scores_slow,
     pooled_metrics,
     record_leakage,
+    reference_sets,
     vulnerable_records,
 )
 from ccl.results import load_results, load_scores
@@ -47,6 +48,8 @@ def planted(m=9, p=120, z=40, c=5, a=1, seed=0):
         ("rmia_offline", {}),
         ("loss", {}),
         ("confidence", {}),
+        ("entropy", {}),
+        ("modified_entropy", {}),
     ],
 )
 @pytest.mark.parametrize("queries", [1, 2])
@@ -63,27 +66,29 @@ def test_one_pass_leave_one_out_equals_one_attack_call_per_model(name, params, q
 
 
 def test_the_fast_statistics_equal_a_recomputation_from_scratch():
-    """Removing a model's contribution from sums and sums of squares gives the mean and spread of the others."""
+    """Sums and sums of squares over each target's references give the mean and spread of those models."""
     logits, labels, masks, *_ = planted(m=7, p=60)
     phi = ccl.signals.scaled_logit(logits, labels[:, None])  # (M, P, A)
     from ccl.evaluation import _loo_gaussian
 
-    mean, std = _loo_gaussian(phi, masks, "per_example", 2, "lira", "IN")
+    mean, std = _loo_gaussian(phi, masks, reference_sets(masks), "per_example", 2, "lira", "IN")
+    partner = {0: None, 1: 2, 2: 1, 3: 4, 4: 3, 5: 6, 6: 5}  # the target, then complementary pairs
     for j in range(7):
         for i in range(60):
-            others = [k for k in range(7) if k != j and masks[k, i]]
+            others = [k for k in range(7) if k not in (j, partner[j]) and masks[k, i]]
             assert mean[j, i, 0] == pytest.approx(phi[others, i, 0].mean(), rel=1e-12, abs=1e-12)
             assert std[j, i, 0] == pytest.approx(max(phi[others, i, 0].std(ddof=1), 1e-6), rel=1e-9)
 
 
 def test_leave_one_out_matches_the_single_target_pipeline_for_each_model(tmp_path):
-    """An audit's pooled scores are the single-target scores of each model in turn, pooled (small K)."""
+    """An audit's pooled scores are the single-target scores of each model in turn, with every other model but
+    its complementary partner as references, pooled (small K)."""
     config = ExperimentConfig.from_dict(
         {
             "dataset": "synthetic",
             "dataset_options": {"num_samples": 200},
             "model_options": {"hidden": [16]},
-            "num_references": 4,
+            "num_references": 6,
             "bootstrap": 10,
             "attacks": ["loss", "lira", "rmia"],
             "train": {"epochs": 3, "batch_size": 16, "lr": 0.05},
@@ -106,7 +111,8 @@ def test_leave_one_out_matches_the_single_target_pipeline_for_each_model(tmp_pat
     for name in ("loss", "lira", "rmia"):
         per_model = []
         for j in range(masks.shape[0]):
-            others = [k for k in range(masks.shape[0]) if k != j]
+            others = [k for k in range(masks.shape[0]) if k != j and (masks[k] != ~masks[j]).any()]
+            assert len(others) == (6 if j == 0 else 5)  # the target has no partner
             inputs = AttackInputs(
                 logits[j, :p],
                 labels[split.pool],
@@ -120,7 +126,7 @@ def test_leave_one_out_matches_the_single_target_pipeline_for_each_model(tmp_pat
         np.testing.assert_allclose(arrays[f"loo_{name}"], np.stack(per_model), rtol=1e-5, atol=1e-5)  # stored fp32
         np.testing.assert_allclose(arrays[f"loo_{name}"][0], arrays[f"score_{name}"], rtol=1e-5, atol=1e-5)
         pooled = result.evaluations["pooled"][name]
-        assert pooled["n_pairs"] == masks.size and pooled["n_models"] == 5
+        assert pooled["n_pairs"] == masks.size and pooled["n_models"] == 7
         assert pooled["auc"] == pytest.approx(ccl.metrics.roc_auc(np.stack(per_model).ravel(), masks.ravel()), abs=1e-4)
 
 
