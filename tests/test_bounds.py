@@ -343,3 +343,41 @@ def test_one_run_audit_from_scores_rejects_bad_arguments():
         one_run_audit_from_scores(scores, member, k_pos=1, k_neg=-1)
     with pytest.raises(InvalidArgumentError, match="`confidence`"):
         one_run_audit_from_scores(scores, member, k_pos=1, k_neg=1, confidence=1.5)
+
+
+def _p_value_with_scipy(m, r, v, eps, delta):
+    """Steinke, Nasr and Jagielski's p-value for (eps, delta)-DP, term by term with scipy (their Appendix D)."""
+    from scipy import stats
+
+    q = 1 / (1 + np.exp(-eps))
+    tail = stats.binom.sf(v - 1, r, q)
+    worst = max(sum(stats.binom.pmf(v - t, r, q) for t in range(1, i + 1)) / i for i in range(1, v + 1))
+    return min(1.0, tail + worst * delta * 2 * m)
+
+
+@pytest.mark.parametrize(("m", "r", "v", "delta"), [(100, 20, 18, 1e-5), (1000, 100, 80, 1e-5), (500, 60, 45, 1e-3)])
+def test_one_run_bound_with_delta_is_the_inversion_of_the_papers_p_value(m, r, v, delta):
+    truths = np.arange(m) < v  # the first r guesses are IN: v of them right
+    guesses = np.where(np.arange(m) < r, 1, 0)
+    eps = one_run_epsilon_lower_bound(guesses, truths, delta=delta)
+    assert eps > 0
+    assert _p_value_with_scipy(m, r, v, eps - 1e-4, delta) < 0.05 <= _p_value_with_scipy(m, r, v, eps + 1e-4, delta)
+    # the delta term only weakens the bound, the more so the more canaries there are
+    assert eps <= one_run_epsilon_lower_bound(guesses, truths)
+    assert (
+        one_run_epsilon_lower_bound(
+            np.r_[guesses, np.zeros(4 * m, int)], np.r_[truths, np.zeros(4 * m, bool)], delta=delta
+        )
+        <= eps
+    )
+    scores = np.where(truths, 1.0, 0.0) + np.arange(m) * 1e-9  # the top r: the v members, then r - v others
+    assert one_run_audit_from_scores(scores, truths, k_pos=r, k_neg=0, delta=delta) == eps
+
+
+def test_one_run_bound_with_delta_zero_is_the_pure_dp_bound():
+    rng = np.random.default_rng(3)
+    truths = rng.random(400) < 0.5
+    guesses = np.where(rng.random(400) < 0.8, np.where(truths, 1, -1), np.where(truths, -1, 1))
+    pure = one_run_epsilon_lower_bound(guesses, truths)
+    assert one_run_epsilon_lower_bound(guesses, truths, delta=0.0) == pure
+    assert one_run_epsilon_lower_bound(guesses, truths, delta=1e-8) == pytest.approx(pure, abs=1e-3)

@@ -14,14 +14,17 @@ Three procedures:
   at one threshold therefore rule out every smaller epsilon; the threshold is chosen on one half of the records
   and the rates are bounded on the other half, so that the choice does not bias the bounds.
 - `one_run_epsilon_lower_bound` and `one_run_audit_from_scores`: the one-run audit of Steinke, Nasr and
-  Jagielski (2023), "Privacy Auditing with One (1) Training Run", NeurIPS, main theorem for pure DP (delta = 0):
-  the number of correct guesses about the canaries of one training run is stochastically dominated by
-  Binomial(r, e^eps / (1 + e^eps)), r the number of guesses.
+  Jagielski (2023), "Privacy Auditing with One (1) Training Run", NeurIPS, main theorem: the number of correct
+  guesses about the canaries of one training run is stochastically dominated by Binomial(r, e^eps / (1 + e^eps)),
+  r the number of guesses, up to a term in delta for (eps, delta)-DP.
 
-`epsilon_lower_bound` treats every (score, membership) pair as an independent trial of the attack against the
-algorithm. That holds when each pair comes from its own training run (or the pairs' records are drawn
-independently and the scores are of independent runs); with the scores of a single model it is an
-approximation, and `one_run_epsilon_lower_bound` is the audit whose statement holds for one run.
+Which bounds are rigorous. `one_run_epsilon_lower_bound` holds for one training run: its theorem needs only that
+the canaries were included at random (independent coins; ccl includes a random half, an assumption stated
+there). `epsilon_lower_bound` treats every (score, membership) pair as an independent trial of the attack
+against the algorithm. That holds when each pair comes from its own training run; with the records of one
+model (ccl's single target) or the pooled (model, record) pairs of the leave-one-out evaluation (pairs of one
+record or of one model are dependent) it rests on that independence approximation. ccl's audit reports the
+one-run bound on its canaries as the rigorous figure and labels the others as approximate.
 
 Example:
     >>> low, high = clopper_pearson(3, 10)
@@ -299,15 +302,48 @@ def epsilon_lower_bound(
 # The one-run audit
 
 
-def _one_run_bound(correct: int, guesses: int, confidence: float) -> float:
-    """The largest eps with `P[Binomial(guesses, e^eps / (1 + e^eps)) >= correct] <= 1 - confidence`, at least 0.
+def _one_run_p_value(correct: int, guesses: int, canaries: int, epsilon: float, delta: float) -> float:
+    """The p-value of `correct` or more right guesses out of `guesses` under (epsilon, delta)-DP with `canaries`
+    randomised canaries (Steinke, Nasr and Jagielski 2023, the theorem for approximate DP and their Appendix D):
+    `P[W >= v] + 2 m delta max_{1 <= i <= v} P[v - i <= W < v] / i`, `W ~ Binomial(r, e^eps / (1 + e^eps))`."""
+    q = 1.0 / (1.0 + math.exp(-epsilon))
+    beta = math.exp(_log_tail_ge(correct, guesses, q)) if q < 1.0 else 1.0
+    if delta == 0.0 or beta >= 1.0:
+        return min(1.0, beta)
+    k = np.arange(correct - 1, -1, -1, dtype=np.float64)  # v - 1, v - 2, ..., 0: the terms P[W = v - i]
+    log_pmf = (
+        np.array([_log_binom(guesses, int(j)) for j in k]) + k * math.log(q) + (guesses - k) * math.log1p(-q)
+    )
+    alpha = float(np.max(np.cumsum(np.exp(log_pmf)) / np.arange(1, correct + 1)))
+    return min(1.0, beta + alpha * delta * 2 * canaries)
 
-    The tail increases continuously in eps, so that eps is `logit` of the one-sided Clopper-Pearson lower bound
-    at tail `1 - confidence`, solved for p = e^eps / (1 + e^eps) (equivalent to a bisection on eps)."""
+
+def _one_run_bound(correct: int, guesses: int, confidence: float, *, delta: float = 0.0, canaries: int = 0) -> float:
+    """The largest eps whose p-value (`_one_run_p_value`) for `correct` right guesses out of `guesses` stays
+    below `1 - confidence`, at least 0.
+
+    Pure DP (delta = 0): the tail `P[Binomial(guesses, e^eps / (1 + e^eps)) >= correct]` increases continuously
+    in eps, so that eps is `logit` of the one-sided Clopper-Pearson lower bound at tail `1 - confidence`. With
+    delta > 0 the p-value has the extra delta term and eps is found by bisection to 1e-6, as Steinke et al. do."""
     if correct == 0:
         return 0.0
-    p = _cp_lower(correct, guesses, 1.0 - confidence)
-    return max(0.0, math.log(p) - math.log1p(-p))
+    if delta == 0.0:
+        p = _cp_lower(correct, guesses, 1.0 - confidence)
+        return max(0.0, math.log(p) - math.log1p(-p))
+    level = 1.0 - confidence
+
+    def ruled_out(eps: float) -> bool:
+        return _one_run_p_value(correct, guesses, canaries, eps, delta) < level
+
+    if not ruled_out(0.0):
+        return 0.0
+    low, high = 0.0, 1.0
+    while ruled_out(high) and high < 64.0:
+        low, high = high, 2 * high
+    while high - low > 1e-6:
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if ruled_out(mid) else (low, mid)
+    return low
 
 
 def _validate_truths(truths: ArrayLike, shape: tuple[int, ...], like: str) -> np.ndarray:
@@ -321,22 +357,27 @@ def _validate_truths(truths: ArrayLike, shape: tuple[int, ...], like: str) -> np
     return t
 
 
-def one_run_epsilon_lower_bound(guesses: ArrayLike, truths: ArrayLike, *, confidence: float = 0.95) -> float:
-    """The pure-DP (delta = 0) one-run audit of Steinke, Nasr and Jagielski (2023), "Privacy Auditing with One
-    (1) Training Run", NeurIPS (their main theorem, pure DP).
+def one_run_epsilon_lower_bound(
+    guesses: ArrayLike, truths: ArrayLike, *, confidence: float = 0.95, delta: float = 0.0
+) -> float:
+    """The one-run audit of Steinke, Nasr and Jagielski (2023), "Privacy Auditing with One (1) Training Run",
+    NeurIPS: their main theorem, for (eps, `delta`)-DP (pure DP when `delta` is 0).
 
     m canaries are each included in the one training run with probability 1/2 independently (`truths`: True when
     included). From the trained model alone (never from `truths`), the auditor guesses, for each canary, IN
     (`+1`), OUT (`-1`) or abstains (`0`). With r guesses of which v are right, an eps-DP algorithm makes
     `v` stochastically dominated by Binomial(r, e^eps / (1 + e^eps)); the bound is the largest eps with
     `P[Binomial(r, e^eps / (1 + e^eps)) >= v] <= 1 - confidence` (0 when even eps = 0 is not ruled out), so an
-    eps-DP algorithm exceeds its eps here with probability at most `1 - confidence`.
+    eps-DP algorithm exceeds its eps here with probability at most `1 - confidence`. For delta > 0 the p-value
+    gains their delta term, `2 m delta max_{1 <= i <= v} P[v - i <= W < v] / i` with m the number of canaries
+    (`guesses.size`, abstentions included), and eps is found by bisection.
 
     Assumptions: the number of guesses r is fixed before the model is seen (as in `one_run_audit_from_scores`);
     the theorem draws each canary's inclusion independently, whereas ccl's splits include a uniformly random half
     of the pool: treating that draw as independent coins is an assumption of this audit, not part of the theorem.
     """
     confidence = check_in_range("confidence", confidence, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    delta = check_in_range("delta", delta, low=0.0, high=1.0, high_inclusive=False)
     g = np.asarray(guesses)
     if g.ndim != 1:
         raise InvalidArgumentError(expected("guesses", "a 1-D array", f"shape {g.shape}"))
@@ -346,7 +387,7 @@ def one_run_epsilon_lower_bound(guesses: ArrayLike, truths: ArrayLike, *, confid
         raise InvalidArgumentError(expected("guesses", "values in {-1, 0, +1}", f"values {np.unique(g)[:5]}"))
     t = _validate_truths(truths, g.shape, "guesses")
     correct = int(np.sum((g == 1) & t) + np.sum((g == -1) & ~t))
-    return _one_run_bound(correct, int(np.count_nonzero(g)), confidence)
+    return _one_run_bound(correct, int(np.count_nonzero(g)), confidence, delta=delta, canaries=g.size)
 
 
 def one_run_audit_from_scores(
@@ -356,11 +397,13 @@ def one_run_audit_from_scores(
     k_pos: int,
     k_neg: int,
     confidence: float = 0.95,
+    delta: float = 0.0,
 ) -> float:
     """`one_run_epsilon_lower_bound` of the guesses IN for the `k_pos` highest scores and OUT for the `k_neg`
-    lowest (abstaining on the rest; ties broken by position). `k_pos` and `k_neg` must be chosen without looking
-    at the scores' memberships, e.g. before the run."""
+    lowest (abstaining on the rest; ties broken by position), every score a canary. `k_pos` and `k_neg` must be
+    chosen without looking at the scores' memberships, e.g. before the run."""
     confidence = check_in_range("confidence", confidence, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    delta = check_in_range("delta", delta, low=0.0, high=1.0, high_inclusive=False)
     s, m = _validate(scores, is_member)
     k_pos = check_positive_int("k_pos", k_pos, minimum=0)
     k_neg = check_positive_int("k_neg", k_neg, minimum=0)
@@ -371,4 +414,4 @@ def one_run_audit_from_scores(
     order = np.argsort(-s, kind="stable")
     high, low = order[:k_pos], order[s.size - k_neg :]
     correct = int(m[high].sum() + (~m[low]).sum())
-    return _one_run_bound(correct, k_pos + k_neg, confidence)
+    return _one_run_bound(correct, k_pos + k_neg, confidence, delta=delta, canaries=s.size)

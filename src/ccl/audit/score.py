@@ -185,8 +185,8 @@ def _pooled_evaluations(
                 canary["epsilon_lb"] = _epsilon(sc[:, canaries].ravel(), masks[:, canaries].ravel(), seed)
                 if canaries.size >= ONE_RUN_MIN_CANARIES:  # the target's canaries: one training run
                     k = max(1, canaries.size // 10)
-                    canary["one_run_epsilon_lb"] = float(
-                        bounds.one_run_audit_from_scores(sc[0, canaries], masks[0, canaries], k_pos=k, k_neg=k)
+                    canary["one_run_epsilon_lb"] = bounds.one_run_audit_from_scores(
+                        sc[0, canaries], masks[0, canaries], k_pos=k, k_neg=k, delta=EPSILON_DELTA
                     )
                 evals.setdefault("canaries", {})[name] = canary
         table: list[dict] = []
