@@ -4,6 +4,7 @@
     python benchmarks/run.py --quick    # small sizes: a smoke run (CI runs it)
     python benchmarks/run.py --only loss_overhead attack_scoring --out results.json
     python benchmarks/run.py --only dp_step    # DP-SGD step vs an ordinary one (about 30 s)
+    python benchmarks/run.py --only lira_memory    # LiRA's peak memory and CPU vs TF Privacy's (about 2 min)
 
 Each figure is printed with its goal and whether the goal is met, and all are written to a JSON file
 (default benchmarks/results.json). Timings are medians over repeats; ratios cancel most of the machine's noise.
@@ -546,6 +547,14 @@ def leave_one_out(quick: bool) -> list[dict]:
     ]
 
 
+def lira_memory(quick: bool) -> list[dict]:
+    """Single-target LiRA's peak extra memory and CPU time against ccl before chunking and a port of TF
+    Privacy's; the measurement lives in benchmarks/lira_memory.py (beside this script, so importable)."""
+    import lira_memory as bench
+
+    return bench.figures(quick)
+
+
 # ---------------------------------------------------------------------------------------------------- end to end
 def end_to_end(quick: bool) -> list[dict]:
     out = []
@@ -651,6 +660,7 @@ SECTIONS = {
     "dp_step": dp_step,
     "attack_scoring": attack_scoring,
     "leave_one_out": leave_one_out,
+    "lira_memory": lira_memory,
     "end_to_end": end_to_end,
     "cuda_cifar": cuda_cifar,
 }
