@@ -27,7 +27,7 @@ from .execute import ExecutionContext, Executor, LocalExecutor, ModelCache
 from .plan import model_seed, plan_jobs, result_key
 from .preflight import preflight
 from .score import score_defense
-from .supplied import load_members, supplied_note, supplied_split, supplied_target_logits
+from .supplied import load_members, supplied_notes, supplied_split, supplied_target_logits
 
 __all__ = ["choose_threads", "run_audit", "run_train"]
 
@@ -163,8 +163,8 @@ def run_audit(
                         features=features,
                         population_features=population_features,
                     )
-                    if config.supplied_target:
-                        result.notes.insert(0, supplied_note(config))
+                    if config.supplied_target:  # what was supplied, and whether it looks trained on these records
+                        result.notes[:0] = supplied_notes(config, seed_data, logits, labels, split)
                     save_scores(out_dir, arrays)
                     result.save(out_dir)  # written last: its presence marks the result complete
                     results.append(result)

@@ -8,15 +8,24 @@ drawn by the seed from the records the target did not train on; the rest is the 
 are trained exactly as usual, with the recipe in the configuration: the attacker knows the recipe, so the
 audit is only as good as the match between that recipe and the one that trained the target (the report says
 so).
+
+ccl cannot see how the target's training records were preprocessed, only the symptoms of a mismatch, and it warns
+on either of two (`target_fit_note`): the target does not classify its members clearly better than records it did
+not train on (wrong member indices; a mismatch that breaks its predictions), or it fits its own members worse than
+the reference models fit records they never saw (a mismatch that keeps its predictions but flattens its
+outputs: a ReLU network trained on scikit-learn's raw digits 0-16, queried on ccl's digits in [0, 1], still gets
+its members right, with a mean loss of 1.5 instead of 0.003).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import signals
 from .._checks import expected
 from ..config import ExperimentConfig
 from ..data import Dataset, MembershipSplit
@@ -24,7 +33,23 @@ from ..data.download import file_digest
 from ..errors import ConfigError, DataError
 from ..training import predict_logits
 
-__all__ = ["load_members", "supplied_identity", "supplied_note", "supplied_split", "supplied_target_logits"]
+__all__ = [
+    "MEMBER_ACCURACY_Z",
+    "load_members",
+    "member_accuracy_z",
+    "supplied_identity",
+    "supplied_note",
+    "supplied_notes",
+    "supplied_split",
+    "supplied_target_logits",
+    "target_fit_note",
+]
+
+#: A supplied target's members count as classified "clearly" better than its non-members when the one-sided
+#: two-proportion z statistic exceeds this, the 1% level: a target that learnt its members is far above it (z of
+#: 4.7 with 150 members of digits), and equal accuracies, the sign of wrong member indices, stay below it 99 times
+#: in 100.
+MEMBER_ACCURACY_Z = 2.326
 
 
 def load_members(path: str, num_records: int) -> np.ndarray:
@@ -149,3 +174,91 @@ def supplied_note(config: ExperimentConfig) -> str:
         "reference models were trained with the recipe in this run's configuration: the audit is only as good as "
         "the match between that recipe and the one that trained the target."
     )
+
+
+def member_accuracy_z(member_correct: np.ndarray, nonmember_correct: np.ndarray) -> float:
+    """The one-sided two-proportion z statistic of "members are classified correctly more often than non-members",
+    with the pooled rate: `(a_m - a_n) / sqrt(a (1 - a) (1/n_m + 1/n_n))`. With every record right (or every one
+    wrong) the accuracies are equal and there is no evidence of a difference: 0.
+
+    Args:
+        member_correct: `(n_m,)` bool, whether the target classifies each member correctly.
+        nonmember_correct: `(n_n,)` bool, the same on records it did not train on.
+    """
+    n_m, n_n = member_correct.size, nonmember_correct.size
+    a_m, a_n = member_correct.mean(), nonmember_correct.mean()
+    pooled = (member_correct.sum() + nonmember_correct.sum()) / (n_m + n_n)
+    if pooled in (0.0, 1.0):
+        return 0.0
+    return float((a_m - a_n) / np.sqrt(pooled * (1 - pooled) * (1 / n_m + 1 / n_n)))
+
+
+def target_fit_note(
+    logits: np.ndarray, labels: np.ndarray, split: MembershipSplit, *, preprocessing: str
+) -> str | None:
+    """A warning when the supplied target does not look trained on these records, else None.
+
+    It warns when either (1) the target does not classify its members clearly better than the records it did not
+    train on (`member_accuracy_z` at or below `MEMBER_ACCURACY_Z`), or (2) its mean loss on its members is above the
+    reference models' mean loss on the pool records they did not train on: a model fits its own training records
+    better than models of its recipe fit unseen ones, unless it is queried on records unlike those it trained on,
+    was given the wrong members, or was trained with a recipe far from the references'.
+
+    Args:
+        logits: `(1 + K, Q, [A,] C)`, the target first; queries: the pool, then the population. Only the first
+            (unperturbed) query of each record is used.
+        labels: `(Q,)` the records' labels.
+        split: the supplied target's split (`supplied_split`).
+        preprocessing: what was done to the records the target was queried on, in words (the note ends with it).
+    """
+    if logits.ndim == 4:
+        logits = logits[:, :, 0]  # (1 + K, Q, C): the unperturbed query
+    p = split.pool.size
+    is_member = np.r_[split.target_in, np.zeros(split.population.size, bool)]  # (Q,)
+    correct = logits[0].argmax(-1) == labels
+    z = member_accuracy_z(correct[is_member], correct[~is_member])
+    member_loss = float(signals.loss(logits[0], labels)[is_member].mean())
+    reference_out_loss = None
+    if logits.shape[0] > 1:
+        reference_loss = signals.loss(logits[1:, :p], labels[:p])  # (K, P)
+        reference_out_loss = float(reference_loss[~split.reference_in].mean())
+    fits_members_worse = reference_out_loss is not None and member_loss > reference_out_loss
+    if z > MEMBER_ACCURACY_Z and not fits_members_worse:
+        return None
+    symptoms = []
+    if z <= MEMBER_ACCURACY_Z:
+        symptoms.append(
+            f"It does not classify its members clearly better (one-sided two-proportion test: z = {z:.2f}, at or "
+            f"below {MEMBER_ACCURACY_Z}, the 1% level)."
+        )
+    if fits_members_worse:
+        symptoms.append(
+            f"It fits its own members worse (mean loss {member_loss:.3g}) than the reference models fit records they "
+            f"did not train on ({reference_out_loss:.3g})."
+        )
+    return (
+        f"The supplied target does not look trained on the records it was queried on. Its accuracy: "
+        f"{100 * correct[is_member].mean():.1f}% on its {int(is_member.sum())} members, "
+        f"{100 * correct[~is_member].mean():.1f}% on {int((~is_member).sum())} records it did not train on. "
+        f"{' '.join(symptoms)} Likely causes: it was trained on records preprocessed otherwise than these, "
+        "--target-members does not list the records it trained on, or it was trained with a recipe far from this "
+        f"run's. Until that is fixed, attack results on this target say nothing about its leakage. {preprocessing}"
+    )
+
+
+def supplied_notes(
+    config: ExperimentConfig, dataset: Dataset, logits: np.ndarray, labels: np.ndarray, split: MembershipSplit
+) -> list[str]:
+    """The notes of an audit of a supplied target: what was supplied (`supplied_note`), then, when the target does
+    not look trained on these records, a warning (`target_fit_note`; also issued as a `UserWarning`, which the
+    command line prints)."""
+    standardized = config.standardizes and dataset.x.ndim == 2  # `standardize` leaves images as they are
+    preprocessing = (
+        f"The records of {dataset.name}, as ccl loads them: {dataset.preprocessing or '(not described).'} This audit "
+        + ("standardised them per seed (--standardize on)." if standardized else "did not standardise them.")
+    )
+    note = target_fit_note(logits, labels, split, preprocessing=preprocessing)
+    if note is None:
+        return [supplied_note(config)]
+    warnings.warn(note, UserWarning, stacklevel=2)
+    return [supplied_note(config), note]
