@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -81,8 +83,31 @@ def test_compare_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html
     assert not re.search(r"""(src|href)=["']?https?:""", html)  # opens offline
-    header = (out / "table.csv").read_text().splitlines()[0]
-    assert "lira_tpr@0.01" in header and "test_acc" in header
+    table = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
+    assert {"test_acc", "evaluation", "attack", "tpr@0.01", "epsilon_lb"} <= set(table[0])
+    lira = {(r["defense"], r["evaluation"]) for r in table if r["attack"] == "lira"}
+    assert {("ce", "target"), ("ce", "pooled"), ("ccel(alpha=0.5)", "pooled")} <= lira  # every evaluation, labelled
+    pooled_labels = {r["evaluation_label"] for r in table if r["evaluation"] == "pooled"}
+    assert pooled_labels == {"pooled leave-one-out, random records"}
+    assert summary["evaluation_labels"]["attacks"] == "single target, random records"
+    assert summary["evaluation_labels"]["evaluations.pooled"] == "pooled leave-one-out, random records"
+    # each evaluation exports on its own, labelled, in every format
+    capsys.readouterr()
+    assert run_cli("report", str(out), "--format", "csv", "--evaluation", "pooled") == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["evaluation"] for r in rows} == {"pooled"}
+    assert len(rows) == sum(r["evaluation"] == "pooled" for r in table)
+    ce_lira = next(r for r in rows if r["defense"] == "ce" and r["attack"] == "lira")
+    assert float(ce_lira["auc"]) == pytest.approx(summary["rows"][0]["evaluations"]["pooled"]["lira"]["auc"], rel=1e-5)
+    assert run_cli("report", str(out), "--format", "json", "--evaluation", "target") == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["label"] == "single target, random records"
+    assert single["rows"][0]["attacks"] == summary["rows"][0]["attacks"]
+    assert run_cli("report", str(out), "--format", "md", "--evaluation", "pooled") == 0
+    md = capsys.readouterr().out
+    assert md.startswith("### pooled leave-one-out, random records") and "single target" not in md
+    assert run_cli("report", str(out), "--format", "md", "--evaluation", "canaries") == 2
+    assert "has no 'canaries' evaluation" in capsys.readouterr().err
     # report re-renders from the directory alone
     (out / "report.html").unlink()
     assert run_cli("report", str(out)) == 0

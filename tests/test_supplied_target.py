@@ -286,4 +286,4 @@ def test_report_exports_the_table_for_pipelines(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("defense,seeds,test_acc")
     assert cli.main(["report", str(out), "--format", "md"]) == 0
     md = capsys.readouterr().out
-    assert md.startswith("| defense | test acc |") and "leave-one-out" in md
+    assert md.startswith("### single target, random records") and "### pooled leave-one-out, random records" in md

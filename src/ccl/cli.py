@@ -21,6 +21,7 @@ import yaml
 from . import __version__
 from .config import ConfigError, ExperimentConfig, load_config, merge, parse_runtime
 from .errors import CclError
+from .results import EVALUATIONS
 from .training import Runtime
 
 __all__ = ["DEMO", "build_config", "build_runtime", "main"]
@@ -600,21 +601,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.run_dir is None:
         raise ConfigError("Give the run directory: ccl report RUN_DIR")
     if args.format != "html":  # for pipelines: print the aggregate, render nothing
-        from .results import table_markdown
-
-        agg = load_aggregate(args.run_dir)
-        if args.format == "json":
-            print((args.run_dir / "metrics.json").read_text(), end="")
-        elif args.format == "csv":
-            print((args.run_dir / "table.csv").read_text(), end="")
-        else:
-            print(table_markdown(agg), end="")
+        print(_export(load_aggregate(args.run_dir), args.format, args.evaluation), end="")
         return 0
     path = render_report(args.run_dir, leakage=args.leakage)
     if (args.run_dir / "metrics.json").exists():
         print("\n".join(table_lines(load_aggregate(args.run_dir))))
     print(f"\nReport: {path}")
     return 0
+
+
+def _export(agg, fmt: str, evaluation: str) -> str:
+    """The aggregate as JSON, CSV or Markdown: every evaluation the run has, or only `evaluation`."""
+    from ._io import dumps_json
+    from .results import evaluation_json, table_csv, table_markdown
+
+    if evaluation != "all" and evaluation not in agg.evaluations:
+        raise ConfigError(
+            f"This run has no {evaluation!r} evaluation; it has: {', '.join(agg.evaluations)} (--evaluation)."
+        )
+    chosen = None if evaluation == "all" else [evaluation]
+    if fmt == "json":
+        return dumps_json(agg.to_dict() if chosen is None else evaluation_json(agg, evaluation))
+    return table_csv(agg, evaluations=chosen) if fmt == "csv" else table_markdown(agg, evaluations=chosen)
 
 
 def _print_registries() -> None:
@@ -677,7 +685,16 @@ def make_parser() -> argparse.ArgumentParser:
         "--format",
         choices=["html", "json", "csv", "md"],
         default="html",
-        help="html: render report.html (default); json/csv/md: print the results table to stdout",
+        help="html: render report.html (default); json/csv/md: print the results to stdout, each number labelled "
+        "with its evaluation",
+    )
+    p.add_argument(
+        "--evaluation",
+        choices=["all", *EVALUATIONS],
+        default="all",
+        help="with --format json/csv/md: export one evaluation only (target: the single target against its "
+        "reference models; pooled: every model as the target, random records; canaries; vulnerable_1pct/5pct: "
+        "the most vulnerable records); default all",
     )
     p.add_argument(
         "--leakage",

@@ -23,7 +23,7 @@ import yaml
 from ._io import write_bytes, write_text
 from .errors import RunDirectoryError
 from .metrics import roc_curve, tpr_key
-from .results import Aggregate, DefenseResult, aggregate, load_aggregate, load_results, load_scores
+from .results import EVALUATIONS, Aggregate, DefenseResult, aggregate, load_aggregate, load_results, load_scores
 from .summary import Headline, family_verdicts, frontier, frontier_points, headline, strongest_attack
 
 __all__ = ["render_report"]
@@ -93,7 +93,7 @@ def plot_roc(scores, agg: Aggregate, results: list[DefenseResult], colors: dict)
             yscale="log",
             xlim=(low_x, 1),
             ylim=(low_y / 2, 1.05),
-            title=attack,
+            title=f"{attack} (single target)",
             xlabel="false-positive rate",
             ylabel="true-positive rate",
         )
@@ -171,7 +171,8 @@ def plot_privacy_utility(agg: Aggregate, colors: dict, frontier: list[str], fpr:
                 ms=7,
             )
         ax.set(
-            xlabel=f"{name} of the strongest attack (lower: more private)", ylabel="test accuracy (higher: more useful)"
+            xlabel=f"{name} of the strongest attack (lower: more private)\n{EVALUATIONS[evaluation]}",
+            ylabel="test accuracy (higher: more useful)",
         )
         ax.annotate(
             "better",
@@ -309,7 +310,7 @@ def plot_evaluations(scores, agg: Aggregate, results: list[DefenseResult], evalu
         ax.set(
             xscale="log",
             yscale="log",
-            title=f"{r.defense}: {attack} (seed {r.seed})",
+            title=f"{r.defense}: {attack}, pooled leave-one-out (seed {r.seed})",
             xlabel="false-positive rate",
             ylabel="true-positive rate",
             ylim=(1e-3, 1.05),
@@ -428,16 +429,9 @@ def _headline_html(h: Headline) -> str:
     )
 
 
-EVALUATIONS = {
-    "target": "single target, random records",
-    "pooled": "leave-one-out, random records",
-    "canaries": "leave-one-out, canaries",
-    "vulnerable_5pct": "most vulnerable 5%",
-}  # (the most vulnerable 1% is in metrics.json: a handful of records per seed)
-
-
 def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[DefenseResult]) -> str:
-    present = [e for e in EVALUATIONS if e == "target" or any(e in r.evaluations for r in agg.rows)]
+    # the most vulnerable 1% is in metrics.json and the exports: a handful of records per seed
+    present = [e for e in agg.evaluations if e != "vulnerable_1pct"]
     if present == ["target"]:
         return (
             "<p>Only the single-target evaluation ran (the leave-one-out evaluation needs at least 4 reference "
@@ -464,7 +458,7 @@ def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[Def
     sub = "".join(
         "<th>AUC</th>"
         + "".join(f"<th>TPR@{100 * f:g}%</th>" for f in shown[e])
-        + ("<th>ε lower bound</th>" if has_eps[e] else "")
+        + ("<th>ε lower bound (approx.)</th>" if has_eps[e] else "")
         for e in present
     )
     rows = []
@@ -488,8 +482,9 @@ def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[Def
         if m.get("one_run_epsilon_lb") is not None and a == evaluation_attack.get(r.defense)
     ]
     one_run_html = (
-        "<p>One-run audit on the target's canaries (Steinke, Nasr and Jagielski, NeurIPS 2023; pure DP; the "
-        "attacker guesses IN for the top tenth and OUT for the bottom tenth of the canaries by score; first seed): "
+        "<p>Rigorous bound: the one-run audit on the target's canaries (Steinke, Nasr and Jagielski, NeurIPS "
+        "2023, for (ε, 1e-5)-DP with their δ term; the attacker guesses IN for the top tenth and OUT for the "
+        "bottom tenth of the canaries by score; 95% confidence; first seed): "
         + ", ".join(f"{html.escape(d)} ({html.escape(a)}) ε ≥ {e:.2f}" for d, a, e in one_run)
         + ".</p>"
         if one_run
@@ -525,7 +520,11 @@ def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[Def
         f"bootstrap over models and records.{pairs_text} Each row uses the defense's strongest attack. The ε lower "
         "bound: no (ε, 1e-5)-DP training algorithm with a smaller ε lets an attack do as well as this one's best "
         "threshold (95% confidence; threshold chosen on one half of the pairs, Clopper-Pearson bounds on the "
-        "other; the pairs are treated as independent trials, an approximation for the pairs of one model).</p>"
+        "other). These bounds are approximate: they treat the pairs as independent trials, which the pairs of one "
+        "model (the single target) or of one record across models (the pooled evaluations) are not. Only the "
+        "one-run audit on canaries below, when the run has 50 canaries or more, is rigorous. Each target's "
+        "references never include a model whose training set is the complement of its own, so their "
+        "membership tells the attack nothing about the target's.</p>"
         f"<div class=wide><table><tr><th rowspan=2>defense</th><th rowspan=2>attack</th>{head}</tr><tr>{sub}</tr>"
         + "".join(rows)
         + "</table></div>"
@@ -674,11 +673,11 @@ border-left:4px solid #e0a800}}.cap{{color:#555;font-size:13px;max-width:900px}}
 {_verdicts_html(*frontier_info)}
 <h2>Worst-case evaluation</h2>
 {_evaluations_html(agg, evaluation_attack, results)}
-<h2>Table ({spread})</h2>
+<h2>Table: {EVALUATIONS["target"]} ({spread})</h2>
 <table><tr><th rowspan=2>defense</th><th rowspan=2>test acc %</th><th rowspan=2>train acc %</th>{th}</tr>
 <tr>{sub}</tr>{"".join(body)}</table>
 {figs}
-<h2>Every attack ({spread})</h2>
+<h2>Every attack: {EVALUATIONS["target"]} ({spread})</h2>
 <table><tr><th>defense</th><th>attack</th><th>AUC</th><th>advantage</th>
 <th>TPR@{lo_txt}FPR %</th><th>TPR@{hi_txt}FPR %</th></tr>
 {"".join(full)}</table>
@@ -723,9 +722,9 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
     figures = [
         (
             "roc",
-            "ROC curves (log-log), per attack",
-            f"Every seed's curve ({', '.join(map(str, seeds))}), one colour per defense. The FPR axis starts at "
-            "1/(non-members audited), the finest rate this audit resolves.",
+            f"ROC curves (log-log), per attack: {EVALUATIONS['target']}",
+            f"Every seed's target against its reference models ({', '.join(map(str, seeds))}), one colour per "
+            "defense. The FPR axis starts at 1/(non-members audited), the finest rate this evaluation resolves.",
             plot_roc(scores, agg, results, colors),
         ),
         (
@@ -738,14 +737,14 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
         ),
         (
             "privacy_utility",
-            "Privacy-utility trade-off, per leakage measure",
+            f"Privacy-utility trade-off, per leakage measure: {EVALUATIONS[head.evaluation]}",
             "Up and to the left is better. Each defense is placed by its strongest attack. "
             + ("One seed: horizontal bars are 95% bootstrap intervals." if one else "Bars: std over seeds."),
             plot_privacy_utility(agg, colors, head.frontier, head.fpr, head.evaluation),
         ),
         (
             "evaluations",
-            "Random records, canaries and the most vulnerable records",
+            "Pooled leave-one-out: random records, canaries and the most vulnerable records",
             "Pooled leave-one-out ROC of each defense's strongest attack (first seed). The most vulnerable records "
             "are measured on the models that did not choose them.",
             plot_evaluations(scores, agg, results, evaluation_attack),

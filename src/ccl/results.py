@@ -7,7 +7,11 @@ Files:
     results/<defense>/seed-<s>/scores.npz    per-record attack scores, membership truth, the target's loss
     results/<defense>/seed-<s>/metrics.json  a `DefenseResult` (written last: its presence marks it complete)
     metrics.json                             the `Aggregate`: one row per defense, mean and spread over seeds
-    table.csv                                the same rows, flat
+    table.csv                                the same numbers, one line per (defense, evaluation, attack)
+
+Every number belongs to one evaluation (`EVALUATIONS`): the single target against its reference models, or the
+pooled leave-one-out evaluation on random records, on canaries or on the most vulnerable records
+(`ccl.evaluation`). Each table, column and export names its evaluation with `EVALUATIONS`' labels.
 
 JSON is always valid: a metric that cannot be computed (e.g. TPR at 0.1% FPR with fewer than 1,000
 non-members) is `null`, never `NaN`.
@@ -32,15 +36,18 @@ from .errors import RunDirectoryError
 from .metrics import DEFAULT_FPRS, metric_names, tpr_key
 
 __all__ = [
+    "EVALUATIONS",
     "HEADLINE_ATTACKS",
     "Aggregate",
     "AggregateRow",
     "DefenseResult",
     "aggregate",
+    "evaluation_json",
     "load_aggregate",
     "load_results",
     "load_scores",
     "save_scores",
+    "table_csv",
     "table_lines",
     "table_markdown",
     "write_aggregate",
@@ -48,6 +55,19 @@ __all__ = [
 
 #: The attacks the headline tables show, in order, when the run has them.
 HEADLINE_ATTACKS = ("loss", "lira", "rmia")
+
+#: Every evaluation a result can hold, in reading order, with the label every table and export gives it.
+#: "target" is `DefenseResult.attacks`; the others are keys of `DefenseResult.evaluations`.
+EVALUATIONS = {
+    "target": "single target, random records",
+    "pooled": "pooled leave-one-out, random records",
+    "canaries": "pooled leave-one-out, canaries",
+    "vulnerable_1pct": "pooled leave-one-out, most vulnerable 1%",
+    "vulnerable_5pct": "pooled leave-one-out, most vulnerable 5%",
+}
+#: Bounds aggregated next to the metrics when a result has them: the classic bound (every evaluation; pairs
+#: treated as independent trials, an approximation) and the one-run audit (canaries; rigorous, see ccl.bounds).
+_BOUNDS = ("epsilon_lb", "one_run_epsilon_lb")
 
 
 def _nan(v: Any) -> float:
@@ -204,10 +224,25 @@ class Aggregate:
     def headline_attacks(self) -> list[str]:
         return [a for a in HEADLINE_ATTACKS if a in self.attacks] or self.attacks[:3]
 
+    @property
+    def evaluations(self) -> list[str]:
+        """The evaluations some defense has, in `EVALUATIONS`' order ("target" always)."""
+        return [e for e in EVALUATIONS if e == "target" or any(e in r.evaluations for r in self.rows)]
+
+    @property
+    def main_evaluation(self) -> str:
+        """The evaluation the headline, the terminal table and the frontier use: "pooled" when every defense
+        has the leave-one-out evaluation, else "target"."""
+        return "pooled" if self.rows and all("pooled" in r.evaluations for r in self.rows) else "target"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "fprs": list(self.fprs),
             "num_results": self.num_results,
+            # what each block of a row holds: `attacks` the single target, `evaluations.<name>` the others
+            "evaluation_labels": {
+                ("attacks" if e == "target" else f"evaluations.{e}"): EVALUATIONS[e] for e in self.evaluations
+            },
             "rows": [dataclasses.asdict(r) for r in self.rows],
         }
 
@@ -229,9 +264,9 @@ def _aggregate_metrics(per_seed: list[dict[str, dict[str, Any]]], names: tuple[s
     out: dict[str, dict[str, Any]] = {}
     for attack in per_seed[0]:
         entry: dict[str, Any] = {}
-        for metric in (*names, "epsilon_lb"):
+        for metric in (*names, *_BOUNDS):
             values = [seed.get(attack, {}).get(metric) for seed in per_seed]
-            if metric == "epsilon_lb" and all(v is None for v in values):
+            if metric in _BOUNDS and all(v is None for v in values):
                 continue
             entry[metric], entry[metric + "_std"] = _mean_std(values)
             if len(per_seed) == 1:
@@ -267,33 +302,45 @@ def aggregate(results: list[DefenseResult], *, order: list[str] | None = None, f
     return Aggregate(rows=rows, fprs=[float(f) for f in fprs], num_results=len(results))
 
 
+def _cell(v: Any) -> Any:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def table_csv(agg: Aggregate, *, evaluations: list[str] | None = None) -> str:
+    """The aggregate as CSV, one line per (defense, evaluation, attack) of `evaluations` (default: all the run
+    has): utility, then each metric's mean over seeds and its std, then the epsilon lower bounds."""
+    evaluations = agg.evaluations if evaluations is None else evaluations
+    bounds = [b for b in _BOUNDS if any(b in m for r in agg.rows for e in evaluations for m in _block(r, e).values())]
+    metrics = [*agg.metric_names, *bounds]
+    header = ["defense", "seeds", "test_acc", "test_acc_std", "train_acc", "dp_epsilon", "evaluation"]
+    header += ["evaluation_label", "attack", *(f"{m}{s}" for m in metrics for s in ("", "_std"))]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in agg.rows:
+        utility = [r.defense, len(r.seeds), r.values["test_acc"], r.values["test_acc_std"], r.values["train_acc"]]
+        utility.append(r.values.get("dp_epsilon"))
+        for e in evaluations:
+            for attack in _block(r, e):
+                cells = [*utility, e, EVALUATIONS.get(e, e), attack]
+                for m in metrics:
+                    mean, std, _ = r.metric(attack, m, e)
+                    cells += [mean, std]
+                w.writerow([_cell(v) for v in cells])
+    return buf.getvalue()
+
+
+def _block(row: AggregateRow, evaluation: str) -> dict[str, dict[str, Any]]:
+    return row.attacks if evaluation == "target" else row.evaluations.get(evaluation, {})
+
+
 def write_aggregate(run_dir: str | os.PathLike, agg: Aggregate) -> None:
     """metrics.json and table.csv (deterministic: the same results give the same bytes)."""
     run_dir = Path(run_dir)
     write_json(run_dir / "metrics.json", agg.to_dict())
-    header = ["defense", "seeds", "test_acc", "test_acc_std", "train_acc"]
-    for a in agg.attacks:
-        for m in agg.metric_names:
-            header += [f"{a}_{m}", f"{a}_{m}_std"]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    for r in agg.rows:
-        line: list[Any] = [
-            r.defense,
-            len(r.seeds),
-            r.values["test_acc"],
-            r.values["test_acc_std"],
-            r.values["train_acc"],
-        ]
-        for a in agg.attacks:
-            for m in agg.metric_names:
-                mean, std, _ = r.metric(a, m)
-                line += [mean, std]
-        w.writerow(
-            ["" if isinstance(v, float) and math.isnan(v) else f"{v:.6g}" if isinstance(v, float) else v for v in line]
-        )
-    write_text(run_dir / "table.csv", buf.getvalue())
+    write_text(run_dir / "table.csv", table_csv(agg))
 
 
 def load_aggregate(run_dir: str | os.PathLike) -> Aggregate:
@@ -307,37 +354,70 @@ def load_aggregate(run_dir: str | os.PathLike) -> Aggregate:
 
 
 def table_lines(agg: Aggregate, *, fpr: float = 0.01) -> list[str]:
-    """The command line's summary: test accuracy, then AUC and TPR at `fpr` of the headline attacks."""
+    """The command line's summary under the run's main evaluation (named on the first line): test accuracy,
+    then AUC and TPR at `fpr` of the headline attacks."""
     fpr = fpr if fpr in agg.fprs else agg.fprs[-1]
     key, pct = tpr_key(fpr), f"{100 * fpr:g}%"
+    ev = agg.main_evaluation
     attacks = agg.headline_attacks
     lines = [
-        f"{'defense':24s} {'test acc':>9s}" + "".join(f" {a + ' AUC':>10s} {a + ' TPR@' + pct:>13s}" for a in attacks)
+        f"Evaluation: {EVALUATIONS[ev]} (mean over seeds)",
+        f"{'defense':24s} {'test acc':>9s}" + "".join(f" {a + ' AUC':>10s} {a + ' TPR@' + pct:>13s}" for a in attacks),
     ]
     for r in agg.rows:
         line = f"{r.defense:24s} {100 * r.test_acc:8.1f}%"
         for a in attacks:
-            auc, tpr = r.metric(a, "auc")[0], r.metric(a, key)[0]
-            line += f" {auc:10.3f} {'n/a' if math.isnan(tpr) else f'{100 * tpr:.1f}%':>13s}"
+            auc, tpr = r.metric(a, "auc", ev)[0], r.metric(a, key, ev)[0]
+            line += f" {'n/a' if math.isnan(auc) else f'{auc:.3f}':>10s} {_percent(tpr):>13s}"
         lines.append(line)
     return lines
 
 
-def table_markdown(agg: Aggregate) -> str:
-    """The aggregate as a Markdown table: test accuracy, then AUC and TPR at each FPR of every attack, the
-    pooled (leave-one-out) evaluation where the run has it."""
-    ev = "pooled" if agg.rows and all("pooled" in r.evaluations for r in agg.rows) else "target"
-    head = ["defense", "test acc"]
-    for a in agg.headline_attacks:
-        head += [f"{a} AUC"] + [f"{a} TPR@{100 * f:g}%" for f in agg.fprs]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in agg.rows:
-        cells = [r.defense, f"{100 * r.test_acc:.1f}%"]
-        for a in agg.headline_attacks:
-            auc = r.metric(a, "auc", ev)[0]
-            cells.append("n/a" if math.isnan(auc) else f"{auc:.3f}")
-            for f in agg.fprs:
-                t = r.metric(a, tpr_key(f), ev)[0]
-                cells.append("n/a" if math.isnan(t) else f"{100 * t:.1f}%")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n(evaluation: {'leave-one-out, pooled' if ev == 'pooled' else 'single target'})\n"
+def _percent(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{100 * v:.1f}%"
+
+
+def table_markdown(agg: Aggregate, *, evaluations: list[str] | None = None) -> str:
+    """The aggregate as Markdown: one table per evaluation of `evaluations` (default: all the run has), each
+    under a heading that names it: test accuracy, then AUC and TPR at each FPR of the headline attacks, and the
+    epsilon lower bound of each where the run computed one."""
+    out = []
+    for ev in agg.evaluations if evaluations is None else evaluations:
+        attacks = [a for a in agg.headline_attacks if any(a in _block(r, ev) for r in agg.rows)]
+        if not attacks:
+            continue
+        has_eps = any("epsilon_lb" in _block(r, ev).get(a, {}) for r in agg.rows for a in attacks)
+        head = ["defense", "test acc"]
+        for a in attacks:
+            head += [f"{a} AUC"] + [f"{a} TPR@{100 * f:g}%" for f in agg.fprs] + ([f"{a} ε lb"] if has_eps else [])
+        lines = [f"### {EVALUATIONS.get(ev, ev)}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in agg.rows:
+            cells = [r.defense, _percent(r.test_acc)]
+            for a in attacks:
+                auc = r.metric(a, "auc", ev)[0]
+                cells.append("n/a" if math.isnan(auc) else f"{auc:.3f}")
+                cells += [_percent(r.metric(a, tpr_key(f), ev)[0]) for f in agg.fprs]
+                if has_eps:
+                    eps = r.metric(a, "epsilon_lb", ev)[0]
+                    cells.append("n/a" if math.isnan(eps) else f"{eps:.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append("\n".join(lines) + "\n")
+    note = (
+        "ε lb: the (ε, 1e-5) lower bound of the attack's best threshold at 95% confidence, treating the pairs as "
+        "independent trials (an approximation; see ccl.bounds).\n"
+    )
+    return "\n".join(out) + "\n" + note
+
+
+def evaluation_json(agg: Aggregate, evaluation: str) -> dict[str, Any]:
+    """One evaluation of the aggregate, labelled: {evaluation, label, fprs, rows: [{defense, seeds, values,
+    attacks}]}, the rows' `attacks` holding that evaluation's metrics."""
+    return {
+        "evaluation": evaluation,
+        "label": EVALUATIONS.get(evaluation, evaluation),
+        "fprs": list(agg.fprs),
+        "rows": [
+            {"defense": r.defense, "seeds": r.seeds, "values": r.values, "attacks": _block(r, evaluation)}
+            for r in agg.rows
+        ],
+    }

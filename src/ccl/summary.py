@@ -99,8 +99,8 @@ class Headline:
 
 
 def evaluation_of(agg: Aggregate) -> str:
-    """ "pooled" when every defense has the leave-one-out evaluation, else "target"."""
-    return "pooled" if agg.rows and all("pooled" in r.evaluations for r in agg.rows) else "target"
+    """ "pooled" when every defense has the leave-one-out evaluation, else "target" (`Aggregate.main_evaluation`)."""
+    return agg.main_evaluation
 
 
 def _attacks(row, evaluation: str) -> dict:
