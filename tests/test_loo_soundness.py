@@ -166,3 +166,17 @@ def test_bad_reference_sets_are_refused(references, match):
         evaluation.leave_one_out_scores(
             attacks.create("lira"), data["logits"][:7], data["labels"], masks, references=references
         )
+
+
+def test_results_of_the_old_leave_one_out_design_are_recomputed_on_resume(monkeypatch):
+    """The result key holds the leave-one-out version: a resumed run recomputes (from its cached models) the
+    pooled results written before the partner was left out; single-target results keep their keys."""
+    from ccl.audit import plan
+    from ccl.config import ExperimentConfig
+
+    pooled = ExperimentConfig.from_dict({"dataset": "digits", "num_references": 4})
+    single = ExperimentConfig.from_dict({"dataset": "digits", "num_references": 2})
+    before = [plan.result_key(c, c.defenses[0], 0) for c in (pooled, single)]
+    monkeypatch.setattr(plan, "LEAVE_ONE_OUT_VERSION", 1)
+    after = [plan.result_key(c, c.defenses[0], 0) for c in (pooled, single)]
+    assert after[0] != before[0] and after[1] == before[1]

@@ -42,6 +42,7 @@ from .errors import InvalidArgumentError
 from .metrics import DegenerateMetricWarning, _roc_metrics, tpr_key
 
 __all__ = [
+    "LEAVE_ONE_OUT_VERSION",
     "check_reference_independence",
     "complementary_partners",
     "leave_one_out_scores",
@@ -53,6 +54,11 @@ __all__ = [
     "top_fraction",
     "vulnerable_records",
 ]
+
+
+#: Changes whenever the leave-one-out scores of the same models change, so that resumed runs recompute their
+#: pooled results (`ccl.audit.plan.result_key`). 2: complementary partners are no longer references.
+LEAVE_ONE_OUT_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .. import data, models
 from ..config import DefenseSpec, ExperimentConfig
 from ..data import MembershipSplit
 from ..data.download import file_digest
+from ..evaluation import LEAVE_ONE_OUT_VERSION
 from ..training import Recipe
 
 __all__ = ["ModelJob", "dataset_identity", "digest", "model_seed", "plan_jobs", "result_key", "stacking"]
@@ -158,6 +159,8 @@ def result_key(config: ExperimentConfig, defense: DefenseSpec, seed: int) -> str
     settings = {k: v for k, v in config.to_dict().items() if k not in ("seeds", "defenses", "dataset")}
     if not settings["reserve_fraction"]:  # no reserve: the same key as before reserves existed
         del settings["reserve_fraction"]
+    if config.uses_leave_one_out:  # pooled results from an older leave-one-out design are recomputed
+        settings["leave_one_out_version"] = LEAVE_ONE_OUT_VERSION
     if config.supplied_target:  # the supplied files' contents, not their paths
         from .supplied import supplied_identity
 
