@@ -263,6 +263,18 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+CORE = ("losses", "attacks", "metrics", "signals", "theory", "bounds", "data", "models")
+#: What the core must not import: training, the experiment's configuration, the pipeline and what renders it.
+NOT_CORE = {"training", "stacked", "config", "audit", "run_dir", "cli", "report", "results", "summary", "tune"}
+
+
+def test_the_core_imports_nothing_of_training_the_pipeline_or_the_report():
+    for name in CORE:
+        files = sorted((SRC / name).rglob("*.py")) if (SRC / name).is_dir() else [SRC / f"{name}.py"]
+        for path in files:
+            assert not _imports(path) & NOT_CORE, (path.relative_to(SRC), _imports(path) & NOT_CORE)
+
+
 def test_the_engine_and_the_report_do_not_import_the_pipeline():
     policy = {"config", "audit", "run_dir", "cli", "report", "results"}
     for module in ("training.py", "stacked.py"):

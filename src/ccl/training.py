@@ -51,7 +51,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_in_range, check_positive_int, expected
+from ._device import resolve_device
 from ._io import atomic_path, remove_stale_temporaries, write_text
+from .data.transforms import augment_batch
 from .errors import InvalidArgumentError, InvalidArgumentTypeError, RunDirectoryError, TrainingError
 
 __all__ = [
@@ -173,41 +175,6 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     g = torch.Generator(device=device)
     g.manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     return g
-
-
-def augment_batch(x: Tensor, generator: torch.Generator, *, padding: int = 4) -> Tensor:
-    """Random crop with zero padding and random horizontal flip of a batch `(B, C, H, W)`, on its device."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-    batch_idx = torch.arange(b, device=x.device)[:, None, None, None]
-    chan_idx = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    out = padded[batch_idx, chan_idx, rows, cols]
-    flip = torch.rand(b, generator=generator, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise InvalidArgumentError(
-            expected("device", "auto, cpu, cuda, cuda:N or another torch device", name)
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError(expected("device", "an available device (no CUDA device is present)", name))
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InvalidArgumentError(expected("device", f"a CUDA index below {torch.cuda.device_count()}", name))
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise InvalidArgumentError(expected("device", "auto, cpu, cuda or cuda:N", name))
-    return device
 
 
 def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:

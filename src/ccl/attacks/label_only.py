@@ -6,7 +6,7 @@ labels only: a member keeps its true label under more perturbations of its input
 
 - Queries (`perturbed_queries`): `Q` perturbed copies of each record, deterministic by seed.
   - `kind="augment"` (the data-augmentation attack): images `(N, C, H, W)` are randomly cropped with zero padding
-    (4 pixels) and flipped horizontally with probability 1/2 (`ccl.training.augment_batch`, the training
+    (4 pixels) and flipped horizontally with probability 1/2 (`ccl.data.transforms.augment_batch`, the training
     augmentation); other records get Gaussian noise `N(0, scale^2 std_j^2)` on each feature `j`.
   - `kind="noise"` (the noise-robustness attack): Gaussian noise of increasing scale, copy `q = 0..Q-1` with
     standard deviation `scale * (q + 1) / Q * std_j` on each feature (or pixel) `j`. The fraction of copies
@@ -40,8 +40,9 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_in_range, check_positive_int, expected
+from .._device import resolve_device
+from ..data.transforms import augment_batch
 from ..errors import InvalidArgumentError, InvalidArgumentTypeError
-from ..training import augment_batch, resolve_device
 from .base import Attack
 from .inputs import AttackInputs, NotEnoughReferencesError
 
