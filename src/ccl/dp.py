@@ -24,8 +24,10 @@ with the hooks (`python benchmarks/run.py --only dp_step`, benchmarks/RESULTS.md
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 from ._checks import check_choice, expected
 from .errors import InvalidArgumentError, MissingDependencyError
 
-__all__ = ["DPTrainer", "calibrate_noise", "epsilon_spent", "is_plain_mlp"]
+__all__ = ["DPAccounting", "DPTrainer", "calibrate_noise", "epsilon_spent", "is_plain_mlp"]
 
 PER_SAMPLE = ("opacus", "ghost", "auto")
 # layers without parameters that act on each record alone, element by element or by reshaping it
@@ -117,6 +119,32 @@ def epsilon_spent(
         acc = create_accountant(accountant)
         acc.history = [(noise_multiplier, sample_rate, steps)]
         return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass(frozen=True)
+class DPAccounting:
+    """What a DP-SGD model spent, with everything needed to recompute it: `steps` Poisson-sampled steps at
+    `sample_rate`, Gaussian noise of `noise_multiplier` times the clipping bound, composed by Opacus'
+    `accountant` ("rdp" or "prv") into `epsilon` at `delta`.
+
+    Example (what an auditor runs on the `dp_accounting` of a result's metrics.json or a model's job.json):
+        >>> import json
+        >>> from opacus.accountants import create_accountant
+        >>> record = json.load(open("runs/location30/results/dpsgd_epsilon=4/seed-0/metrics.json"))["dp_accounting"]
+        >>> acc = create_accountant(record["accountant"])
+        >>> acc.history = [(record["noise_multiplier"], record["sample_rate"], record["steps"])]
+        >>> acc.get_epsilon(delta=record["delta"])  # == record["epsilon"]
+    """
+
+    noise_multiplier: float
+    sample_rate: float  # q = batch_size / n, each record in each step independently with probability q
+    steps: int
+    accountant: str
+    delta: float
+    epsilon: float
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return dataclasses.asdict(self)
 
 
 def is_plain_mlp(model: nn.Module) -> bool:
@@ -304,10 +332,16 @@ class DPTrainer:
         return out
 
     def epsilon(self, epochs_done: int) -> float:
-        return epsilon_spent(
-            self.noise_multiplier,
-            self.sample_rate,
-            epochs_done * self.steps_per_epoch,
-            self.dp.delta,
-            self.dp.accountant,
+        return self.accounting(epochs_done).epsilon
+
+    def accounting(self, epochs_done: int) -> DPAccounting:
+        """The privacy spent after `epochs_done` epochs, with the accountant's inputs."""
+        steps = epochs_done * self.steps_per_epoch
+        return DPAccounting(
+            noise_multiplier=float(self.noise_multiplier),
+            sample_rate=float(self.sample_rate),
+            steps=int(steps),
+            accountant=self.dp.accountant,
+            delta=float(self.dp.delta),
+            epsilon=epsilon_spent(self.noise_multiplier, self.sample_rate, steps, self.dp.delta, self.dp.accountant),
         )

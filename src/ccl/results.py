@@ -103,6 +103,9 @@ class DefenseResult:
     vulnerable_records: list[dict[str, Any]] = field(default_factory=list)  # the most vulnerable, by leakage
     num_canaries: int = 0
     dp_epsilon: float | None = None  # DP-SGD: the epsilon the target spent (the guarantee, at the defense's delta)
+    # DP-SGD: how the target's epsilon was spent, for Opacus' accountant to recompute (`ccl.dp.DPAccounting`):
+    # noise_multiplier, sample_rate, steps, accountant, delta, epsilon; None for other defenses and older runs
+    dp_accounting: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +121,7 @@ class DefenseResult:
             "vulnerable_records",
             "num_canaries",
             "dp_epsilon",
+            "dp_accounting",
         }
         missing = names - set(raw) - optional
         if missing:

@@ -43,7 +43,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ from ._device import resolve_device
 from ._io import atomic_path, remove_stale_temporaries, write_text
 from .data.transforms import augment_batch
 from .errors import InvalidArgumentError, InvalidArgumentTypeError, RunDirectoryError, TrainingError
+
+if TYPE_CHECKING:
+    from .dp import DPAccounting
 
 __all__ = [
     "FitResult",
@@ -156,6 +159,7 @@ class FitResult:
     history: list[dict[str, float]]
     resumed_from_epoch: int  # 0 when training started from scratch
     epsilon: float | None = None  # DP-SGD: the epsilon spent (at the defense's delta)
+    dp_accounting: DPAccounting | None = None  # DP-SGD: the accountant's inputs and the epsilon spent
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -853,4 +857,5 @@ def _fit(
     if patience is not None and best_state is not None:  # the best epoch's model is released
         model.load_state_dict(best_state)
     model.eval()
-    return FitResult(model, history, start, epsilon=dp.epsilon(last) if dp is not None else None)
+    spent = dp.accounting(last) if dp is not None else None
+    return FitResult(model, history, start, epsilon=None if spent is None else spent.epsilon, dp_accounting=spent)

@@ -78,6 +78,7 @@ class ModelCache:
         query_index: np.ndarray,
         *,
         epsilon: float | None = None,
+        dp_accounting: dict | None = None,
         extras: dict[str, np.ndarray] | None = None,
     ) -> None:
         folder = self.folder(job)
@@ -91,6 +92,8 @@ class ModelCache:
                 "trainer": job.trainer,
                 "num_members": int(job.members.size),
                 "epsilon": epsilon,  # DP-SGD: the epsilon this model spent; None otherwise
+                # DP-SGD: noise_multiplier, sample_rate, steps, accountant, delta, epsilon (ccl.dp.DPAccounting)
+                "dp_accounting": dp_accounting,
             },
         )
         extras = dict(extras or {})
@@ -105,7 +108,7 @@ class ModelCache:
             return {k: f[k] for k in f.files if k not in ("logits", "query_index", "label_only_format")}
 
     def info(self, job: ModelJob) -> dict:
-        """What job.json records of a trained model (epsilon spent, trainer, ...)."""
+        """What job.json records of a trained model (epsilon spent and its accounting, trainer, ...)."""
         path = self.folder(job) / "job.json"
         try:
             return json.loads(path.read_text())
@@ -210,6 +213,7 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
             )
             logits = [predict_logits(result.model, data.x[query], device=runtime.device, flip_queries=ctx.flip_queries)]
             epsilons = [result.epsilon]
+            accountings = [None if result.dp_accounting is None else result.dp_accounting.to_dict()]
             device = resolve_device(runtime.device)
             model = result.model.eval().to(device)
 
@@ -231,7 +235,7 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
             )
             device = resolve_device(runtime.device)
             logits = list(predict_stacked(stack, data.x[query], flip_queries=ctx.flip_queries, device=device))
-            epsilons = [None] * len(jobs)
+            epsilons = accountings = [None] * len(jobs)
 
             def forward_all(x: torch.Tensor) -> torch.Tensor:
                 return stack.forward(x.to(device), shared_input=True)
@@ -239,8 +243,9 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
         extras = perturbed_labels(forward_all, data.x[query[: ctx.num_pool]]) if ctx.label_only and ctx.num_pool else {}
         if jobs[0].defense.procedure().modify_outputs == "hamp":  # queries see the released (modified) outputs
             logits = _hamp_release(forward_all, logits, data.x, len(ctx.query_index), seed=jobs[0].seed)
-        for k, (job, lg, eps) in enumerate(zip(jobs, logits, epsilons, strict=True)):
-            ctx.cache.save(job, lg, ctx.query_index, epsilon=eps, extras={n: v[k] for n, v in extras.items()})
+        for k, (job, lg, eps, spent) in enumerate(zip(jobs, logits, epsilons, accountings, strict=True)):
+            extra = {n: v[k] for n, v in extras.items()}
+            ctx.cache.save(job, lg, ctx.query_index, epsilon=eps, dp_accounting=spent, extras=extra)
         if not ctx.keep_checkpoints:  # outputs are stored: a reference model's weights are not needed again
             if len(jobs) > 1 or jobs[0].trainer == "stacked":
                 (ctx.cache.root / "stacked" / f"{name}.pt").unlink(missing_ok=True)

@@ -163,6 +163,8 @@ def run_audit(
                         features=features,
                         population_features=population_features,
                     )
+                    # DP-SGD: the target's accounting, for an auditor to recompute its epsilon (None otherwise)
+                    result.dp_accounting = cache.info(jobs[0]).get("dp_accounting")
                     if config.supplied_target:  # what was supplied, and whether it looks trained on these records
                         result.notes[:0] = supplied_notes(config, seed_data, logits, labels, split)
                     save_scores(out_dir, arrays)
@@ -219,5 +221,7 @@ def run_train(
             reserve=dataset.subset(split.reserve) if split.reserve.size else None,
         )
         last = {k: v for k, v in result.history[-1].items() if k != "seconds"}
+        if result.dp_accounting is not None:  # DP-SGD: what Opacus' accountant needs to recompute the epsilon
+            last["dp_accounting"] = result.dp_accounting.to_dict()
         write_json(rd.path / "metrics.json", {"defense": config.defenses[0].label, "seed": seed, **last})
     return result
