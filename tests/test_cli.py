@@ -18,6 +18,7 @@ import torch
 
 from ccl import cli
 from ccl.config import ConfigError, ExperimentConfig
+from ccl.results import load_aggregate
 
 TINY = [
     "--dataset",
@@ -106,6 +107,20 @@ def test_compare_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
     assert run_cli("report", str(out), "--format", "md", "--evaluation", "pooled") == 0
     md = capsys.readouterr().out
     assert md.startswith("### pooled leave-one-out, random records") and "single target" not in md
+    # the summary is a pipeline step: saved in metrics.json, exported, equal to recomputing it
+    from ccl._io import dumps_json
+    from ccl.results import load_results
+    from ccl.summary import load_summary, summarize
+
+    saved = load_summary(out)
+    assert saved is not None and saved.headline.baseline == "ce"
+    recomputed = summarize(out, load_aggregate(out), load_results(out))
+    assert dumps_json(saved.to_dict()) == dumps_json(recomputed.to_dict())  # NaN as null on both sides
+    assert [c.defense for c in saved.headline.comparisons] == ["ccel(alpha=0.5)"]
+    assert run_cli("report", str(out), "--format", "json") == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["headline"]["baseline"] == "ce"
+    assert run_cli("report", str(out), "--format", "md") == 0
+    assert capsys.readouterr().out.startswith("## Summary\n\n- Summary (pooled leave-one-out")
     assert run_cli("report", str(out), "--format", "md", "--evaluation", "canaries") == 2
     assert "has no 'canaries' evaluation" in capsys.readouterr().err
     # report re-renders from the directory alone

@@ -432,6 +432,7 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
     from .audit.preflight import check_dependencies
     from .report import render_report
     from .results import table_lines
+    from .summary import load_summary, summary_lines
 
     config, runtime, out = _resolve(args, default_out, base)
     if args.command == "audit" and len(config.defenses) != 1:
@@ -457,6 +458,9 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
             executor.close()
     report = render_report(out, leakage=args.leakage or "tpr")
     print("\n".join(table_lines(agg)))
+    summary = load_summary(out)
+    if summary is not None:
+        print("\n" + "\n".join(summary_lines(summary)))
     print(f"\nReport: {report}")
     return 0
 
@@ -601,7 +605,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.run_dir is None:
         raise ConfigError("Give the run directory: ccl report RUN_DIR")
     if args.format != "html":  # for pipelines: print the aggregate, render nothing
-        print(_export(load_aggregate(args.run_dir), args.format, args.evaluation), end="")
+        print(_export(args.run_dir, args.format, args.evaluation), end="")
         return 0
     path = render_report(args.run_dir, leakage=args.leakage)
     if (args.run_dir / "metrics.json").exists():
@@ -610,19 +614,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(agg, fmt: str, evaluation: str) -> str:
-    """The aggregate as JSON, CSV or Markdown: every evaluation the run has, or only `evaluation`."""
+def _export(run_dir: Path, fmt: str, evaluation: str) -> str:
+    """A run's results as JSON, CSV or Markdown: every evaluation the run has (with the run's summary in JSON
+    and Markdown), or only `evaluation`."""
     from ._io import dumps_json
-    from .results import evaluation_json, table_csv, table_markdown
+    from .results import evaluation_json, load_aggregate, table_csv, table_markdown
+    from .summary import load_summary, summary_lines
 
+    agg = load_aggregate(run_dir)
     if evaluation != "all" and evaluation not in agg.evaluations:
         raise ConfigError(
             f"This run has no {evaluation!r} evaluation; it has: {', '.join(agg.evaluations)} (--evaluation)."
         )
     chosen = None if evaluation == "all" else [evaluation]
+    summary = load_summary(run_dir)
     if fmt == "json":
-        return dumps_json(agg.to_dict() if chosen is None else evaluation_json(agg, evaluation))
-    return table_csv(agg, evaluations=chosen) if fmt == "csv" else table_markdown(agg, evaluations=chosen)
+        raw = agg.to_dict() if chosen is None else evaluation_json(agg, evaluation)
+        return dumps_json(raw | ({"summary": summary.to_dict()} if summary is not None and chosen is None else {}))
+    if fmt == "csv":
+        return table_csv(agg, evaluations=chosen)
+    bullets = [] if summary is None or chosen is not None else [f"- {line.strip()}" for line in summary_lines(summary)]
+    lines = ["## Summary", "", *bullets, ""] if bullets else []
+    return "\n".join(lines) + ("\n" if lines else "") + table_markdown(agg, evaluations=chosen)
 
 
 def _print_registries() -> None:

@@ -24,7 +24,7 @@ from ._io import write_bytes, write_text
 from .errors import RunDirectoryError
 from .metrics import roc_curve, tpr_key
 from .results import EVALUATIONS, Aggregate, DefenseResult, aggregate, load_aggregate, load_results, load_scores
-from .summary import Headline, family_verdicts, frontier, frontier_points, headline, strongest_attack
+from .summary import Headline, load_summary, strongest_attack, summarize
 
 __all__ = ["render_report"]
 
@@ -710,11 +710,12 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
     except RunDirectoryError:  # an unfinished run: its completed results, aggregated here (nothing is written)
         agg = aggregate(results, fprs=results[0].fprs)
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    head = headline(run_dir, agg, results)
+    summary = load_summary(run_dir)  # the pipeline's summary step; computed here for older or unfinished runs
+    if summary is None or summary.leakage != leakage:
+        summary = summarize(run_dir, agg, results, leakage=leakage)
+    head, fpoints, frontier_label = summary.headline, summary.points, summary.frontier_label
+    optimal, verdicts = set(summary.optimal), summary.verdicts
     scores = _scores_of(run_dir)
-    fpoints, frontier_label = frontier_points(agg, results, leakage=leakage)
-    optimal = set(frontier({p.defense: (p.accuracy, p.leakage) for p in fpoints}))
-    verdicts = family_verdicts(fpoints)
     evaluation_attack = {r.defense: strongest_attack(agg, r.defense, head.evaluation) for r in agg.rows}
     colors = _colors(agg)
     seeds = sorted({r.seed for r in results})

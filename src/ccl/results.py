@@ -340,10 +340,11 @@ def _block(row: AggregateRow, evaluation: str) -> dict[str, dict[str, Any]]:
     return row.attacks if evaluation == "target" else row.evaluations.get(evaluation, {})
 
 
-def write_aggregate(run_dir: str | os.PathLike, agg: Aggregate) -> None:
-    """metrics.json and table.csv (deterministic: the same results give the same bytes)."""
+def write_aggregate(run_dir: str | os.PathLike, agg: Aggregate, *, summary: dict[str, Any] | None = None) -> None:
+    """metrics.json (with the run's `summary`, `ccl.summary.Summary.to_dict()`, when given) and table.csv
+    (deterministic: the same results give the same bytes)."""
     run_dir = Path(run_dir)
-    write_json(run_dir / "metrics.json", agg.to_dict())
+    write_json(run_dir / "metrics.json", agg.to_dict() | ({"summary": summary} if summary is not None else {}))
     write_text(run_dir / "table.csv", table_csv(agg))
 
 

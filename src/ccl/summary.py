@@ -14,21 +14,38 @@ A defense is *distinguishable* from the baseline when one of the three intervals
 
 The privacy-utility frontier holds the defenses that no other defense beats on both axes: test accuracy (higher
 is better) and the strongest attack's AUC (lower is better), by their means.
+
+`summarize` is the pipeline's step between the results and the report: it computes the headline, the frontier
+and the verdicts once, and the pipeline saves them in `metrics.json` under "summary"; the report, the exports
+and the terminal only render them (`load_summary`, `summary_lines`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .metrics import DegenerateMetricWarning, roc_metrics, tpr_key
 from .results import Aggregate, DefenseResult, load_scores
 
-__all__ = ["Comparison", "Headline", "frontier", "headline", "strongest_attack"]
+__all__ = [
+    "Comparison",
+    "Headline",
+    "Summary",
+    "frontier",
+    "headline",
+    "load_summary",
+    "strongest_attack",
+    "summarize",
+    "summary_lines",
+]
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
 _T95 = [
@@ -390,3 +407,96 @@ def family_verdicts(points: list[FrontierPoint]) -> dict[str, str]:
         else:
             out[fam] = "indistinguishable from the frontier (the intervals overlap)"
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The summary: computed once by the pipeline, rendered anywhere
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """What a run concludes: the headline (each defense against the baseline), the frontier's points under
+    `leakage` with their label, the defenses on the frontier, and one verdict per family."""
+
+    headline: Headline
+    leakage: str
+    frontier_label: str
+    points: list[FrontierPoint]
+    optimal: list[str]
+    verdicts: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Summary:
+        h = dict(raw["headline"])
+        h["comparisons"] = [Comparison(**_floats(c)) for c in h["comparisons"]]
+        h["baseline_values"] = {k: _num(v) for k, v in h["baseline_values"].items()}
+        h["fpr"] = float(h["fpr"])
+        points = [FrontierPoint(**_floats(p)) for p in raw["points"]]
+        return cls(Headline(**h), raw["leakage"], raw["frontier_label"], points, raw["optimal"], raw["verdicts"])
+
+
+def _floats(raw: dict[str, Any]) -> dict[str, Any]:
+    """JSON's null back to NaN, and its lists back to (low, high) tuples."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, list):
+            out[key] = tuple(_num(v) for v in value)
+        elif value is None or isinstance(value, float | int) and not isinstance(value, bool):
+            out[key] = _num(value)
+        else:
+            out[key] = value
+    return out
+
+
+def summarize(run_dir: str | Path, agg: Aggregate, results: list[DefenseResult], *, leakage: str = "tpr") -> Summary:
+    """The pipeline's summary step: `headline`, `frontier_points` under `leakage`, the frontier and
+    `family_verdicts`, from the aggregate and (one seed) the stored per-record scores."""
+    points, label = frontier_points(agg, results, leakage=leakage)
+    optimal = frontier({p.defense: (p.accuracy, p.leakage) for p in points})
+    return Summary(headline(run_dir, agg, results), leakage, label, points, optimal, family_verdicts(points))
+
+
+def load_summary(run_dir: str | Path) -> Summary | None:
+    """The summary the pipeline saved in `metrics.json`, or None (a run written before summaries were saved, or
+    not finished)."""
+    try:
+        raw = json.loads((Path(run_dir) / "metrics.json").read_text()).get("summary")
+        return None if raw is None else Summary.from_dict(raw)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def summary_lines(summary: Summary) -> list[str]:
+    """The summary in a few lines for the terminal: the baseline, each defense's change against it, the
+    frontier."""
+    h = summary.headline
+    ev = "pooled leave-one-out" if h.evaluation == "pooled" else "single target"
+    pct = f"{100 * h.fpr:g}%"
+    if h.baseline is None:
+        lines = [f"Summary ({ev}): no ce baseline in this run, so no defense is compared with it."]
+    else:
+        b = h.baseline_values
+        lines = [
+            f"Summary ({ev}; 95% intervals: {h.method or 'none'}): {h.baseline} reaches {100 * b['accuracy']:.1f}% "
+            f"test accuracy; {h.baseline_attack} finds {_pct(b['tpr'])} of its members at {pct} FPR "
+            f"(AUC {b['auc']:.3f})."
+        ]
+        for c in h.comparisons:
+            verdict = "distinguishable" if c.distinguishable else "indistinguishable"
+            lines.append(
+                f"  {c.defense}: accuracy {_signed(100 * c.accuracy_delta, 'points')}, AUC "
+                f"{_signed(c.auc_delta, '')}, TPR@{pct} {_signed(100 * c.tpr_delta, 'points')} under {c.attack}: "
+                f"{verdict} from {h.baseline}"
+            )
+    lines.append(f"Frontier ({summary.frontier_label}): {', '.join(summary.optimal) or 'none'}")
+    return lines
+
+
+def _pct(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{100 * v:.1f}%"
+
+
+def _signed(v: float, unit: str) -> str:
+    return "n/a" if math.isnan(v) else f"{v:+.3g}" + (f" {unit}" if unit else "")

@@ -22,6 +22,7 @@ from ..data.transforms import standardize
 from ..errors import ConfigError
 from ..results import Aggregate, DefenseResult, aggregate, save_scores, write_aggregate
 from ..run_dir import RunDirectory
+from ..summary import summarize
 from ..training import FitResult, Runtime, fit, resolve_device, torch_threads
 from .execute import ExecutionContext, Executor, LocalExecutor, ModelCache
 from .plan import model_seed, plan_jobs, result_key
@@ -174,7 +175,7 @@ def run_audit(
             if bar is not None:
                 bar.close()
         agg = aggregate(results, order=[d.label for d in config.defenses], fprs=config.fprs)
-        write_aggregate(rd.path, agg)
+        write_aggregate(rd.path, agg, summary=summarize(rd.path, agg, results).to_dict())
     return agg
 
 
