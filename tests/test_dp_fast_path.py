@@ -203,3 +203,51 @@ def test_an_in_place_activation_falls_back_from_ghost_norms_and_the_model_stays_
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-5)
     assert not any(m._forward_hooks for m in trainer.model.modules())
     torch.save(trainer.model, tmp_path / "whole.pt")  # a user may save the trained module whole
+
+
+@pytest.mark.parametrize("per_sample", ["opacus", "ghost"])
+def test_the_noise_has_the_hand_computed_scale_and_is_fresh_at_every_step(per_sample):
+    """SGD at lr 1 without momentum: a noisy step's update minus the noiseless update from the same weights is
+    the noise alone, N(0, (noise_multiplier * max_grad_norm / B)^2) in every coordinate with B the expected batch
+    size (here 12, while the batch holds 9 records), drawn afresh at each step and each epoch."""
+    loss_fn = ccl.losses.create("ce")
+    model = ccl.models.create("mlp", num_classes=7, input_shape=(20,), seed=0, hidden=(128, 64))  # 11,399 parameters
+    sigma, bound, expected_batch = 2.0, 0.5, 12
+    x, y = data(n=9)
+
+    def trainer(noise_multiplier):
+        t = DPTrainer(
+            copy.deepcopy(model),
+            settings(max_grad_norm=bound, noise_multiplier=noise_multiplier),
+            num_records=60,
+            batch_size=expected_batch,
+            epochs=2,
+            per_sample=per_sample,
+        )
+        return t, t.optimizer(torch.optim.SGD(t.model.parameters(), lr=1.0))
+
+    def flat(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    noisy, noisy_opt = trainer(sigma)
+    clean, clean_opt = trainer(0.0)
+    noises = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for epoch in range(2):
+            noisy.start_epoch(noisy_opt, seed=3, epoch=epoch, device=torch.device("cpu"))
+            for _ in range(2):
+                clean.model.load_state_dict(noisy.model.state_dict())  # the same weights, so the same clipped sum
+                before = flat(noisy.model)
+                for t, opt in ((noisy, noisy_opt), (clean, clean_opt)):
+                    opt.zero_grad(set_to_none=True)
+                    loss_fn(t.module(x), y).backward()
+                    opt.step()
+                noises.append(flat(clean.model) - flat(noisy.model))  # (before - noisy) - (before - clean)
+                assert not torch.equal(flat(noisy.model), before)
+    scale = sigma * bound / expected_batch
+    for noise in noises:
+        assert abs(float(noise.std()) / scale - 1) < 0.05  # 0.7% is one standard error with 11,399 draws
+        assert abs(float(noise.mean())) < 0.05 * scale
+    corr = torch.corrcoef(torch.stack(noises))
+    assert float((corr - torch.eye(len(noises))).abs().max()) < 0.05  # four independent draws: steps and epochs
