@@ -21,6 +21,7 @@ import yaml
 from . import __version__
 from .config import ConfigError, ExperimentConfig, load_config, merge, parse_runtime
 from .errors import CclError
+from .layout import RunLayout
 from .results import EVALUATIONS
 from .training import Runtime
 
@@ -608,7 +609,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(_export(args.run_dir, args.format, args.evaluation), end="")
         return 0
     path = render_report(args.run_dir, leakage=args.leakage)
-    if (args.run_dir / "metrics.json").exists():
+    if RunLayout(args.run_dir).aggregate.exists():
         print("\n".join(table_lines(load_aggregate(args.run_dir))))
     print(f"\nReport: {path}")
     return 0

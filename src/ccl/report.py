@@ -22,6 +22,7 @@ import yaml
 
 from ._io import write_bytes, write_text
 from .errors import RunDirectoryError
+from .layout import RunLayout
 from .metrics import roc_curve, tpr_key
 from .results import EVALUATIONS, Aggregate, DefenseResult, aggregate, load_aggregate, load_results, load_scores
 from .summary import Headline, load_summary, strongest_attack, summarize
@@ -54,7 +55,7 @@ def _scores_of(run_dir: Path):
     def scores(r: DefenseResult) -> dict[str, np.ndarray]:
         key = (r.slug, r.seed)
         if key not in loaded:
-            loaded[key] = load_scores(run_dir / "results" / r.slug / f"seed-{r.seed}")
+            loaded[key] = load_scores(RunLayout(run_dir).result_dir(r.slug, r.seed))
         return loaded[key]
 
     return scores
@@ -691,14 +692,15 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
     """Draws the plots and writes `report.html` (self-contained); returns its path. `leakage` is the frontier's
     leakage axis: "tpr" (TPR at the lowest resolvable FPR), "auc" or "epsilon_lb"."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    layout = RunLayout(run_dir)
+    if not layout.config.is_file():
         raise RunDirectoryError(f"{run_dir} is not a ccl run directory (no config.yaml).")
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config = yaml.safe_load(layout.config.read_text())
         if not isinstance(config, dict):
             raise ValueError("not a mapping")
     except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:
-        raise RunDirectoryError(f"{run_dir / 'config.yaml'} is corrupt ({type(err).__name__}).") from None
+        raise RunDirectoryError(f"{layout.config} is corrupt ({type(err).__name__}).") from None
     results = load_results(run_dir)
     if not results:
         raise RunDirectoryError(
@@ -709,7 +711,7 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
         agg = load_aggregate(run_dir)  # what the pipeline wrote
     except RunDirectoryError:  # an unfinished run: its completed results, aggregated here (nothing is written)
         agg = aggregate(results, fprs=results[0].fprs)
-    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    run_info = json.loads(layout.invocations.read_text()) if layout.invocations.exists() else {}
     summary = load_summary(run_dir)  # the pipeline's summary step; computed here for older or unfinished runs
     if summary is None or summary.leakage != leakage:
         summary = summarize(run_dir, agg, results, leakage=leakage)
@@ -769,7 +771,7 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
             plot_gaussian_model(agg, results),
         ),
     ]
-    images = [(n, t, c, _save(fig, run_dir / "plots" / f"{n}.png")) for n, t, c, fig in figures if fig is not None]
+    images = [(n, t, c, _save(fig, layout.plot(n))) for n, t, c, fig in figures if fig is not None]
     page = _html(run_dir, evaluation_attack, agg, results, images, config, run_info, head, (frontier_label, verdicts))
-    write_text(run_dir / "report.html", page)
-    return run_dir / "report.html"
+    write_text(layout.report, page)
+    return layout.report

@@ -33,6 +33,7 @@ import numpy as np
 
 from ._io import atomic_path, write_json, write_text
 from .errors import RunDirectoryError
+from .layout import RunLayout
 from .metrics import DEFAULT_FPRS, metric_names, tpr_key
 
 __all__ = [
@@ -140,7 +141,7 @@ class DefenseResult:
         return cls(**kwargs)
 
     def save(self, folder: str | os.PathLike) -> None:
-        write_json(Path(folder) / "metrics.json", self.to_dict())
+        write_json(Path(folder) / RunLayout.RESULT, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DefenseResult:
@@ -161,13 +162,13 @@ def save_scores(folder: str | os.PathLike, arrays: dict[str, Any]) -> None:
     flat = {k: v for k, v in arrays.items() if k not in ("scores", "loo")}
     flat.update({f"score_{k}": v for k, v in arrays.get("scores", {}).items()})
     flat.update({f"loo_{k}": v for k, v in arrays.get("loo", {}).items()})
-    with atomic_path(Path(folder) / "scores.npz") as tmp, open(tmp, "wb") as fh:
+    with atomic_path(Path(folder) / RunLayout.SCORES) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **flat)
 
 
 def load_scores(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     """A result's per-record arrays; a missing, truncated or foreign file is named with how to recover."""
-    path = Path(folder) / "scores.npz"
+    path = Path(folder) / RunLayout.SCORES
     try:
         with np.load(path, allow_pickle=False) as f:
             out = {k: f[k] for k in f.files}
@@ -184,7 +185,7 @@ def load_scores(folder: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def load_results(run_dir: str | os.PathLike) -> list[DefenseResult]:
     run_dir = Path(run_dir)
-    return [DefenseResult.load(p) for p in sorted((run_dir / "results").glob("*/seed-*/metrics.json"))]
+    return [DefenseResult.load(p) for p in RunLayout(run_dir).results()]
 
 
 @dataclass
@@ -344,12 +345,13 @@ def write_aggregate(run_dir: str | os.PathLike, agg: Aggregate, *, summary: dict
     """metrics.json (with the run's `summary`, `ccl.summary.Summary.to_dict()`, when given) and table.csv
     (deterministic: the same results give the same bytes)."""
     run_dir = Path(run_dir)
-    write_json(run_dir / "metrics.json", agg.to_dict() | ({"summary": summary} if summary is not None else {}))
-    write_text(run_dir / "table.csv", table_csv(agg))
+    layout = RunLayout(run_dir)
+    write_json(layout.aggregate, agg.to_dict() | ({"summary": summary} if summary is not None else {}))
+    write_text(layout.table, table_csv(agg))
 
 
 def load_aggregate(run_dir: str | os.PathLike) -> Aggregate:
-    path = Path(run_dir) / "metrics.json"
+    path = RunLayout(run_dir).aggregate
     try:
         return Aggregate.from_dict(json.loads(path.read_text()))
     except FileNotFoundError:

@@ -1,14 +1,9 @@
 """The run directory: created once, never overwritten, locked while in use, and the one owner of `--resume`.
 
-Layout:
-    config.yaml               the resolved experiment (recipe, defenses, seeds, attacks); never a runtime option
-    run.json                  {"invocations": [...]}: one entry per command run on the directory (command, ccl
-                              version, git commit, library versions, UTC time, runtime options)
-    .lock                     held (flock) by the process working in the directory; names its pid
-    splits/seed-<s>.npz       membership splits
-    models/<key>/             one folder per trained model, named by a hash of what determines it
-    results/<defense>/seed-<s>/scores.npz, result.json
-    metrics.json, table.csv, report.html, plots/*.png
+Its layout (which file lives where) is `ccl.layout.RunLayout`'s: `config.yaml` holds the resolved experiment
+(recipe, defenses, seeds, attacks; never a runtime option), `run.json` one entry per command run on the
+directory (command, ccl version, git commit, library versions, UTC time, runtime options), `.lock` is held
+(flock) by the process working in the directory and names its pid.
 
 What `--resume` may change (`check_resume`): runtime options (device, progress, threads, ...), and it may add
 seeds, defenses, reference models and attacks; the work already done is reused and only the new work runs.
@@ -36,6 +31,7 @@ from . import __version__
 from ._io import dumps_json, exclusive_lock, remove_stale_temporaries, write_text
 from .config import ExperimentConfig, load_config, merge
 from .errors import CclError, ConfigError, RunDirectoryError
+from .layout import RunLayout
 from .training import Runtime
 
 __all__ = ["RunDirectory", "RunDirectoryError", "check_resume", "invocation_record"]
@@ -141,20 +137,21 @@ class RunDirectory:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.layout = RunLayout(self.path)
 
     @property
     def config_file(self) -> Path:
-        return self.path / "config.yaml"
+        return self.layout.config
 
     @property
     def run_file(self) -> Path:
-        return self.path / "run.json"
+        return self.layout.invocations
 
     def split_file(self, seed: int) -> Path:
-        return self.path / "splits" / f"seed-{seed}.npz"
+        return self.layout.split(seed)
 
     def result_dir(self, slug: str, seed: int) -> Path:
-        return self.path / "results" / slug / f"seed-{seed}"
+        return self.layout.result_dir(slug, seed)
 
     # ------------------------------------------------------------------------------------------------------
     def check_target(self, *, resume: bool) -> None:
@@ -234,7 +231,7 @@ class RunDirectory:
         except OSError as err:
             raise RunDirectoryError(f"Cannot create the run directory {self.path}: {err.strerror}.") from None
         try:
-            with exclusive_lock(self.path / ".lock", what=f"The run directory {self.path}"):
+            with exclusive_lock(self.layout.lock, what=f"The run directory {self.path}"):
                 remove_stale_temporaries(self.path, recursive=True)
                 write_text(self.config_file, config.to_yaml())
                 history = self.invocations() + [
@@ -248,10 +245,10 @@ class RunDirectory:
             raise
 
     def _only_bookkeeping(self) -> bool:
-        return {p.name for p in self.path.iterdir()} <= {"config.yaml", "run.json", ".lock"}
+        return {p.name for p in self.path.iterdir()} <= set(RunLayout.BOOKKEEPING)
 
     def _remove_bookkeeping(self) -> None:
-        for name in ("config.yaml", "run.json", ".lock"):
+        for name in RunLayout.BOOKKEEPING:
             (self.path / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()

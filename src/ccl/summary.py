@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .layout import RunLayout
 from .metrics import DegenerateMetricWarning, roc_metrics, tpr_key
 from .results import Aggregate, DefenseResult, load_scores
 
@@ -271,8 +272,8 @@ def headline(
             methods.add(f"paired t-interval over {len(seeds)} seeds")
         else:
             d, c = pairs[0]
-            a = load_scores(run_dir / "results" / d.slug / f"seed-{d.seed}")
-            b = load_scores(run_dir / "results" / c.slug / f"seed-{c.seed}")
+            a = load_scores(RunLayout(run_dir).result_dir(d.slug, d.seed))
+            b = load_scores(RunLayout(run_dir).result_dir(c.slug, c.seed))
             cis = _bootstrap_deltas(a, b, attack, fpr, n_resamples, seed, ev)
             methods.add(
                 "paired bootstrap over " + ("models and records" if ev == "pooled" else "records") + " (one seed)"
@@ -462,7 +463,7 @@ def load_summary(run_dir: str | Path) -> Summary | None:
     """The summary the pipeline saved in `metrics.json`, or None (a run written before summaries were saved, or
     not finished)."""
     try:
-        raw = json.loads((Path(run_dir) / "metrics.json").read_text()).get("summary")
+        raw = json.loads(RunLayout(run_dir).aggregate.read_text()).get("summary")
         return None if raw is None else Summary.from_dict(raw)
     except (OSError, ValueError, KeyError, TypeError):
         return None

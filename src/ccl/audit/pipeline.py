@@ -70,7 +70,7 @@ def run_audit(
     runtime = runtime or Runtime()
     rd = RunDirectory(run_dir)
     rd.check(config, resume=resume)  # before the dataset loads: a bad --out or resume fails at once
-    cache = ModelCache(cache_dir if cache_dir is not None else rd.path / "models")
+    cache = ModelCache(cache_dir if cache_dir is not None else rd.layout.models)
     dataset = preflight(config, runtime, data_dir=data_dir)  # before the run directory exists
     runtime = choose_threads(config, dataset, runtime)
     executor = executor or LocalExecutor()
@@ -130,8 +130,8 @@ def run_audit(
                 for defense in config.defenses:
                     out_dir = rd.result_dir(defense.slug, seed)
                     key = result_key(config, defense, seed)
-                    if (out_dir / "metrics.json").exists():
-                        done = DefenseResult.load(out_dir / "metrics.json")
+                    if rd.layout.result(defense.slug, seed).exists():
+                        done = DefenseResult.load(rd.layout.result(defense.slug, seed))
                         if done.result_key == key:
                             results.append(done)
                             if tick:
@@ -224,5 +224,5 @@ def run_train(
         last = {k: v for k, v in result.history[-1].items() if k != "seconds"}
         if result.dp_accounting is not None:  # DP-SGD: what Opacus' accountant needs to recompute the epsilon
             last["dp_accounting"] = result.dp_accounting.to_dict()
-        write_json(rd.path / "metrics.json", {"defense": config.defenses[0].label, "seed": seed, **last})
+        write_json(rd.layout.aggregate, {"defense": config.defenses[0].label, "seed": seed, **last})
     return result
