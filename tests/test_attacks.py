@@ -358,6 +358,7 @@ def _digits_logits(k_refs=16, seed=0):
     return np.stack(outs), y.numpy(), masks
 
 
+@pytest.mark.slow
 def test_lira_beats_the_loss_attack_at_low_fpr_on_digits():
     logits, labels, masks = _digits_logits()
     inputs = AttackInputs(logits[0], labels, logits[1:], masks[1:])

@@ -1,4 +1,5 @@
-"""The benchmark command runs end to end at small sizes (benchmarks are not tests; this is a smoke run)."""
+"""The benchmark command runs end to end at small sizes (benchmarks are not tests; this is a smoke run, marked slow:
+not in the default suite, run by `python -m pytest -m slow` and .ci/run)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -98,6 +98,7 @@ def test_verdicts_say_dominated_only_where_the_intervals_separate():
     assert verdicts["c"].startswith("indistinguishable")  # within a1's intervals
 
 
+@pytest.mark.slow
 def test_a_sweep_run_writes_a_frontier_plot_and_verdicts(tmp_path):
     out = tmp_path / "run"
     argv = [

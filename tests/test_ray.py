@@ -275,6 +275,7 @@ def test_without_ray_the_error_names_the_extra(monkeypatch):
         RayExecutor()
 
 
+@pytest.mark.slow
 def test_the_cli_runs_an_audit_on_ray_with_the_local_numbers(tmp_path, ray_instance):
     """`ccl compare --executor ray` gives byte-identical metrics to the local executor."""
     from ccl import cli

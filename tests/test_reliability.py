@@ -43,6 +43,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_run_directory_is_refused_with_the_holders_pid(tmp_path):
     out = tmp_path / "run"
     assert cli.main(["compare", *TINY, "--epochs", "2", "--num-references", "2", "--out", str(out)]) == 0

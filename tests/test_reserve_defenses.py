@@ -81,6 +81,7 @@ def test_the_inference_gain_is_the_mean_log_likelihood_of_members_and_non_member
     assert float(inference_gain(h, pm, ym, pn, yn).detach()) == pytest.approx(by_hand, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_advreg_at_alpha_zero_trains_exactly_the_plain_loss_while_its_adversary_learns():
     """The inner adversary runs (h trains, the classifier is queried in eval mode) but, at alpha 0, leaves the
     classifier's weights bit-identical to plain CE training: the wrapper adds nothing else."""
@@ -142,6 +143,7 @@ def test_the_distillation_loss_is_t_squared_kl_and_its_gradient_the_closed_form(
         DistillationLoss()(s, torch.zeros(6, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_the_distilled_student_learns_only_the_teachers_soft_labels_on_the_reserve(tmp_path):
     """The teacher is the plain model on the members; the student starts from the same weights and trains on
     the reserve against the teacher's soft labels, with the recipe (so it equals training on those pairs)."""
@@ -173,6 +175,7 @@ def test_the_distilled_student_learns_only_the_teachers_soft_labels_on_the_reser
 
 
 # ------------------------------------------------------------------ early stopping by patience
+@pytest.mark.slow
 def test_patience_releases_the_best_validation_epoch_as_a_brute_force_over_epochs_finds_it():
     """Slow and obvious: train to every epoch e with `early_stop:epochs=e` (same schedule), compute the
     validation loss on the reserve, apply the patience rule by hand; the patience run must release exactly
@@ -214,6 +217,7 @@ def test_the_patience_checkpoint_and_last_record_are_those_of_the_released_model
     assert last["heldout_acc"] == pytest.approx(float((result.model(hx).argmax(1) == hy).float().mean()))
 
 
+@pytest.mark.slow
 def test_an_interrupted_patience_run_resumes_to_the_same_model(tmp_path):
     d = defenses.create("early_stop", patience=2)
     full = train(d, epochs=14, checkpoint_dir=tmp_path / "full")
@@ -280,6 +284,7 @@ def test_a_resume_cannot_add_a_reserve_defense_to_a_run_split_without_one(tmp_pa
     assert "advreg" in err and "reserve_fraction is 0" in err and "--reserve-fraction" in err
 
 
+@pytest.mark.slow
 def test_the_reserve_defenses_lower_leakage_on_digits_and_never_audit_the_reserve(tmp_path):
     """On digits with 135 members, where CE overfits: each lowers the pooled LiRA AUC. The reserve's records
     are never queried, and every model of a defense (target and references) used the same reserve."""

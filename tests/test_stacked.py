@@ -20,7 +20,9 @@ QUIET = Runtime(progress=False)
     [
         ("mlp", {"hidden": (32,)}, "ce", {}, "sgd", False),
         ("mlp", {"hidden": (32,)}, "relaxloss", {"alpha": 1.0}, "adam", False),  # epoch-dependent loss
-        ("cnn", {"width": 4}, "ccel", {"alpha": 0.5}, "sgd", True),  # BatchNorm buffers and augmentation
+        pytest.param(  # BatchNorm buffers and augmentation
+            "cnn", {"width": 4}, "ccel", {"alpha": 0.5}, "sgd", True, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_stacked_models_equal_models_trained_one_by_one(model, params, loss, loss_params, optimizer, augment):

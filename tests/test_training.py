@@ -169,6 +169,7 @@ _KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(_KILL_SCRIPT)
