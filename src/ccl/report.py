@@ -430,20 +430,14 @@ def _headline_html(h: Headline) -> str:
     )
 
 
-def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[DefenseResult]) -> str:
-    # the most vulnerable 1% is in metrics.json and the exports: a handful of records per seed
-    present = [e for e in agg.evaluations if e != "vulnerable_1pct"]
-    if present == ["target"]:
-        return (
-            "<p>Only the single-target evaluation ran (the leave-one-out evaluation needs at least 4 reference "
-            "models).</p>"
-        )
-    fprs = agg.fprs
+def _evaluations_table(agg: Aggregate, evaluation_attack: dict, present: list[str]) -> str:
+    """One row per defense under its strongest attack: AUC, the resolvable TPRs and the epsilon bound of each
+    evaluation in `present`."""
     # per evaluation, the FPRs some defense resolves (an all-n/a column says nothing)
     shown = {
         e: [
             f
-            for f in fprs
+            for f in agg.fprs
             if any(not math.isnan(r.metric(evaluation_attack[r.defense], tpr_key(f), e)[0]) for r in agg.rows)
         ]
         for e in present
@@ -475,6 +469,15 @@ def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[Def
             if has_eps[e]:
                 cells.append("" if math.isnan(eps) else f"{eps:.2f}")
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return (
+        f"<div class=wide><table><tr><th rowspan=2>defense</th><th rowspan=2>attack</th>{head}</tr><tr>{sub}</tr>"
+        + "".join(rows)
+        + "</table></div>"
+    )
+
+
+def _one_run_html(evaluation_attack: dict, results: list[DefenseResult]) -> str:
+    """The rigorous bound: the one-run audit of the first seed's canaries, where the run has one."""
     one_run = [
         (r.defense, a, m["one_run_epsilon_lb"])
         for r in results
@@ -482,22 +485,19 @@ def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[Def
         for a, m in r.evaluations.get("canaries", {}).items()
         if m.get("one_run_epsilon_lb") is not None and a == evaluation_attack.get(r.defense)
     ]
-    one_run_html = (
+    if not one_run:
+        return ""
+    return (
         "<p>Rigorous bound: the one-run audit on the target's canaries (Steinke, Nasr and Jagielski, NeurIPS "
         "2023, for (ε, 1e-5)-DP with their δ term; the attacker guesses IN for the top tenth and OUT for the "
         "bottom tenth of the canaries by score; 95% confidence; first seed): "
         + ", ".join(f"{html.escape(d)} ({html.escape(a)}) ε ≥ {e:.2f}" for d, a, e in one_run)
         + ".</p>"
-        if one_run
-        else ""
     )
-    pairs = next((r.evaluations["pooled"][a] for r in results for a in r.evaluations.get("pooled", {})), None)
-    pairs_text = (
-        f" Per seed, the pooled evaluation has {pairs['n_pairs']:,} (model, record) pairs from {pairs['n_models']} "
-        f"models, {pairs['n_nonmembers']:,} of them non-members."
-        if pairs
-        else ""
-    )
+
+
+def _vulnerable_html(agg: Aggregate, results: list[DefenseResult]) -> str:
+    """The first seed's most vulnerable records of each defense."""
     vulnerable = []
     order = {row.defense: i for i, row in enumerate(agg.rows)}
     for r in sorted(results, key=lambda r: (r.seed, order.get(r.defense, 0))):
@@ -506,12 +506,29 @@ def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[Def
                 f"#{v['record']} (label {v['label']}, {v['leakage']:.2f})" for v in r.vulnerable_records[:8]
             )
             vulnerable.append(f"<tr><td>{html.escape(r.defense)}</td><td style='text-align:left'>{top}</td></tr>")
-    vulnerable_html = (
+    if not vulnerable:
+        return ""
+    return (
         "<p>The most vulnerable records (first seed): dataset index, label and leakage (mean leave-one-out score "
         "of the models that trained on the record minus that of the models that did not), chosen on half of the "
         "models; their metrics above are measured on the other half.</p><table><tr><th>defense</th>"
         "<th>records, most vulnerable first</th></tr>" + "".join(vulnerable) + "</table>"
-        if vulnerable
+    )
+
+
+def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[DefenseResult]) -> str:
+    # the most vulnerable 1% is in metrics.json and the exports: a handful of records per seed
+    present = [e for e in agg.evaluations if e != "vulnerable_1pct"]
+    if present == ["target"]:
+        return (
+            "<p>Only the single-target evaluation ran (the leave-one-out evaluation needs at least 4 reference "
+            "models).</p>"
+        )
+    pairs = next((r.evaluations["pooled"][a] for r in results for a in r.evaluations.get("pooled", {})), None)
+    pairs_text = (
+        f" Per seed, the pooled evaluation has {pairs['n_pairs']:,} (model, record) pairs from {pairs['n_models']} "
+        f"models, {pairs['n_nonmembers']:,} of them non-members."
+        if pairs
         else ""
     )
     return (
@@ -526,11 +543,9 @@ def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[Def
         "one-run audit on canaries below, when the run has 50 canaries or more, is rigorous. Each target's "
         "references never include a model whose training set is the complement of its own, so their "
         "membership tells the attack nothing about the target's.</p>"
-        f"<div class=wide><table><tr><th rowspan=2>defense</th><th rowspan=2>attack</th>{head}</tr><tr>{sub}</tr>"
-        + "".join(rows)
-        + "</table></div>"
-        + one_run_html
-        + vulnerable_html
+        + _evaluations_table(agg, evaluation_attack, present)
+        + _one_run_html(evaluation_attack, results)
+        + _vulnerable_html(agg, results)
     )
 
 
@@ -587,6 +602,63 @@ def _gaussian_table(agg: Aggregate, results: list[DefenseResult]) -> str:
     )
 
 
+def _single_target_tables(agg: Aggregate) -> tuple[str, str]:
+    """The single-target evaluation's two tables (body rows only): the headline attacks, and every attack."""
+    low, high = tpr_key(agg.fprs[0]), tpr_key(agg.fprs[-1])
+    body = []
+    for r in agg.rows:
+        cells = [
+            f"<td>{html.escape(r.defense)}</td>",
+            f"<td>{_fmt(r.values['test_acc'], r.values['test_acc_std'], True)}</td>",
+            f"<td>{_fmt(r.values['train_acc'], r.values['train_acc_std'], True)}</td>",
+        ]
+        for a in agg.headline_attacks:
+            cells += [f"<td>{_fmt(*r.metric(a, 'auc')[:2])}</td>", f"<td>{_fmt(*r.metric(a, high)[:2], True)}</td>"]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    full = []  # every attack, one row per (defense, attack)
+    for r in agg.rows:
+        for i, a in enumerate(agg.attacks):
+            name = f"<td rowspan={len(agg.attacks)}>{html.escape(r.defense)}</td>" if i == 0 else ""
+            full.append(
+                f"<tr>{name}<td>{html.escape(a)}</td><td>{_fmt(*r.metric(a, 'auc')[:2])}</td>"
+                f"<td>{_fmt(*r.metric(a, 'advantage')[:2])}</td>"
+                f"<td>{_fmt(*r.metric(a, low)[:2], True)}</td>"
+                f"<td>{_fmt(*r.metric(a, high)[:2], True)}</td></tr>"
+            )
+    return "".join(body), "".join(full)
+
+
+def _notes_html(results: list[DefenseResult]) -> str:
+    """What a reader must know before the numbers (every result's notes, once each)."""
+    notes = sorted({n for r in results for n in r.notes})
+    if not notes:
+        return ""
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return f"<div class=notes><b>Read with care:</b><ul>{items}</ul></div>"
+
+
+def _protocol_html(config: dict, results: list[DefenseResult], seeds: list[int]) -> str:
+    """The audit's protocol in one paragraph: data, model, members, population, reserve, references, queries."""
+    first = results[0]
+    queries = "original + flipped" if config.get("flip_queries") else "without augmentation"
+    share = config.get("reserve_fraction") or 0
+    reserve = (
+        f"{100 * share:g}% of the records kept as the defender's reserve (never audited or queried; the defenses "
+        "that learn from non-audited data use it, target and references alike), "
+        if share
+        else ""
+    )
+    return (
+        f"Dataset <b>{html.escape(str(config['dataset']))}</b>, model <b>{html.escape(str(config['model']))}</b>, "
+        f"{first.num_members} members and {first.num_nonmembers} non-members audited per target "
+        f"(disjoint, balanced), {first.num_population} population records never trained on, "
+        f"{reserve}"
+        f"{first.num_references} reference models per target trained with the same loss, hyperparameters and "
+        f"epochs, seeds {seeds}. Queries {queries}. Test accuracy is measured on records the target never "
+        f"trained on. TPR at an FPR is n/a when fewer than 1/FPR non-members are audited."
+    )
+
+
 def _html(
     run_dir: Path,
     evaluation_attack: dict,
@@ -598,67 +670,18 @@ def _html(
     head: Headline,
     frontier_info: tuple[str, dict[str, str]],
 ) -> str:
-    attacks = agg.attacks
     seeds = sorted({r.seed for r in results})
     spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed; 95% bootstrap intervals in metrics.json"
-    low, high = tpr_key(agg.fprs[0]), tpr_key(agg.fprs[-1])
     lo_txt, hi_txt = f"{100 * agg.fprs[0]:g}%", f"{100 * agg.fprs[-1]:g}%"
-    headline_attacks = agg.headline_attacks
-    th = "".join(f"<th colspan=2>{html.escape(a)}</th>" for a in headline_attacks)
-    sub = "".join(f"<th>AUC</th><th>TPR@{hi_txt}FPR %</th>" for _ in headline_attacks)
-    body = []
-    for r in agg.rows:
-        cells = [
-            f"<td>{html.escape(r.defense)}</td>",
-            f"<td>{_fmt(r.values['test_acc'], r.values['test_acc_std'], True)}</td>",
-            f"<td>{_fmt(r.values['train_acc'], r.values['train_acc_std'], True)}</td>",
-        ]
-        for a in headline_attacks:
-            cells += [f"<td>{_fmt(*r.metric(a, 'auc')[:2])}</td>", f"<td>{_fmt(*r.metric(a, high)[:2], True)}</td>"]
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    full = []  # every attack, one row per (defense, attack)
-    for r in agg.rows:
-        for i, a in enumerate(attacks):
-            name = f"<td rowspan={len(attacks)}>{html.escape(r.defense)}</td>" if i == 0 else ""
-            full.append(
-                f"<tr>{name}<td>{html.escape(a)}</td><td>{_fmt(*r.metric(a, 'auc')[:2])}</td>"
-                f"<td>{_fmt(*r.metric(a, 'advantage')[:2])}</td>"
-                f"<td>{_fmt(*r.metric(a, low)[:2], True)}</td>"
-                f"<td>{_fmt(*r.metric(a, high)[:2], True)}</td></tr>"
-            )
+    th = "".join(f"<th colspan=2>{html.escape(a)}</th>" for a in agg.headline_attacks)
+    sub = "".join(f"<th>AUC</th><th>TPR@{hi_txt}FPR %</th>" for _ in agg.headline_attacks)
+    body, full = _single_target_tables(agg)
     figs = "".join(
         f"<h2>{html.escape(t)}</h2><p class=cap>{html.escape(c)}</p><img alt='{n}' src='data:image/png;base64,{b}'>"
         + (_gaussian_table(agg, results) if n == "gaussian_model" else "")
         for n, t, c, b in images
     )
-    first = results[0]
-    queries = "original + flipped" if config.get("flip_queries") else "without augmentation"
-    notes = sorted({n for r in results for n in r.notes})
-    notes_html = (
-        (
-            "<div class=notes><b>Read with care:</b><ul>"
-            + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-            + "</ul></div>"
-        )
-        if notes
-        else ""
-    )
-    share = config.get("reserve_fraction") or 0
-    reserve = (
-        f"{100 * share:g}% of the records kept as the defender's reserve (never audited or queried; the defenses "
-        "that learn from non-audited data use it, target and references alike), "
-        if share
-        else ""
-    )
-    protocol = (
-        f"Dataset <b>{html.escape(str(config['dataset']))}</b>, model <b>{html.escape(str(config['model']))}</b>, "
-        f"{first.num_members} members and {first.num_nonmembers} non-members audited per target "
-        f"(disjoint, balanced), {first.num_population} population records never trained on, "
-        f"{reserve}"
-        f"{first.num_references} reference models per target trained with the same loss, hyperparameters and "
-        f"epochs, seeds {seeds}. Queries {queries}. Test accuracy is measured on records the target never "
-        f"trained on. TPR at an FPR is n/a when fewer than 1/FPR non-members are audited."
-    )
+    notes_html, protocol = _notes_html(results), _protocol_html(config, results, seeds)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>ccl report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1300px;color:#222}}table{{border-collapse:collapse;
 font-size:13px;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}}
@@ -676,22 +699,21 @@ border-left:4px solid #e0a800}}.cap{{color:#555;font-size:13px;max-width:900px}}
 {_evaluations_html(agg, evaluation_attack, results)}
 <h2>Table: {EVALUATIONS["target"]} ({spread})</h2>
 <table><tr><th rowspan=2>defense</th><th rowspan=2>test acc %</th><th rowspan=2>train acc %</th>{th}</tr>
-<tr>{sub}</tr>{"".join(body)}</table>
+<tr>{sub}</tr>{body}</table>
 {figs}
 <h2>Every attack: {EVALUATIONS["target"]} ({spread})</h2>
 <table><tr><th>defense</th><th>attack</th><th>AUC</th><th>advantage</th>
 <th>TPR@{lo_txt}FPR %</th><th>TPR@{hi_txt}FPR %</th></tr>
-{"".join(full)}</table>
+{full}</table>
 <h2>Configuration</h2><pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>
 <h2>Run</h2><pre>{html.escape(json.dumps(run_info, indent=2))}</pre>
 </body></html>
 """
 
 
-def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
-    """Draws the plots and writes `report.html` (self-contained); returns its path. `leakage` is the frontier's
-    leakage axis: "tpr" (TPR at the lowest resolvable FPR), "auc" or "epsilon_lb"."""
-    run_dir = Path(run_dir)
+def _load_run(run_dir: Path) -> tuple[dict, list[DefenseResult], Aggregate]:
+    """The run's config, its completed results and their aggregate (computed here, not written, for a run
+    that has not finished)."""
     layout = RunLayout(run_dir)
     if not layout.config.is_file():
         raise RunDirectoryError(f"{run_dir} is not a ccl run directory (no config.yaml).")
@@ -711,6 +733,15 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
         agg = load_aggregate(run_dir)  # what the pipeline wrote
     except RunDirectoryError:  # an unfinished run: its completed results, aggregated here (nothing is written)
         agg = aggregate(results, fprs=results[0].fprs)
+    return config, results, agg
+
+
+def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
+    """Draws the plots and writes `report.html` (self-contained); returns its path. `leakage` is the frontier's
+    leakage axis: "tpr" (TPR at the lowest resolvable FPR), "auc" or "epsilon_lb"."""
+    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    config, results, agg = _load_run(run_dir)
     run_info = json.loads(layout.invocations.read_text()) if layout.invocations.exists() else {}
     summary = load_summary(run_dir)  # the pipeline's summary step; computed here for older or unfinished runs
     if summary is None or summary.leakage != leakage:
