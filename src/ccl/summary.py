@@ -480,7 +480,8 @@ def summary_lines(summary: Summary) -> list[str]:
     else:
         b = h.baseline_values
         lines = [
-            f"Summary ({ev}; 95% intervals: {h.method or 'none'}): {h.baseline} reaches {100 * b['accuracy']:.1f}% "
+            f"Summary ({ev}{f'; 95% intervals: {h.method}' if h.method else ''}): {h.baseline} reaches "
+            f"{100 * b['accuracy']:.1f}% "
             f"test accuracy; {h.baseline_attack} finds {_pct(b['tpr'])} of its members at {pct} FPR "
             f"(AUC {b['auc']:.3f})."
         ]

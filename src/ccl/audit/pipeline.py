@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch
 from .. import data
 from .._io import write_json
 from ..config import ExperimentConfig
+from ..data import MembershipSplit
 from ..data.canaries import add_canaries
 from ..data.transforms import standardize
 from ..errors import ConfigError
@@ -88,95 +90,114 @@ def run_audit(
         try:
             results: list[DefenseResult] = []
             for seed in config.seeds:
-                if config.supplied_target:  # the members are given: the pool is built around them
-                    split = supplied_split(
-                        members,
-                        len(dataset),
-                        num_references=config.num_references,
-                        seed=seed,
-                        population_fraction=config.population_fraction,
-                        reserve_fraction=config.reserve_fraction,
-                    )
-                else:
-                    split = data.membership_split(
-                        len(dataset),
-                        num_references=config.num_references,
-                        seed=seed,
-                        population_fraction=config.population_fraction,
-                        reserve_fraction=config.reserve_fraction,
-                    )
-                seed_data, is_canary = dataset, np.zeros(split.pool.size, bool)
-                if config.canaries:
-                    seed_data, split, is_canary = add_canaries(
-                        dataset, split, num=config.canaries, kind=config.canary_kind, seed=seed
-                    )
-                split.save(rd.split_file(seed))
-                query_index = np.concatenate([split.pool, split.population])
-                labels = seed_data.y[torch.as_tensor(query_index)].numpy()
-                if config.standardizes:
-                    seed_data = standardize(seed_data, fit_index=split.pool[~is_canary])
+                prepared = _prepare_seed(config, dataset, members, seed, rd)
                 ctx = ExecutionContext(
-                    seed_data,
-                    query_index,
+                    prepared.data,
+                    prepared.query_index,
                     config.flip_queries,
                     runtime,
                     cache,
                     keep_checkpoints,
-                    num_pool=split.pool.size,
+                    num_pool=prepared.split.pool.size,
                     label_only=label_only,
                 )
-                flat = seed_data.x.reshape(len(seed_data), -1).numpy()
-                features, population_features = flat[split.pool], flat[split.population]
                 for defense in config.defenses:
-                    out_dir = rd.result_dir(defense.slug, seed)
-                    key = result_key(config, defense, seed)
-                    if rd.layout.result(defense.slug, seed).exists():
-                        done = DefenseResult.load(rd.layout.result(defense.slug, seed))
-                        if done.result_key == key:
-                            results.append(done)
-                            if tick:
-                                tick(per_model)
-                            continue
-                    jobs = plan_jobs(config, defense, seed, split)
-                    trained = jobs[1:] if config.supplied_target else jobs  # a supplied target is not trained
-                    if config.supplied_target and tick:
-                        tick(1)
-                    executor.run(trained, ctx, on_done=tick)
-                    outputs = [cache.outputs(j, query_index) for j in trained]
-                    extras = [cache.extras(j) for j in trained]
-                    if config.supplied_target:
-                        extras.insert(0, {})  # no perturbed queries of a supplied target: label-only attacks skip
-                    if config.supplied_target:
-                        outputs.insert(0, supplied_target_logits(config, seed_data, query_index, runtime))
-                    logits = np.stack(outputs)  # (1 + K, Q, [A,] C)
-                    result, arrays = score_defense(
-                        config,
-                        labels,
-                        split,
-                        defense,
-                        seed,
-                        logits,
-                        result_key=key,
-                        target_log=cache.folder(jobs[0]) / "log.jsonl",
-                        is_canary=is_canary,
-                        dp_epsilon=cache.info(jobs[0]).get("epsilon"),
-                        extras=extras,
-                        features=features,
-                        population_features=population_features,
-                    )
-                    # DP-SGD: the target's accounting, for an auditor to recompute its epsilon (None otherwise)
-                    result.dp_accounting = cache.info(jobs[0]).get("dp_accounting")
-                    if config.supplied_target:  # what was supplied, and whether it looks trained on these records
-                        result.notes[:0] = supplied_notes(config, seed_data, logits, labels, split)
-                    save_scores(out_dir, arrays)
-                    result.save(out_dir)  # written last: its presence marks the result complete
-                    results.append(result)
+                    results.append(_audit_defense(config, defense, prepared, rd, ctx, executor, tick))
         finally:
             if bar is not None:
                 bar.close()
         agg = aggregate(results, order=[d.label for d in config.defenses], fprs=config.fprs)
         write_aggregate(rd.path, agg, summary=summarize(rd.path, agg, results).to_dict())
     return agg
+
+
+@dataclass(frozen=True)
+class _Seed:
+    """One seed's split and the data its models see: the dataset (with canaries, standardised), the queried
+    records (pool, then population), their labels and flat features, and which pool records are canaries."""
+
+    seed: int
+    split: MembershipSplit
+    data: data.Dataset
+    is_canary: np.ndarray
+    query_index: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray
+    population_features: np.ndarray
+
+
+def _prepare_seed(config: ExperimentConfig, dataset, members, seed: int, rd: RunDirectory) -> _Seed:
+    """Draws the seed's split (around the supplied target's members, if any), adds the canaries, saves the
+    split and standardises the features with the audit pool's statistics."""
+    draw = supplied_split if config.supplied_target else data.membership_split
+    first = (members, len(dataset)) if config.supplied_target else (len(dataset),)
+    split = draw(
+        *first,
+        num_references=config.num_references,
+        seed=seed,
+        population_fraction=config.population_fraction,
+        reserve_fraction=config.reserve_fraction,
+    )
+    seed_data, is_canary = dataset, np.zeros(split.pool.size, bool)
+    if config.canaries:
+        canaries = {"num": config.canaries, "kind": config.canary_kind, "seed": seed}
+        seed_data, split, is_canary = add_canaries(dataset, split, **canaries)
+    split.save(rd.split_file(seed))
+    query_index = np.concatenate([split.pool, split.population])
+    labels = seed_data.y[torch.as_tensor(query_index)].numpy()
+    if config.standardizes:
+        seed_data = standardize(seed_data, fit_index=split.pool[~is_canary])
+    flat = seed_data.x.reshape(len(seed_data), -1).numpy()
+    return _Seed(seed, split, seed_data, is_canary, query_index, labels, flat[split.pool], flat[split.population])
+
+
+def _audit_defense(config, defense, s: _Seed, rd: RunDirectory, ctx, executor: Executor, tick) -> DefenseResult:
+    """One (defense, seed) result: the stored one when its key still matches, else its models are trained (or
+    taken from the cache), queried and scored, and the result is saved (its metrics.json last)."""
+    per_model = 1 + config.num_references
+    key = result_key(config, defense, s.seed)
+    stored = rd.layout.result(defense.slug, s.seed)
+    if stored.exists():
+        done = DefenseResult.load(stored)
+        if done.result_key == key:
+            if tick:
+                tick(per_model)
+            return done
+    cache = ctx.cache
+    jobs = plan_jobs(config, defense, s.seed, s.split)
+    trained = jobs[1:] if config.supplied_target else jobs  # a supplied target is not trained
+    if config.supplied_target and tick:
+        tick(1)
+    executor.run(trained, ctx, on_done=tick)
+    outputs = [cache.outputs(j, s.query_index) for j in trained]
+    extras = [cache.extras(j) for j in trained]
+    if config.supplied_target:  # no perturbed queries of a supplied target: label-only attacks skip it
+        extras.insert(0, {})
+        outputs.insert(0, supplied_target_logits(config, s.data, s.query_index, ctx.runtime))
+    logits = np.stack(outputs)  # (1 + K, Q, [A,] C)
+    result, arrays = score_defense(
+        config,
+        s.labels,
+        s.split,
+        defense,
+        s.seed,
+        logits,
+        result_key=key,
+        target_log=cache.folder(jobs[0]) / "log.jsonl",
+        is_canary=s.is_canary,
+        dp_epsilon=cache.info(jobs[0]).get("epsilon"),
+        extras=extras,
+        features=s.features,
+        population_features=s.population_features,
+    )
+    # DP-SGD: the target's accounting, for an auditor to recompute its epsilon (None otherwise)
+    result.dp_accounting = cache.info(jobs[0]).get("dp_accounting")
+    if config.supplied_target:  # what was supplied, and whether it looks trained on these records
+        result.notes[:0] = supplied_notes(config, s.data, logits, s.labels, s.split)
+    out_dir = rd.result_dir(defense.slug, s.seed)
+    save_scores(out_dir, arrays)
+    result.save(out_dir)  # written last: its presence marks the result complete
+    return result
 
 
 def run_train(
