@@ -216,6 +216,59 @@ def _bootstrap_deltas(
     return out
 
 
+def _compare(
+    run_dir: Path,
+    row,
+    pairs: list[tuple[DefenseResult, DefenseResult]],
+    attack: str,
+    ev: str,
+    fpr: float,
+    n_resamples: int,
+    seed: int,
+) -> tuple[Comparison, str]:
+    """One defense (`row`, its results paired by seed with the baseline's) against the baseline under `attack`:
+    the mean differences and their 95% intervals, and how the intervals were computed."""
+    key = tpr_key(fpr)
+
+    def metrics_of(r: DefenseResult) -> dict:
+        return (r.attacks if ev == "target" else r.evaluations[ev])[attack]
+
+    diffs = np.array(
+        [
+            [
+                d.test_acc - c.test_acc,
+                _num(metrics_of(d)["auc"]) - _num(metrics_of(c)["auc"]),
+                _num(metrics_of(d).get(key)) - _num(metrics_of(c).get(key)),
+            ]
+            for d, c in pairs
+        ]
+    )
+    if len(pairs) >= 2:
+        cis = [_t_interval(diffs[:, j]) for j in range(3)]
+        method = f"paired t-interval over {len(pairs)} seeds"
+    else:
+        d, c = pairs[0]
+        a = load_scores(RunLayout(run_dir).result_dir(d.slug, d.seed))
+        b = load_scores(RunLayout(run_dir).result_dir(c.slug, c.seed))
+        cis = _bootstrap_deltas(a, b, attack, fpr, n_resamples, seed, ev)
+        method = "paired bootstrap over " + ("models and records" if ev == "pooled" else "records") + " (one seed)"
+    mean = diffs.mean(0)
+    comparison = Comparison(
+        defense=row.defense,
+        attack=attack,
+        accuracy=row.test_acc,
+        auc=row.metric(attack, "auc", ev)[0],
+        tpr=row.metric(attack, key, ev)[0],
+        accuracy_delta=float(mean[0]),
+        auc_delta=float(mean[1]),
+        tpr_delta=float(mean[2]),
+        accuracy_delta_ci=cis[0],
+        auc_delta_ci=cis[1],
+        tpr_delta_ci=cis[2],
+    )
+    return comparison, method
+
+
 def headline(
     run_dir: str | Path,
     agg: Aggregate,
@@ -246,54 +299,13 @@ def headline(
     }
     comparisons, methods = [], set()
     for row in agg.rows:
-        if row.defense == baseline:
-            continue
-        attack = strongest[row.defense]
         seeds = [s for s in row.seeds if (baseline, s) in by]
-        if not seeds:
+        if row.defense == baseline or not seeds:
             continue
         pairs = [(by[(row.defense, s)], by[(baseline, s)]) for s in seeds]
-
-        def metrics_of(r: DefenseResult, attack: str = attack) -> dict:
-            return (r.attacks if ev == "target" else r.evaluations[ev])[attack]
-
-        diffs = np.array(
-            [
-                [
-                    d.test_acc - c.test_acc,
-                    _num(metrics_of(d)["auc"]) - _num(metrics_of(c)["auc"]),
-                    _num(metrics_of(d).get(key)) - _num(metrics_of(c).get(key)),
-                ]
-                for d, c in pairs
-            ]
-        )
-        if len(seeds) >= 2:
-            cis = [_t_interval(diffs[:, j]) for j in range(3)]
-            methods.add(f"paired t-interval over {len(seeds)} seeds")
-        else:
-            d, c = pairs[0]
-            a = load_scores(RunLayout(run_dir).result_dir(d.slug, d.seed))
-            b = load_scores(RunLayout(run_dir).result_dir(c.slug, c.seed))
-            cis = _bootstrap_deltas(a, b, attack, fpr, n_resamples, seed, ev)
-            methods.add(
-                "paired bootstrap over " + ("models and records" if ev == "pooled" else "records") + " (one seed)"
-            )
-        mean = diffs.mean(0)
-        comparisons.append(
-            Comparison(
-                defense=row.defense,
-                attack=attack,
-                accuracy=row.test_acc,
-                auc=row.metric(attack, "auc", ev)[0],
-                tpr=row.metric(attack, key, ev)[0],
-                accuracy_delta=float(mean[0]),
-                auc_delta=float(mean[1]),
-                tpr_delta=float(mean[2]),
-                accuracy_delta_ci=cis[0],
-                auc_delta_ci=cis[1],
-                tpr_delta_ci=cis[2],
-            )
-        )
+        comparison, method = _compare(run_dir, row, pairs, strongest[row.defense], ev, fpr, n_resamples, seed)
+        comparisons.append(comparison)
+        methods.add(method)
     return Headline(
         baseline, base_attack, base_values, fpr, "; ".join(sorted(methods)), ev, comparisons, frontier(points)
     )
