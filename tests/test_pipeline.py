@@ -328,4 +328,14 @@ def test_the_reproduction_configs_are_valid(name):
     assert config.dataset == name and config.uses_leave_one_out
     families = {d.family for d in config.defenses}
     assert {"ce", "ccel", "relaxloss"} <= families and len(config.defenses) >= 7
+
+
+def test_the_experiment_config_is_frozen_once_validated():
+    import dataclasses
+
+    config = ExperimentConfig.from_dict({**TINY_RAW, "seeds": 3, "fprs": [0.01, 0.001]})
+    assert config.seeds == [3] and config.fprs == [0.001, 0.01]  # normalised by validation
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seeds = [1]
+    assert dataclasses.replace(config, num_references=6).num_references == 6  # a changed copy is validated again
     cli.build_runtime(args)  # its runtime: section, if any, is valid

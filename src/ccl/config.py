@@ -240,7 +240,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExperimentConfig:
     """What to train, how, and how to attack it.
 
@@ -277,14 +277,27 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def _set(self, name: str, value: Any) -> None:
+        """Stores a normalised value: the config is frozen once built, so only validation writes to it."""
+        object.__setattr__(self, name, value)
+
     def validate(self) -> None:
+        """Checks every field and stores its normalised form (resolved paths, expanded defenses, sorted FPRs)."""
+        self._check_data_and_model()
+        self._check_defenses_and_seeds()
+        self._check_counts()
+        self._check_supplied_target()
+        self._check_attacks_and_fprs()
+
+    def _check_data_and_model(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError(expected("dataset", "a dataset name or a path to a .npz file", self.dataset))
         kind = data.file_kind(self.dataset)  # a user's file: .npz, .csv, .parquet, or an image folder ("dir/")
         if self.dataset not in data.available() and kind is None:
             raise ConfigError(unknown_name("dataset", self.dataset, data.available()))
         if kind is not None:  # stored resolved: a resume from another directory finds it
-            self.dataset = str(Path(self.dataset).expanduser().resolve()) + ("/" if kind == "image_folder" else "")
+            folder = "/" if kind == "image_folder" else ""
+            self._set("dataset", str(Path(self.dataset).expanduser().resolve()) + folder)
         for name in ("dataset_options", "model_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(expected(name, "a mapping of option names to values", getattr(self, name)))
@@ -295,46 +308,42 @@ class ExperimentConfig:
                 raise ConfigError(str(err)) from None
         elif not isinstance(self.model, str) or self.model not in models.available():
             raise ConfigError(unknown_name("model", self.model, models.available()))
-        if isinstance(self.dataset_options.get("path"), str) and self.dataset in (
-            "npz",
-            "csv",
-            "parquet",
-            "image_folder",
-        ):
-            path = self.dataset_options["path"]
+        path = self.dataset_options.get("path")
+        if isinstance(path, str) and self.dataset in ("npz", "csv", "parquet", "image_folder"):
             resolved = str(Path(path).expanduser().resolve()) + ("/" if path.endswith("/") else "")
-            self.dataset_options = {**self.dataset_options, "path": resolved}
-        self.train = _recipe(self.train)
+            self._set("dataset_options", {**self.dataset_options, "path": resolved})
+        self._set("train", _recipe(self.train))
+
+    def _check_defenses_and_seeds(self) -> None:
         if isinstance(self.defenses, (str, dict)) or not isinstance(self.defenses, Sequence):
             raise ConfigError(expected("defenses", "a list of defenses such as [ce, ccel:alpha=0.5]", self.defenses))
-        self.defenses = [point for d in self.defenses for point in expand_defense(d)]
+        self._set("defenses", [point for d in self.defenses for point in expand_defense(d)])
         if not self.defenses:
             raise ConfigError(expected("defenses", "at least one defense", []))
         labels = [d.label for d in self.defenses]
         if len(set(labels)) != len(labels):
             raise ConfigError(expected("defenses", "distinct defenses", labels))
         if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
-            self.seeds = [self.seeds]
+            self._set("seeds", [self.seeds])
         if not isinstance(self.seeds, Sequence) or not self.seeds or not all(_is_int(s) for s in self.seeds):
             raise ConfigError(expected("seeds", "a non-empty list of integers", self.seeds))
         if any(s < 0 for s in self.seeds):
             raise ConfigError(expected("seeds", "non-negative integers", self.seeds))
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(expected("seeds", "distinct seeds", self.seeds))
-        self.seeds = list(self.seeds)
+        self._set("seeds", list(self.seeds))
+
+    def _check_counts(self) -> None:
         try:
             check_positive_int("num_references", self.num_references, minimum=0)
             check_in_range("population_fraction", self.population_fraction, low=0.0, high=0.9)
             check_positive_int("bootstrap", self.bootstrap, minimum=0)
+            check_positive_int("canaries", self.canaries, minimum=0)
         except CclError as err:
             raise ConfigError(str(err)) from None
         self._resolve_reserve()
         if self.stacked not in ("auto", "on", "off"):
             raise ConfigError(expected("stacked", "one of 'auto', 'on', 'off'", self.stacked))
-        try:
-            check_positive_int("canaries", self.canaries, minimum=0)
-        except CclError as err:
-            raise ConfigError(str(err)) from None
         if self.canaries % 2:
             raise ConfigError(
                 expected("canaries", "an even number (each canary is IN for half the models)", self.canaries)
@@ -347,12 +356,18 @@ class ExperimentConfig:
             raise ConfigError(
                 expected("num_references", f"at least {LEAVE_ONE_OUT_MIN} with leave_one_out", self.num_references)
             )
+        if self.standardize not in (True, False, "auto"):
+            raise ConfigError(expected("standardize", "true, false or 'auto'", self.standardize))
+        if not isinstance(self.flip_queries, bool):
+            raise ConfigError(expected("flip_queries", "true or false", self.flip_queries))
+
+    def _check_supplied_target(self) -> None:
         for name in ("target_members", "target_checkpoint", "target_logits"):
             value = getattr(self, name)
             if value is not None:
                 if not isinstance(value, str) or not Path(value).expanduser().is_file():
                     raise ConfigError(expected(name, "the path of an existing file", value))
-                setattr(self, name, str(Path(value).expanduser().resolve()))
+                self._set(name, str(Path(value).expanduser().resolve()))
         supplied = self.target_checkpoint is not None or self.target_logits is not None
         if self.target_checkpoint is not None and self.target_logits is not None:
             raise ConfigError("Give --target-checkpoint or --target-logits, not both.")
@@ -373,17 +388,15 @@ class ExperimentConfig:
                     [d.label for d in self.defenses],
                 )
             )
-        if self.standardize not in (True, False, "auto"):
-            raise ConfigError(expected("standardize", "true, false or 'auto'", self.standardize))
-        if not isinstance(self.flip_queries, bool):
-            raise ConfigError(expected("flip_queries", "true or false", self.flip_queries))
+
+    def _check_attacks_and_fprs(self) -> None:
         if self.attacks is not None:
             if isinstance(self.attacks, str) or not isinstance(self.attacks, Sequence):
                 raise ConfigError(expected("attacks", "a list of attack names", self.attacks))
             for name in self.attacks:
                 if name not in attacks.available():
                     raise ConfigError(unknown_name("attack", name, attacks.available()))
-            self.attacks = list(self.attacks)
+            self._set("attacks", list(self.attacks))
         if isinstance(self.fprs, (str, bytes)) or not isinstance(self.fprs, Sequence) or not self.fprs:
             raise ConfigError(expected("fprs", "a non-empty list of false-positive rates in (0, 1)", self.fprs))
         for f in self.fprs:
@@ -391,7 +404,7 @@ class ExperimentConfig:
                 check_in_range("fprs", f, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
             except CclError as err:
                 raise ConfigError(str(err)) from None
-        self.fprs = sorted(float(f) for f in self.fprs)
+        self._set("fprs", sorted(float(f) for f in self.fprs))
 
     def _resolve_reserve(self) -> None:
         """`reserve_fraction` None becomes `RESERVE_FRACTION` when a defense learns from the defender's reserve,
@@ -399,12 +412,12 @@ class ExperimentConfig:
         needs = [d.label for d in self.defenses if d.procedure().needs_reserve]
         given = self.reserve_fraction
         if self.reserve_fraction is None:
-            self.reserve_fraction = RESERVE_FRACTION if needs else 0.0
+            self._set("reserve_fraction", RESERVE_FRACTION if needs else 0.0)
         try:
             check_in_range("reserve_fraction", self.reserve_fraction, low=0.0, high=0.9)
         except CclError as err:
             raise ConfigError(str(err)) from None
-        self.reserve_fraction = float(self.reserve_fraction)
+        self._set("reserve_fraction", float(self.reserve_fraction))
         if self.population_fraction + self.reserve_fraction > 0.9:
             why = f" (the default when {', '.join(needs)} run)" if given is None else ""
             raise ConfigError(
