@@ -17,7 +17,6 @@ from ccl.results import load_results
 from ccl.training import Recipe, Runtime, fit
 
 pytest.importorskip("opacus")
-QUIET = Runtime(progress=False)
 
 
 def tiny():
@@ -54,7 +53,7 @@ def test_a_dp_step_equals_clipped_per_sample_gradients_summed_by_a_loop():
         torch.testing.assert_close(p_dp.detach(), p_ref.detach() - c / 16, rtol=1e-5, atol=1e-6)
 
 
-def test_the_noise_is_calibrated_by_the_accountant_and_the_spent_epsilon_reported():
+def test_the_noise_is_calibrated_by_the_accountant_and_the_spent_epsilon_reported(quiet):
     from opacus.accountants import RDPAccountant
 
     from ccl.dp import calibrate_noise, epsilon_spent
@@ -72,14 +71,14 @@ def test_the_noise_is_calibrated_by_the_accountant_and_the_spent_epsilon_reporte
         d.loss,
         (data.x, data.y),
         recipe=Recipe(epochs=3, batch_size=16, lr=0.1),
-        runtime=QUIET,
+        runtime=quiet,
         procedure=d.procedure,
     )
     assert 2.9 <= result.epsilon <= 3.0 and result.history[-1]["epsilon"] == result.epsilon
     assert result.history[0]["epsilon"] < result.history[1]["epsilon"] < result.epsilon
 
 
-def test_an_interrupted_dp_model_resumes_to_the_same_weights_and_epsilon(tmp_path):
+def test_an_interrupted_dp_model_resumes_to_the_same_weights_and_epsilon(tmp_path, quiet):
     class Interrupting(torch.nn.Module):
         def __init__(self, at):
             super().__init__()
@@ -104,7 +103,7 @@ def test_an_interrupted_dp_model_resumes_to_the_same_weights_and_epsilon(tmp_pat
         d.loss,
         (data.x, data.y),
         recipe=recipe,
-        runtime=QUIET,
+        runtime=quiet,
         procedure=d.procedure,
         checkpoint_dir=tmp_path / "full",
     )
@@ -114,7 +113,7 @@ def test_an_interrupted_dp_model_resumes_to_the_same_weights_and_epsilon(tmp_pat
             Interrupting(2),
             (data.x, data.y),
             recipe=recipe,
-            runtime=QUIET,
+            runtime=quiet,
             procedure=d.procedure,
             checkpoint_dir=tmp_path / "cut",
         )
@@ -123,7 +122,7 @@ def test_an_interrupted_dp_model_resumes_to_the_same_weights_and_epsilon(tmp_pat
         d.loss,
         (data.x, data.y),
         recipe=recipe,
-        runtime=QUIET,
+        runtime=quiet,
         procedure=d.procedure,
         checkpoint_dir=tmp_path / "cut",
     )
@@ -168,7 +167,7 @@ def test_dp_sgd_accuracy_does_not_fall_as_epsilon_rises_on_a_fixed_recipe():
         assert less_noise >= more_noise - 0.01, accuracy
 
 
-def test_models_with_batchnorm_train_under_dp_with_groupnorm():
+def test_models_with_batchnorm_train_under_dp_with_groupnorm(quiet):
     data = ccl.data.load("digits", as_image=True)
     model = ccl.models.create("cnn", num_classes=10, input_shape=data.input_shape, width=4, seed=0)
     d = defenses.create("dpsgd", epsilon=8)
@@ -177,7 +176,7 @@ def test_models_with_batchnorm_train_under_dp_with_groupnorm():
         d.loss,
         data.subset(np.arange(128)),
         recipe=Recipe(epochs=1, batch_size=32, lr=0.1),
-        runtime=QUIET,
+        runtime=quiet,
         procedure=d.procedure,
     )
     assert any(isinstance(m, torch.nn.GroupNorm) for m in result.model.modules())
@@ -212,7 +211,7 @@ def test_defenses_registry_lists_losses_and_procedures():
         defenses.create("dpsdg")
 
 
-def test_dp_sgd_and_early_stopping_lower_leakage_and_the_lower_bound_respects_the_guarantee(tmp_path):
+def test_dp_sgd_and_early_stopping_lower_leakage_and_the_lower_bound_respects_the_guarantee(tmp_path, quiet):
     """On digits, where CE overfits: both defenses lower the leave-one-out LiRA AUC; for DP-SGD the measured
     epsilon lower bound stays below the epsilon spent (if not, one of the two is wrong)."""
     config = ExperimentConfig.from_dict(
@@ -227,7 +226,7 @@ def test_dp_sgd_and_early_stopping_lower_leakage_and_the_lower_bound_respects_th
             "train": {"epochs": 30, "batch_size": 32, "lr": 0.1, "schedule": "constant"},
         }
     )
-    agg = run_audit(config, tmp_path / "run", runtime=QUIET)
+    agg = run_audit(config, tmp_path / "run", runtime=quiet)
     rows = {r.defense: r for r in agg.rows}
     ce, dp, early = rows["ce"], rows["dpsgd(epsilon=2)"], rows["early_stop(epochs=5)"]
     assert dp.metric("lira", "auc", "pooled")[0] < ce.metric("lira", "auc", "pooled")[0] - 0.05
@@ -282,7 +281,7 @@ def test_hamp_output_modification_keeps_the_rank_order_and_releases_random_score
     np.testing.assert_allclose(np.sort(released, -1), np.sort(softmax, -1), rtol=1e-5)  # the random input's scores
 
 
-def test_hamp_hides_from_score_attacks_but_not_from_label_only_ones(tmp_path):
+def test_hamp_hides_from_score_attacks_but_not_from_label_only_ones(tmp_path, quiet):
     """HAMP's modified outputs bring score-based attacks to chance; label-only attacks still see the labels,
     and the headline reads the strongest attack of either kind."""
     from ccl.results import load_aggregate
@@ -299,7 +298,7 @@ def test_hamp_hides_from_score_attacks_but_not_from_label_only_ones(tmp_path):
             "train": {"epochs": 30, "batch_size": 32, "lr": 0.05, "schedule": "constant"},
         }
     )
-    run_audit(config, tmp_path / "run", runtime=QUIET)
+    run_audit(config, tmp_path / "run", runtime=quiet)
     agg = load_aggregate(tmp_path / "run")
     ce, hamp = (r for r in agg.rows)
     assert hamp.metric("lira", "auc", "pooled")[0] < 0.56 < ce.metric("lira", "auc", "pooled")[0]

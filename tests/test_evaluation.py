@@ -19,9 +19,6 @@ from ccl.evaluation import (
     vulnerable_records,
 )
 from ccl.results import load_results, load_scores
-from ccl.training import Runtime
-
-QUIET = Runtime(progress=False)
 
 
 def planted(m=9, p=120, z=40, c=5, a=1, seed=0):
@@ -80,7 +77,7 @@ def test_the_fast_statistics_equal_a_recomputation_from_scratch():
             assert std[j, i, 0] == pytest.approx(max(phi[others, i, 0].std(ddof=1), 1e-6), rel=1e-9)
 
 
-def test_leave_one_out_matches_the_single_target_pipeline_for_each_model(tmp_path):
+def test_leave_one_out_matches_the_single_target_pipeline_for_each_model(tmp_path, quiet):
     """An audit's pooled scores are the single-target scores of each model in turn, with every other model but
     its complementary partner as references, pooled (small K)."""
     config = ExperimentConfig.from_dict(
@@ -94,7 +91,7 @@ def test_leave_one_out_matches_the_single_target_pipeline_for_each_model(tmp_pat
             "train": {"epochs": 3, "batch_size": 16, "lr": 0.05},
         }
     )
-    run_audit(config, tmp_path / "run", runtime=QUIET)
+    run_audit(config, tmp_path / "run", runtime=quiet)
     (result,) = load_results(tmp_path / "run")
     arrays = load_scores(tmp_path / "run" / "results" / "ce" / "seed-0")
     masks = arrays["masks"]
@@ -171,7 +168,7 @@ def test_canaries_are_in_half_the_models_and_never_in_accuracy():
         add_canaries(data, split, num=3, seed=0)
 
 
-def test_a_mislabeled_canary_leaks_more_than_a_random_record_on_digits(tmp_path):
+def test_a_mislabeled_canary_leaks_more_than_a_random_record_on_digits(tmp_path, quiet):
     config = ExperimentConfig.from_dict(
         {
             "dataset": "digits",
@@ -184,7 +181,7 @@ def test_a_mislabeled_canary_leaks_more_than_a_random_record_on_digits(tmp_path)
             "train": {"epochs": 30, "batch_size": 32, "lr": 0.05, "schedule": "constant"},
         }
     )
-    agg = run_audit(config, tmp_path / "run", runtime=QUIET)
+    agg = run_audit(config, tmp_path / "run", runtime=quiet)
     row = agg.rows[0]
     for attack in ("loss", "lira"):
         assert row.metric(attack, "auc", "canaries")[0] > row.metric(attack, "auc", "pooled")[0] + 0.1

@@ -14,9 +14,6 @@ from ccl.audit import run_audit
 from ccl.config import ExperimentConfig
 from ccl.results import load_aggregate, load_results
 from ccl.summary import headline
-from ccl.training import Runtime
-
-QUIET = Runtime(progress=False)
 
 
 def test_a_missing_optional_dependency_fails_before_anything_is_trained(tmp_path, monkeypatch, capsys):
@@ -39,7 +36,7 @@ def _raw_scale_npz(path):
     return str(path)
 
 
-def test_standardisation_makes_a_raw_scale_dataset_learnable(tmp_path):
+def test_standardisation_makes_a_raw_scale_dataset_learnable(tmp_path, quiet):
     data = _raw_scale_npz(tmp_path / "raw.npz")
     raw = {
         "dataset": data,
@@ -48,15 +45,15 @@ def test_standardisation_makes_a_raw_scale_dataset_learnable(tmp_path):
         "bootstrap": 0,
         "train": {"epochs": 10, "batch_size": 32, "lr": 0.05},
     }
-    on = run_audit(ExperimentConfig.from_dict(raw), tmp_path / "on", runtime=QUIET)  # auto: on for a .npz
-    off = run_audit(ExperimentConfig.from_dict({**raw, "standardize": False}), tmp_path / "off", runtime=QUIET)
+    on = run_audit(ExperimentConfig.from_dict(raw), tmp_path / "on", runtime=quiet)  # auto: on for a .npz
+    off = run_audit(ExperimentConfig.from_dict({**raw, "standardize": False}), tmp_path / "off", runtime=quiet)
     assert on.rows[0].test_acc > 0.85  # measured 0.94
     assert off.rows[0].test_acc < 0.65  # measured 0.51: the raw scale saturates the network
     assert ExperimentConfig.from_dict(raw).standardizes
     assert not ExperimentConfig.from_dict({**raw, "dataset": "digits"}).standardizes  # registered data as published
 
 
-def test_a_target_at_the_majority_class_rate_is_flagged(tmp_path):
+def test_a_target_at_the_majority_class_rate_is_flagged(tmp_path, quiet):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "noise.npz", X=rng.normal(size=(400, 6)), y=(rng.random(400) < 0.2).astype(int))
     config = ExperimentConfig.from_dict(
@@ -69,7 +66,7 @@ def test_a_target_at_the_majority_class_rate_is_flagged(tmp_path):
         }
     )
     with pytest.warns(UserWarning, match="majority-class rate"):
-        run_audit(config, tmp_path / "run", runtime=QUIET)
+        run_audit(config, tmp_path / "run", runtime=quiet)
     (result,) = load_results(tmp_path / "run")
     assert any("majority-class rate" in n for n in result.notes)
 
@@ -89,9 +86,9 @@ def _tiny(defenses, seeds):
     )
 
 
-def test_headline_numbers_equal_a_recomputation_from_metrics_json(tmp_path):
+def test_headline_numbers_equal_a_recomputation_from_metrics_json(tmp_path, quiet):
     out = tmp_path / "run"
-    run_audit(_tiny(["ce", "ccel:alpha=0.2", "relaxloss:alpha=0.5"], [0, 1]), out, runtime=QUIET)
+    run_audit(_tiny(["ce", "ccel:alpha=0.2", "relaxloss:alpha=0.5"], [0, 1]), out, runtime=quiet)
     cli.main(["report", str(out)])
     raw = json.loads((out / "metrics.json").read_text())
     rows = {r["defense"]: r for r in raw["rows"]}
@@ -119,9 +116,9 @@ def test_headline_numbers_equal_a_recomputation_from_metrics_json(tmp_path):
         assert not any(a >= points[d][0] and lk <= points[d][1] and (a, lk) != points[d] for a, lk in points.values())
 
 
-def test_with_one_seed_the_headline_uses_a_paired_bootstrap_over_records(tmp_path):
+def test_with_one_seed_the_headline_uses_a_paired_bootstrap_over_records(tmp_path, quiet):
     out = tmp_path / "run"
-    run_audit(_tiny(["ce", "relaxloss:alpha=0.5"], [0]), out, runtime=QUIET)
+    run_audit(_tiny(["ce", "relaxloss:alpha=0.5"], [0]), out, runtime=quiet)
     head = headline(out, load_aggregate(out), load_results(out), n_resamples=100)
     (c,) = head.comparisons
     assert "bootstrap over models and records" in head.method
@@ -129,7 +126,7 @@ def test_with_one_seed_the_headline_uses_a_paired_bootstrap_over_records(tmp_pat
     assert c.auc_delta_ci[0] <= c.auc_delta <= c.auc_delta_ci[1]
 
 
-def test_the_paired_bootstrap_equals_a_slow_loop_over_the_separate_metrics(tmp_path):
+def test_the_paired_bootstrap_equals_a_slow_loop_over_the_separate_metrics(tmp_path, quiet):
     """The headline's pooled bootstrap takes AUC and TPR from one ROC per resample: it equals a loop that draws
     the same resamples and calls `roc_auc` and `tpr_at_fpr` separately."""
     import warnings
@@ -139,7 +136,7 @@ def test_the_paired_bootstrap_equals_a_slow_loop_over_the_separate_metrics(tmp_p
     from ccl.summary import _bootstrap_deltas
 
     out = tmp_path / "run"
-    run_audit(_tiny(["ce", "ccel:alpha=0.2"], [0]), out, runtime=QUIET)
+    run_audit(_tiny(["ce", "ccel:alpha=0.2"], [0]), out, runtime=quiet)
     a, b = (load_scores(out / "results" / slug / "seed-0") for slug in ("ce", "ccel_alpha=0.2"))
     fpr, n = 0.1, 30
     fast = _bootstrap_deltas(a, b, "loss", fpr, n, 7, "pooled")

@@ -25,11 +25,7 @@ from ccl.attacks.qmia import QMIA, conformal_shift, fit_quantile_regressor, hing
 NEW = {"label_only_augmentation", "label_only_noise", "qmia"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small full-batch fits: one thread is as fast, and immune to other processes on a shared machine."""
-    with training.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # small full-batch fits: one thread is as fast
 
 
 # ------------------------------------------------------------------ queries

@@ -15,7 +15,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 import ccl
 from ccl import attacks, bounds, evaluation
@@ -27,13 +26,7 @@ POOLED = [name for name in attacks.available() if name not in NOT_POOLED]
 SIZES = {"demo": (1797, 0.85), "13x1600": (1797, 0.1)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small torch ops on a loaded 2-core machine are 8x faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small torch ops on a loaded 2-core machine: 8x faster
 
 
 def dp_releases(epsilon: float, mechanism: str, size: str, seed: int, *, queries: int = 4):

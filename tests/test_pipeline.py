@@ -27,7 +27,6 @@ TINY_RAW = {
     "bootstrap": 5,
     "train": {"epochs": 2, "batch_size": 16, "lr": 0.05},
 }
-QUIET = Runtime(progress=False)
 
 
 def keys(raw: dict, seed: int = 0) -> list[str]:
@@ -58,12 +57,12 @@ def test_cache_keys_follow_the_recipe_and_nothing_else():
     assert keys({**TINY_RAW, "num_references": 8})[:5] == base
 
 
-def test_a_checkpoint_resumes_under_another_runtime(tmp_path):
+def test_a_checkpoint_resumes_under_another_runtime(tmp_path, quiet):
     """Runtime options (progress, eval_every, threads) never invalidate a checkpoint; the recipe does."""
     data = ccl.data.load("synthetic", num_samples=100, num_features=6, num_classes=3)
     model = lambda: ccl.models.create("mlp", num_classes=3, input_shape=(6,), hidden=(8,), seed=0)  # noqa: E731
     recipe = Recipe(epochs=2, batch_size=16, lr=0.05)
-    fit(model(), ccl.losses.create("ce"), (data.x, data.y), recipe=recipe, runtime=QUIET, checkpoint_dir=tmp_path)
+    fit(model(), ccl.losses.create("ce"), (data.x, data.y), recipe=recipe, runtime=quiet, checkpoint_dir=tmp_path)
     again = fit(
         model(),
         ccl.losses.create("ce"),
@@ -88,7 +87,7 @@ def test_a_checkpoint_resumes_under_another_runtime(tmp_path):
             ccl.losses.create("ce"),
             (data.x, data.y),
             recipe=recipe.replace(lr=0.2),
-            runtime=QUIET,
+            runtime=quiet,
             checkpoint_dir=tmp_path,
         )
 
@@ -219,14 +218,14 @@ def test_resume_with_only_runtime_changes_trains_nothing(tmp_path):
     assert len(history) == 2 and history[1]["resume"] and history[1]["runtime"]["threads"] == 1
 
 
-def test_resume_that_adds_a_seed_and_a_defense_runs_only_the_new_work(tmp_path):
+def test_resume_that_adds_a_seed_and_a_defense_runs_only_the_new_work(tmp_path, quiet):
     out = tmp_path / "run"
     config = ExperimentConfig.from_dict(TINY_RAW)
-    run_audit(config, out, runtime=QUIET)
+    run_audit(config, out, runtime=quiet)
     first = {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/outputs.npz")}
     first_result = (out / "results" / "ce" / "seed-0" / "metrics.json").read_bytes()
     more = ExperimentConfig.from_dict({**TINY_RAW, "seeds": [0, 1], "defenses": ["ce", "focal"]})
-    agg = run_audit(more, out, runtime=QUIET, resume=True)
+    agg = run_audit(more, out, runtime=quiet, resume=True)
     after = {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/outputs.npz")}
     assert all(after[p] == t for p, t in first.items())  # the old models untouched
     assert len(after) == 4 * 5  # (ce, focal) x (seed 0, 1) x (1 + 4) models
@@ -237,15 +236,15 @@ def test_resume_that_adds_a_seed_and_a_defense_runs_only_the_new_work(tmp_path):
         run_audit(
             ExperimentConfig.from_dict({**TINY_RAW, "seeds": [1], "defenses": ["ce", "focal"]}),
             out,
-            runtime=QUIET,
+            runtime=quiet,
             resume=True,
         )
 
 
-def test_two_identical_audits_write_byte_identical_metrics(tmp_path):
+def test_two_identical_audits_write_byte_identical_metrics(tmp_path, quiet):
     config = ExperimentConfig.from_dict({**TINY_RAW, "defenses": ["ce", "ccel:alpha=0.5"]})
-    run_audit(config, tmp_path / "a", runtime=QUIET)
-    run_audit(config, tmp_path / "b", runtime=QUIET)
+    run_audit(config, tmp_path / "a", runtime=quiet)
+    run_audit(config, tmp_path / "b", runtime=quiet)
     for name in ("metrics.json", "table.csv", "results/ce/seed-0/metrics.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
@@ -308,11 +307,11 @@ def test_the_example_yaml_is_a_valid_configuration():
     assert config.train.epochs == 60 and cli.build_runtime(args).device == "auto"
 
 
-def test_models_answer_perturbed_queries_only_when_a_label_only_attack_may_run(tmp_path):
+def test_models_answer_perturbed_queries_only_when_a_label_only_attack_may_run(tmp_path, quiet):
 
     for attacks, expect in ((["loss", "lira"], False), (["loss", "label_only_augmentation"], True)):
         out = tmp_path / "-".join(attacks)
-        run_audit(ExperimentConfig.from_dict({**TINY_RAW, "attacks": attacks}), out, runtime=QUIET)
+        run_audit(ExperimentConfig.from_dict({**TINY_RAW, "attacks": attacks}), out, runtime=quiet)
         for folder in (out / "models").glob("*/outputs.npz"):
             with np.load(folder) as f:
                 assert ("augment_labels" in f.files) == expect
@@ -328,6 +327,7 @@ def test_the_reproduction_configs_are_valid(name):
     assert config.dataset == name and config.uses_leave_one_out
     families = {d.family for d in config.defenses}
     assert {"ce", "ccel", "relaxloss"} <= families and len(config.defenses) >= 7
+    cli.build_runtime(args)  # its runtime: section, if any, is valid
 
 
 def test_the_experiment_config_is_frozen_once_validated():
@@ -338,4 +338,3 @@ def test_the_experiment_config_is_frozen_once_validated():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.seeds = [1]
     assert dataclasses.replace(config, num_references=6).num_references == 6  # a changed copy is validated again
-    cli.build_runtime(args)  # its runtime: section, if any, is valid

@@ -19,11 +19,9 @@ import ccl.audit
 from ccl.audit import LocalExecutor, run_audit
 from ccl.config import ExperimentConfig
 from ccl.errors import CclError, MissingDependencyError
-from ccl.training import Runtime
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the tiny audit's "too few records" warnings
 
-QUIET = Runtime(progress=False)
 SETTINGS = {
     "dataset": "synthetic",
     "dataset_options": {"num_samples": 160, "num_features": 8},
@@ -45,21 +43,26 @@ def metric_files(run: Path) -> dict[str, bytes]:
     return {str(f.relative_to(run)): f.read_bytes() for f in files}
 
 
-def one_seed(cache: Path, **changes):
-    """The execution context and the jobs of the first defense of seed 0, as `run_audit` makes them."""
+@pytest.fixture
+def one_seed(quiet):
+    """`one_seed(cache, **changes)`: the execution context and the jobs of the first defense of seed 0, as
+    `run_audit` makes them."""
     from ccl.audit.execute import ExecutionContext, ModelCache
     from ccl.audit.plan import plan_jobs
     from ccl.audit.preflight import preflight
     from ccl.data import membership_split
 
-    cfg = config(stacked="off", **changes)
-    dataset = preflight(cfg, QUIET)
-    split = membership_split(len(dataset), num_references=cfg.num_references, seed=0)
-    query = np.concatenate([split.pool, split.population])
-    ctx = ExecutionContext(dataset, query, False, QUIET.replace(threads=1), ModelCache(cache))
-    if hasattr(ctx, "num_pool"):  # as run_audit sets it (the label-only attacks query the pool)
-        ctx.num_pool = split.pool.size
-    return ctx, plan_jobs(cfg, cfg.defenses[0], 0, split)
+    def one_seed(cache: Path, **changes):
+        cfg = config(stacked="off", **changes)
+        dataset = preflight(cfg, quiet)
+        split = membership_split(len(dataset), num_references=cfg.num_references, seed=0)
+        query = np.concatenate([split.pool, split.population])
+        ctx = ExecutionContext(dataset, query, False, quiet.replace(threads=1), ModelCache(cache))
+        if hasattr(ctx, "num_pool"):  # as run_audit sets it (the label-only attacks query the pool)
+            ctx.num_pool = split.pool.size
+        return ctx, plan_jobs(cfg, cfg.defenses[0], 0, split)
+
+    return one_seed
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +84,13 @@ def ray_instance():
 
 
 @pytest.fixture(scope="module")
-def local_runs(tmp_path_factory) -> dict[str, dict[str, bytes]]:
+def local_runs(tmp_path_factory, quiet) -> dict[str, dict[str, bytes]]:
     """The local executor's metrics, by `stacked` setting (computed on first use)."""
 
     class Lazy(dict):
         def __missing__(self, stacked: str) -> dict[str, bytes]:
             out = tmp_path_factory.mktemp(f"local-{stacked}")
-            run_audit(config(stacked=stacked), out / "run", runtime=QUIET, executor=LocalExecutor())
+            run_audit(config(stacked=stacked), out / "run", runtime=quiet, executor=LocalExecutor())
             self[stacked] = metric_files(out / "run")
             return self[stacked]
 
@@ -95,18 +98,18 @@ def local_runs(tmp_path_factory) -> dict[str, dict[str, bytes]]:
 
 
 @pytest.mark.parametrize("stacked", ["auto", "off"])
-def test_same_numbers_as_local(ray_instance, local_runs, tmp_path, stacked):
+def test_same_numbers_as_local(ray_instance, local_runs, tmp_path, stacked, quiet):
     from ccl.audit.ray_executor import RayExecutor
 
     executor = RayExecutor()
-    run_audit(config(stacked=stacked), tmp_path / "run", runtime=QUIET, executor=executor)
+    run_audit(config(stacked=stacked), tmp_path / "run", runtime=quiet, executor=executor)
     assert metric_files(tmp_path / "run") == local_runs[stacked]
     # "auto" stacks an MLP's 4 reference models into one task per defense; "off" trains each model alone
     assert executor.submitted == 2 * 5
     assert executor.submitted_tasks == (2 * 5 if stacked == "off" else 2 * 2)
 
 
-def test_progress_ticks_once_per_model(ray_instance, tmp_path):
+def test_progress_ticks_once_per_model(ray_instance, tmp_path, one_seed):
     from ccl.audit.ray_executor import RayExecutor
 
     ctx, jobs = one_seed(tmp_path / "cache")
@@ -119,25 +122,25 @@ def test_progress_ticks_once_per_model(ray_instance, tmp_path):
     assert ticks == [1, 1, 1, 1, 1] and executor.submitted == 5
 
 
-def test_cached_jobs_are_never_submitted(ray_instance, local_runs, tmp_path):
+def test_cached_jobs_are_never_submitted(ray_instance, local_runs, tmp_path, quiet):
     from ccl.audit.ray_executor import RayExecutor
 
     first = RayExecutor()
-    run_audit(config(num_references=2), tmp_path / "run", runtime=QUIET, executor=first)
+    run_audit(config(num_references=2), tmp_path / "run", runtime=quiet, executor=first)
     assert first.submitted == 2 * 3
 
     more = RayExecutor()  # 2 more reference models per defense: only those are trained
-    run_audit(config(num_references=4), tmp_path / "run", runtime=QUIET, executor=more, resume=True)
+    run_audit(config(num_references=4), tmp_path / "run", runtime=quiet, executor=more, resume=True)
     assert more.submitted == 2 * 2
     assert metric_files(tmp_path / "run") == local_runs["auto"]
 
     again = RayExecutor()  # a new run sharing the cache trains nothing
-    run_audit(config(), tmp_path / "again", runtime=QUIET, executor=again, cache_dir=tmp_path / "run" / "models")
+    run_audit(config(), tmp_path / "again", runtime=quiet, executor=again, cache_dir=tmp_path / "run" / "models")
     assert again.submitted == 0
     assert metric_files(tmp_path / "again") == local_runs["auto"]
 
 
-def test_ctrl_c_cancels_the_rest_and_keeps_completed_jobs(ray_instance, tmp_path):
+def test_ctrl_c_cancels_the_rest_and_keeps_completed_jobs(ray_instance, tmp_path, one_seed):
     from ccl.audit.ray_executor import RayExecutor
 
     def interrupt(n: int) -> None:
@@ -160,7 +163,7 @@ def test_ctrl_c_cancels_the_rest_and_keeps_completed_jobs(ray_instance, tmp_path
         np.testing.assert_array_equal(ours, theirs)
 
 
-def test_cancelling_kills_a_running_task_and_removes_its_temporary_files(ray_instance, tmp_path):
+def test_cancelling_kills_a_running_task_and_removes_its_temporary_files(ray_instance, tmp_path, one_seed):
     from ccl.audit.ray_executor import RayExecutor
 
     def stubborn(folder: str) -> None:
@@ -191,18 +194,18 @@ def test_cancelling_kills_a_running_task_and_removes_its_temporary_files(ray_ins
     assert not list(folder.glob(".*.tmp"))
 
 
-def test_a_crashed_worker_is_retried(ray_instance, local_runs, tmp_path, monkeypatch):
+def test_a_crashed_worker_is_retried(ray_instance, local_runs, tmp_path, monkeypatch, quiet):
     from ccl.audit.ray_executor import CRASH_ONCE_ENV, RayExecutor
 
     marker = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))  # test-only: the first task kills its worker process
     executor = RayExecutor(max_retries=1)
-    run_audit(config(stacked="off"), tmp_path / "run", runtime=QUIET, executor=executor)
+    run_audit(config(stacked="off"), tmp_path / "run", runtime=quiet, executor=executor)
     assert marker.exists()
     assert metric_files(tmp_path / "run") == local_runs["off"]
 
 
-def test_a_crashed_worker_without_retries_is_a_clear_error(ray_instance, tmp_path, monkeypatch):
+def test_a_crashed_worker_without_retries_is_a_clear_error(ray_instance, tmp_path, monkeypatch, one_seed):
     from ccl.audit.ray_executor import CRASH_ONCE_ENV, RayExecutor, RayTaskFailedError
 
     monkeypatch.setenv(CRASH_ONCE_ENV, str(tmp_path / "crashed"))
@@ -212,7 +215,7 @@ def test_a_crashed_worker_without_retries_is_a_clear_error(ray_instance, tmp_pat
     assert ctx.cache.outputs(jobs[0], ctx.query_index) is None
 
 
-def test_a_training_error_is_raised_as_it_was_raised(ray_instance, tmp_path):
+def test_a_training_error_is_raised_as_it_was_raised(ray_instance, tmp_path, quiet):
     from ccl.audit.ray_executor import RayExecutor
     from ccl.errors import TrainingError
 
@@ -220,13 +223,13 @@ def test_a_training_error_is_raised_as_it_was_raised(ray_instance, tmp_path):
         run_audit(
             config(train={"epochs": 2, "batch_size": 16, "lr": 1e30}),
             tmp_path / "run",
-            runtime=QUIET,
+            runtime=quiet,
             executor=RayExecutor(),
         )
     assert type(err.value) is TrainingError  # not Ray's wrapper: the command line prints it as one line
 
 
-def test_resources_and_device_checks(tmp_path):
+def test_resources_and_device_checks(tmp_path, one_seed):
     pytest.importorskip("ray")
     from ccl.audit.ray_executor import RayExecutor, _task_resources
 

@@ -18,7 +18,6 @@ from ccl.audit import ExecutionContext, ModelCache, plan_jobs, train_group
 from ccl.config import ExperimentConfig
 from ccl.errors import RunLockedError
 from ccl.results import load_aggregate
-from ccl.training import Runtime
 
 TINY = [
     "--dataset",
@@ -91,7 +90,7 @@ def test_a_second_process_on_a_run_directory_is_refused_with_the_holders_pid(tmp
     assert cli.main(["compare", "--resume", "--quiet", "--out", str(out)]) == 0
 
 
-def test_a_model_in_a_shared_cache_is_trained_by_one_process_at_a_time(tmp_path):
+def test_a_model_in_a_shared_cache_is_trained_by_one_process_at_a_time(tmp_path, quiet):
     config = ExperimentConfig.from_dict(
         {
             "dataset": "synthetic",
@@ -105,7 +104,7 @@ def test_a_model_in_a_shared_cache_is_trained_by_one_process_at_a_time(tmp_path)
     split = ccl.data.membership_split(100, seed=0)
     (job,) = plan_jobs(config, config.defenses[0], 0, split)
     cache = ModelCache(tmp_path / "cache")
-    ctx = ExecutionContext(data, split.pool, False, Runtime(progress=False), cache)
+    ctx = ExecutionContext(data, split.pool, False, quiet, cache)
     with (
         exclusive_lock(cache.folder(job) / ".lock", what="held"),
         pytest.raises(RunLockedError, match=f"pid {os.getpid()}"),

@@ -17,9 +17,7 @@ from ccl.audit import run_audit
 from ccl.config import ExperimentConfig, parse_defense
 from ccl.distillation import DistillationLoss, soft_labels
 from ccl.errors import ConfigError, InvalidArgumentError
-from ccl.training import Recipe, Runtime, fit, predict_logits
-
-QUIET = Runtime(progress=False)
+from ccl.training import Recipe, fit, predict_logits
 
 
 def digits_parts():
@@ -36,20 +34,27 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def train(defense, *, epochs=8, seed=0, checkpoint_dir=None, loss=None, model=None, lr=0.05):
-    data, mem, non, res = digits_parts()
-    d = defenses.create(*defense) if isinstance(defense, tuple) else defense
-    return fit(
-        model or mlp(seed),
-        loss or d.loss,
-        data.subset(mem),
-        heldout=data.subset(non),
-        recipe=Recipe(epochs=epochs, batch_size=32, lr=lr, schedule="constant", seed=seed),
-        runtime=QUIET,
-        procedure=d.procedure,
-        reserve=data.subset(res),
-        checkpoint_dir=checkpoint_dir,
-    )
+@pytest.fixture
+def train(quiet):
+    """`train(defense, ...)`: fits an MLP on digits' members with the defense, the non-members held out and the
+    reserve given."""
+
+    def train(defense, *, epochs=8, seed=0, checkpoint_dir=None, loss=None, model=None, lr=0.05):
+        data, mem, non, res = digits_parts()
+        d = defenses.create(*defense) if isinstance(defense, tuple) else defense
+        return fit(
+            model or mlp(seed),
+            loss or d.loss,
+            data.subset(mem),
+            heldout=data.subset(non),
+            recipe=Recipe(epochs=epochs, batch_size=32, lr=lr, schedule="constant", seed=seed),
+            runtime=quiet,
+            procedure=d.procedure,
+            reserve=data.subset(res),
+            checkpoint_dir=checkpoint_dir,
+        )
+
+    return train
 
 
 class Interrupting(torch.nn.Module):
@@ -82,7 +87,7 @@ def test_the_inference_gain_is_the_mean_log_likelihood_of_members_and_non_member
 
 
 @pytest.mark.slow
-def test_advreg_at_alpha_zero_trains_exactly_the_plain_loss_while_its_adversary_learns():
+def test_advreg_at_alpha_zero_trains_exactly_the_plain_loss_while_its_adversary_learns(train):
     """The inner adversary runs (h trains, the classifier is queried in eval mode) but, at alpha 0, leaves the
     classifier's weights bit-identical to plain CE training: the wrapper adds nothing else."""
     plain = train(("ce",))
@@ -117,7 +122,7 @@ def test_advreg_classifier_loss_is_the_base_loss_plus_alpha_times_the_flagged_ra
     assert not any(n.startswith("_module") or n.startswith("_classifier") for n in loss.state_dict())
 
 
-def test_an_interrupted_advreg_model_resumes_to_the_same_weights(tmp_path):
+def test_an_interrupted_advreg_model_resumes_to_the_same_weights(tmp_path, train):
     d = defenses.create("advreg", alpha=1.0)
     full = train(d, epochs=4, checkpoint_dir=tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
@@ -144,7 +149,7 @@ def test_the_distillation_loss_is_t_squared_kl_and_its_gradient_the_closed_form(
 
 
 @pytest.mark.slow
-def test_the_distilled_student_learns_only_the_teachers_soft_labels_on_the_reserve(tmp_path):
+def test_the_distilled_student_learns_only_the_teachers_soft_labels_on_the_reserve(tmp_path, quiet, train):
     """The teacher is the plain model on the members; the student starts from the same weights and trains on
     the reserve against the teacher's soft labels, with the recipe (so it equals training on those pairs)."""
     data, mem, non, res = digits_parts()
@@ -161,7 +166,7 @@ def test_the_distilled_student_learns_only_the_teachers_soft_labels_on_the_reser
         DistillationLoss(temperature=2.0),
         (rx, soft),
         recipe=recipe,
-        runtime=QUIET,
+        runtime=quiet,
         heldout=None,
         checkpoint_dir=None,
         log_path=None,
@@ -176,7 +181,7 @@ def test_the_distilled_student_learns_only_the_teachers_soft_labels_on_the_reser
 
 # ------------------------------------------------------------------ early stopping by patience
 @pytest.mark.slow
-def test_patience_releases_the_best_validation_epoch_as_a_brute_force_over_epochs_finds_it():
+def test_patience_releases_the_best_validation_epoch_as_a_brute_force_over_epochs_finds_it(train):
     """Slow and obvious: train to every epoch e with `early_stop:epochs=e` (same schedule), compute the
     validation loss on the reserve, apply the patience rule by hand; the patience run must release exactly
     the weights after the best epoch and stop `patience` epochs after it."""
@@ -203,7 +208,7 @@ def test_patience_releases_the_best_validation_epoch_as_a_brute_force_over_epoch
     assert same_weights(result.model, models[best_epoch - 1])
 
 
-def test_the_patience_checkpoint_and_last_record_are_those_of_the_released_model(tmp_path):
+def test_the_patience_checkpoint_and_last_record_are_those_of_the_released_model(tmp_path, train):
     data, _, non, _ = digits_parts()
     d = defenses.create("early_stop", patience=2)
     result = train(d, epochs=30, checkpoint_dir=tmp_path / "p", model=mlp(hidden=(128,)), lr=0.3)
@@ -218,7 +223,7 @@ def test_the_patience_checkpoint_and_last_record_are_those_of_the_released_model
 
 
 @pytest.mark.slow
-def test_an_interrupted_patience_run_resumes_to_the_same_model(tmp_path):
+def test_an_interrupted_patience_run_resumes_to_the_same_model(tmp_path, train):
     d = defenses.create("early_stop", patience=2)
     full = train(d, epochs=14, checkpoint_dir=tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
@@ -250,11 +255,11 @@ def test_bad_parameters_of_the_reserve_defenses_are_named(spec, message):
         parse_defense(spec)
 
 
-def test_fit_refuses_a_reserve_defense_without_a_reserve():
+def test_fit_refuses_a_reserve_defense_without_a_reserve(quiet):
     data, mem, _, _ = digits_parts()
     d = defenses.create("advreg")
     with pytest.raises(InvalidArgumentError, match="`reserve`"):
-        fit(mlp(), d.loss, data.subset(mem), recipe=Recipe(epochs=1), runtime=QUIET, procedure=d.procedure)
+        fit(mlp(), d.loss, data.subset(mem), recipe=Recipe(epochs=1), runtime=quiet, procedure=d.procedure)
 
 
 def test_the_reserve_is_disjoint_from_the_audit_and_drawn_only_when_a_defense_needs_it():
@@ -285,7 +290,7 @@ def test_a_resume_cannot_add_a_reserve_defense_to_a_run_split_without_one(tmp_pa
 
 
 @pytest.mark.slow
-def test_the_reserve_defenses_lower_leakage_on_digits_and_never_audit_the_reserve(tmp_path):
+def test_the_reserve_defenses_lower_leakage_on_digits_and_never_audit_the_reserve(tmp_path, quiet):
     """On digits with 135 members, where CE overfits: each lowers the pooled LiRA AUC. The reserve's records
     are never queried, and every model of a defense (target and references) used the same reserve."""
     config = ExperimentConfig.from_dict(
@@ -300,7 +305,7 @@ def test_the_reserve_defenses_lower_leakage_on_digits_and_never_audit_the_reserv
             "train": {"epochs": 40, "batch_size": 32, "lr": 0.05, "schedule": "constant"},
         }
     )
-    agg = run_audit(config, tmp_path / "run", runtime=QUIET)
+    agg = run_audit(config, tmp_path / "run", runtime=quiet)
     rows = {r.defense: r for r in agg.rows}
     ce = rows["ce"].metric("lira", "auc", "pooled")[0]
     for name in ("advreg", "distillation", "early_stop(patience=3)"):

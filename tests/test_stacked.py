@@ -10,9 +10,7 @@ import ccl
 from ccl.audit import run_audit, stacking
 from ccl.config import ExperimentConfig
 from ccl.stacked import fit_stacked
-from ccl.training import Recipe, Runtime, fit
-
-QUIET = Runtime(progress=False)
+from ccl.training import Recipe, fit
 
 
 @pytest.mark.parametrize(
@@ -25,7 +23,7 @@ QUIET = Runtime(progress=False)
         ),
     ],
 )
-def test_stacked_models_equal_models_trained_one_by_one(model, params, loss, loss_params, optimizer, augment):
+def test_stacked_models_equal_models_trained_one_by_one(model, params, loss, loss_params, optimizer, augment, quiet):
     data = ccl.data.load("digits", as_image=model == "cnn")
     split = ccl.data.membership_split(400, num_references=3, seed=0)  # the first 400 digits
     members = [split.reference_members(k) for k in range(3)]
@@ -55,7 +53,7 @@ def test_stacked_models_equal_models_trained_one_by_one(model, params, loss, los
     )
     for k in range(3):
         single = fit(
-            build(k), ccl.losses.create(loss, **loss_params), data.subset(members[k]), recipe=cfgs[k], runtime=QUIET
+            build(k), ccl.losses.create(loss, **loss_params), data.subset(members[k]), recipe=cfgs[k], runtime=quiet
         )
         stacked_state = stack.state_dict(k)
         for name, value in single.model.state_dict().items():
@@ -86,7 +84,7 @@ def test_the_stacking_choice_is_a_deterministic_part_of_the_recipe():
     assert {stacking(ExperimentConfig.from_dict(base)) for _ in range(5)} == {True}
 
 
-def test_audit_scores_agree_between_stacked_and_plain_paths(tmp_path):
+def test_audit_scores_agree_between_stacked_and_plain_paths(tmp_path, quiet):
     raw = {
         "dataset": "synthetic",
         "dataset_options": {"num_samples": 160, "num_features": 8},
@@ -98,7 +96,7 @@ def test_audit_scores_agree_between_stacked_and_plain_paths(tmp_path):
     runs = {}
     for mode in ("on", "off"):
         out = tmp_path / mode
-        run_audit(ExperimentConfig.from_dict({**raw, "stacked": mode}), out, runtime=QUIET)
+        run_audit(ExperimentConfig.from_dict({**raw, "stacked": mode}), out, runtime=quiet)
         with np.load(out / "results" / "ce" / "seed-0" / "scores.npz") as f:
             runs[mode] = {k: f[k] for k in f.files}
     for key in ("score_lira", "score_rmia", "score_loss"):

@@ -15,9 +15,7 @@ import pytest
 import torch
 
 import ccl
-from ccl.training import Recipe, Runtime, TrainingError, augment_batch, fit, lr_at
-
-QUIET = Runtime(progress=False)
+from ccl.training import Recipe, TrainingError, augment_batch, fit, lr_at
 
 TINY = dict(epochs=4, batch_size=32, lr=0.05)
 
@@ -65,7 +63,7 @@ def test_architecture_sizes_match_the_literature():
 
 
 # ------------------------------------------------------------------ fit
-def test_fit_learns_logs_and_is_deterministic(tmp_path):
+def test_fit_learns_logs_and_is_deterministic(tmp_path, quiet):
     train, heldout = tiny_problem()
     r1 = fit(
         tiny_model(),
@@ -73,10 +71,10 @@ def test_fit_learns_logs_and_is_deterministic(tmp_path):
         train,
         heldout=heldout,
         recipe=Recipe(**TINY),
-        runtime=QUIET,
+        runtime=quiet,
         checkpoint_dir=tmp_path / "a",
     )
-    r2 = fit(tiny_model(), ccl.losses.create("ccel"), train, heldout=heldout, recipe=Recipe(**TINY), runtime=QUIET)
+    r2 = fit(tiny_model(), ccl.losses.create("ccel"), train, heldout=heldout, recipe=Recipe(**TINY), runtime=quiet)
     for pa, pb in zip(r1.model.state_dict().values(), r2.model.state_dict().values(), strict=True):
         assert torch.equal(pa, pb)
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
@@ -93,12 +91,12 @@ def test_fit_learns_logs_and_is_deterministic(tmp_path):
     ):
         assert key in log[-1]
     assert log[-1]["member_acc"] > 0.6
-    r3 = fit(tiny_model(), ccl.losses.create("ccel"), train, recipe=Recipe(**{**TINY, "seed": 1}), runtime=QUIET)
+    r3 = fit(tiny_model(), ccl.losses.create("ccel"), train, recipe=Recipe(**{**TINY, "seed": 1}), runtime=quiet)
     assert not torch.equal(r3.model.net[1].weight, r1.model.net[1].weight)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-def test_member_loss_variance_matches_a_direct_computation(optimizer):
+def test_member_loss_variance_matches_a_direct_computation(optimizer, quiet):
     train, heldout = tiny_problem()
     r = fit(
         tiny_model(),
@@ -106,7 +104,7 @@ def test_member_loss_variance_matches_a_direct_computation(optimizer):
         train,
         heldout=heldout,
         recipe=Recipe(**{**TINY, "optimizer": optimizer, "lr": 0.01}),
-        runtime=QUIET,
+        runtime=quiet,
     )
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(r.model(train[0]), train[1], reduction="none").double()
@@ -114,9 +112,9 @@ def test_member_loss_variance_matches_a_direct_computation(optimizer):
     assert r.history[-1]["member_loss_mean"] == pytest.approx(ce.mean().item(), rel=1e-6)
 
 
-def test_checkpoint_resume_continues_exactly(tmp_path):
+def test_checkpoint_resume_continues_exactly(tmp_path, quiet):
     train, heldout = tiny_problem()
-    full = fit(tiny_model(), ccl.losses.create("relaxloss", alpha=0.5), train, recipe=Recipe(**TINY), runtime=QUIET)
+    full = fit(tiny_model(), ccl.losses.create("relaxloss", alpha=0.5), train, recipe=Recipe(**TINY), runtime=quiet)
     part = Recipe(**{**TINY})
     # train two epochs, then "crash": rebuild everything and continue from the checkpoint
     fit(
@@ -124,7 +122,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
         ccl.losses.create("relaxloss", alpha=0.5),
         train,
         recipe=Recipe(**{**TINY, "epochs": 4}),
-        runtime=QUIET,
+        runtime=quiet,
         checkpoint_dir=tmp_path,
     )
     state = ccl.training.load_checkpoint(tmp_path / "checkpoint.pt")
@@ -134,7 +132,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
         ccl.losses.create("relaxloss", alpha=0.5),
         train,
         recipe=part,
-        runtime=QUIET,
+        runtime=quiet,
         checkpoint_dir=tmp_path,
     )
     assert resumed.resumed_from_epoch == 4
@@ -146,7 +144,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
             ccl.losses.create("ce"),
             train,
             recipe=Recipe(**{**TINY, "lr": 0.5}),
-            runtime=QUIET,
+            runtime=quiet,
             checkpoint_dir=tmp_path,
         )
 
@@ -200,7 +198,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path)
         assert torch.equal(a[k], b[k]), k
 
 
-def test_non_finite_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path):
+def test_non_finite_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path, quiet):
     train, _ = tiny_problem()
     calls = {"n": 0}
 
@@ -210,11 +208,11 @@ def test_non_finite_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path):
         return loss * float("nan") if calls["n"] == 6 else loss  # 4 batches per epoch: epoch 1, batch 1
 
     with pytest.raises(TrainingError, match="epoch 1 .*batch 1.*checkpoint.pt"):
-        fit(tiny_model(), exploding, train, recipe=Recipe(**TINY), runtime=QUIET, checkpoint_dir=tmp_path)
+        fit(tiny_model(), exploding, train, recipe=Recipe(**TINY), runtime=quiet, checkpoint_dir=tmp_path)
     assert ccl.training.load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
-def test_diverging_training_with_a_ccl_loss_names_epoch_and_batch(tmp_path):
+def test_diverging_training_with_a_ccl_loss_names_epoch_and_batch(tmp_path, quiet):
     train, _ = tiny_problem()
     with pytest.raises(TrainingError, match="epoch 0 .*batch"):
         fit(
@@ -222,34 +220,34 @@ def test_diverging_training_with_a_ccl_loss_names_epoch_and_batch(tmp_path):
             ccl.losses.create("ccel"),
             train,
             recipe=Recipe(**{**TINY, "lr": 1e30}),
-            runtime=QUIET,
+            runtime=quiet,
             checkpoint_dir=tmp_path,
         )
 
 
-def test_bad_data_gets_clear_errors():
+def test_bad_data_gets_clear_errors(quiet):
     train, _ = tiny_problem()
     ce = ccl.losses.create("ce")
     cfg = Recipe(**TINY)
     with pytest.raises(ValueError, match="train labels.*\\[0, 3\\).*\\[0, 7\\]"):
-        fit(tiny_model(), ce, (train[0], torch.arange(100) % 8), recipe=cfg, runtime=QUIET)
+        fit(tiny_model(), ce, (train[0], torch.arange(100) % 8), recipe=cfg, runtime=quiet)
     with pytest.raises(ValueError, match="cannot take inputs of shape \\(7,\\)"):
-        fit(tiny_model(), ce, (torch.randn(10, 7), torch.zeros(10, dtype=torch.long)), recipe=cfg, runtime=QUIET)
+        fit(tiny_model(), ce, (torch.randn(10, 7), torch.zeros(10, dtype=torch.long)), recipe=cfg, runtime=quiet)
     with pytest.raises(ValueError, match="`train`.*non-empty"):
-        fit(tiny_model(), ce, (torch.randn(0, 10), torch.zeros(0, dtype=torch.long)), recipe=cfg, runtime=QUIET)
+        fit(tiny_model(), ce, (torch.randn(0, 10), torch.zeros(0, dtype=torch.long)), recipe=cfg, runtime=quiet)
     with pytest.raises(ValueError, match="`augment`"):
-        fit(tiny_model(), ce, train, recipe=Recipe(**{**TINY, "augment": True}), runtime=QUIET)
+        fit(tiny_model(), ce, train, recipe=Recipe(**{**TINY, "augment": True}), runtime=quiet)
     with pytest.raises(ValueError, match="`optimizer`.*'sgd'.*'rmsprop'"):
         Recipe(optimizer="rmsprop")
     with pytest.raises(ValueError, match="`lr`"):
         Recipe(lr=-1.0)
 
 
-def test_corrupt_checkpoint_is_refused_with_its_path(tmp_path):
+def test_corrupt_checkpoint_is_refused_with_its_path(tmp_path, quiet):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     train, _ = tiny_problem()
     with pytest.raises(ValueError, match="checkpoint.pt.*corrupt"):
-        fit(tiny_model(), ccl.losses.create("ce"), train, recipe=Recipe(**TINY), runtime=QUIET, checkpoint_dir=tmp_path)
+        fit(tiny_model(), ccl.losses.create("ce"), train, recipe=Recipe(**TINY), runtime=quiet, checkpoint_dir=tmp_path)
 
 
 def test_lr_schedules():
@@ -275,7 +273,7 @@ def test_batched_augmentation_matches_a_per_image_loop():
         assert torch.equal(got[i], crop)
 
 
-def test_image_training_with_augmentation_and_flip_queries():
+def test_image_training_with_augmentation_and_flip_queries(quiet):
     data = ccl.data.load("digits", as_image=True)
     model = ccl.models.create("cnn", num_classes=10, input_shape=data.input_shape, width=8, seed=0)
     r = fit(
@@ -283,7 +281,7 @@ def test_image_training_with_augmentation_and_flip_queries():
         ccl.losses.create("ce"),
         (data.x[:256], data.y[:256]),
         recipe=Recipe(epochs=2, batch_size=64, lr=0.05, augment=True),
-        runtime=QUIET,
+        runtime=quiet,
     )
     logits = ccl.training.predict_logits(r.model, data.x[:10], flip_queries=True)
     assert logits.shape == (10, 2, 10)
