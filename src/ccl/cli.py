@@ -9,6 +9,7 @@ its traceback; `--debug` shows the traceback of every error. Run `ccl <command> 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import textwrap
@@ -23,7 +24,7 @@ from .config import ConfigError, ExperimentConfig, load_config, merge, parse_run
 from .errors import CclError
 from .layout import RunLayout
 from .results import EVALUATIONS
-from .training import Runtime
+from .training import Recipe, Runtime
 
 __all__ = ["DEMO", "build_config", "build_runtime", "main"]
 
@@ -156,8 +157,26 @@ _TRAIN_REFUSES = (
 
 
 def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
+    """Every option of the experiment commands (`kind`: train, audit, compare, demo, tune), by group."""
     g = p.add_argument_group("experiment")
     g.add_argument("--config", type=Path, help="YAML file with any of the options below (flags override it)")
+    _data_options(g)
+    _defense_options(p, g, kind=kind)
+    if kind != "train":
+        _audit_options(g, kind=kind)
+    _split_options(g)
+    _recipe_options(p)
+    _runtime_options(p)
+    _output_options(p, kind=kind)
+
+
+def _default(name: str) -> Any:
+    """An `ExperimentConfig` field's default, for the help texts: spelled once, in the config."""
+    f = next(f for f in dataclasses.fields(ExperimentConfig) if f.name == name)
+    return f.default
+
+
+def _data_options(g) -> None:
     g.add_argument(
         "--dataset",
         help="dataset name (see `ccl report --list`), a .npz file with X and y, a .csv/.parquet table (with "
@@ -180,6 +199,10 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
         metavar="KEY=VALUE",
         help="architecture option, e.g. hidden=[256,128] (repeatable)",
     )
+
+
+def _defense_options(p: argparse.ArgumentParser, g, *, kind: str) -> None:
+    """What is trained: one loss (train, audit), several defenses (compare, demo), or a defense to tune."""
     if kind == "tune":
         g.add_argument("--defense", required=True, help="the defense family to tune, e.g. ccel, relaxloss, dpsgd")
         g.add_argument("--param", required=True, help="its parameter to search, e.g. alpha or epsilon")
@@ -202,7 +225,7 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
             metavar="SPEC",
             help="the training loss, e.g. ce, ccel:alpha=0.5, relaxloss:alpha=1.0 (default: ce)",
         )
-    if kind not in ("train", "audit", "tune"):
+    else:
         g.add_argument(
             "--defenses",
             nargs="+",
@@ -219,46 +242,64 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
             metavar="SEED",
             help="the seed of the split and the model (default: 0)",
         )
-    else:
-        g.add_argument("--seeds", nargs="+", type=int, help="seeds (each draws its own split and models; default: 0)")
-        g.add_argument("--num-references", type=int, help="reference models per target, same recipe (default: 8)")
-        g.add_argument("--attacks", nargs="+", help="attacks to run (default: all the setup supports)")
+
+
+def _audit_options(g, *, kind: str) -> None:
+    """Seeds, reference models, attacks, canaries and the evaluations (every command but `train`)."""
+    g.add_argument("--seeds", nargs="+", type=int, help="seeds (each draws its own split and models; default: 0)")
+    g.add_argument(
+        "--num-references",
+        type=int,
+        help=f"reference models per target, same recipe (default: {_default('num_references')})",
+    )
+    g.add_argument("--attacks", nargs="+", help="attacks to run (default: all the setup supports)")
+    g.add_argument(
+        "--flip-queries",
+        action="store_true",
+        default=None,
+        help="also query the flipped image (images only); default: no augmentation at query time",
+    )
+    if kind == "audit":
         g.add_argument(
-            "--flip-queries",
-            action="store_true",
-            default=None,
-            help="also query the flipped image (images only); default: no augmentation at query time",
+            "--target-members",
+            help="a model trained elsewhere: its members (.npy of indices or a boolean mask over the dataset)",
         )
-        if kind == "audit":
-            g.add_argument(
-                "--target-members",
-                help="a model trained elsewhere: its members (.npy of indices or a boolean mask over the dataset)",
-            )
-            g.add_argument(
-                "--target-checkpoint",
-                help="... and its weights for --model (a state dict, loaded with weights_only=True, or .safetensors)",
-            )
-            g.add_argument("--target-logits", help="... or its outputs on every record of the dataset, (N, C) .npy")
         g.add_argument(
-            "--canaries",
-            type=int,
-            help="canary records added to the audit pool, each in half the "
-            "models; reported separately (even; default: 0)",
+            "--target-checkpoint",
+            help="... and its weights for --model (a state dict, loaded with weights_only=True, or .safetensors)",
         )
-        g.add_argument("--canary-kind", choices=["mislabeled", "ood"], help="default: mislabeled")
-        g.add_argument(
-            "--leave-one-out",
-            choices=["auto", "on", "off"],
-            help="also evaluate every model as the target, pooled (default auto: with at least 4 reference models)",
-        )
-        g.add_argument("--bootstrap", type=int, help="bootstrap resamples for confidence intervals (default: 200)")
-        g.add_argument(
-            "--stacked",
-            choices=["auto", "on", "off"],
-            help="train reference models stacked with torch.func (default auto: on for mlp, off for "
-            "convolutional models; part of the recipe)",
-        )
-    g.add_argument("--population-fraction", type=float, help="share of records no model trains on (default: 0.1)")
+        g.add_argument("--target-logits", help="... or its outputs on every record of the dataset, (N, C) .npy")
+    g.add_argument(
+        "--canaries",
+        type=int,
+        help="canary records added to the audit pool, each in half the models; reported separately (even; "
+        f"default: {_default('canaries')})",
+    )
+    g.add_argument("--canary-kind", choices=["mislabeled", "ood"], help=f"default: {_default('canary_kind')}")
+    g.add_argument(
+        "--leave-one-out",
+        choices=["auto", "on", "off"],
+        help="also evaluate every model as the target, pooled (default auto: with at least 4 reference models)",
+    )
+    g.add_argument(
+        "--bootstrap",
+        type=int,
+        help=f"bootstrap resamples for confidence intervals (default: {_default('bootstrap')})",
+    )
+    g.add_argument(
+        "--stacked",
+        choices=["auto", "on", "off"],
+        help="train reference models stacked with torch.func (default auto: on for mlp, off for "
+        "convolutional models; part of the recipe)",
+    )
+
+
+def _split_options(g) -> None:
+    g.add_argument(
+        "--population-fraction",
+        type=float,
+        help=f"share of records no model trains on (default: {_default('population_fraction')})",
+    )
     g.add_argument(
         "--reserve-fraction",
         type=float,
@@ -271,16 +312,26 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
         help="tabular features to mean 0, variance 1, with statistics of the audit pool (default auto: "
         "on for your own .npz files, off for the registered datasets)",
     )
+
+
+def _recipe_options(p: argparse.ArgumentParser) -> None:
+    """The training recipe's flags; their defaults are `ccl.training.Recipe`'s."""
+    r = Recipe()
     t = p.add_argument_group("training recipe (YAML: train:)")
-    t.add_argument("--epochs", type=int, help="default: 30")
-    t.add_argument("--batch-size", type=int, help="default: 128")
-    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="default: sgd")
-    t.add_argument("--lr", type=float, help="peak learning rate (default: 0.1)")
-    t.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9)")
-    t.add_argument("--weight-decay", type=float, help="default: 5e-4")
-    t.add_argument("--schedule", choices=["constant", "multistep", "cosine"], help="default: cosine")
+    t.add_argument("--epochs", type=int, help=f"default: {r.epochs}")
+    t.add_argument("--batch-size", type=int, help=f"default: {r.batch_size}")
+    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help=f"default: {r.optimizer}")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default: {r.lr})")
+    t.add_argument("--momentum", type=float, help=f"SGD momentum (default: {r.momentum})")
+    t.add_argument("--weight-decay", type=float, help=f"default: {r.weight_decay}")
+    t.add_argument("--schedule", choices=["constant", "multistep", "cosine"], help=f"default: {r.schedule}")
     t.add_argument("--augment", action="store_true", default=None, help="random crop + flip while training (images)")
-    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="default auto: bf16 on CUDA")
+    t.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16", "fp16"], help=f"default {r.precision}: bf16 on CUDA"
+    )
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("runtime (YAML: runtime:; never changes a result's recipe)")
     r.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
@@ -289,6 +340,9 @@ def _experiment_options(p: argparse.ArgumentParser, *, kind: str) -> None:
         "--data-dir", type=Path, help="where downloaded datasets are cached (default $CCL_DATA_DIR or ~/.cache/ccl)"
     )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _output_options(p: argparse.ArgumentParser, *, kind: str) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, help="run directory (never overwritten; see --resume)")
     o.add_argument(
