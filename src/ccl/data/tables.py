@@ -128,18 +128,8 @@ def _read(path: Path, fmt: str) -> tuple[Any, Any]:
     return pd, frame
 
 
-def _load(path: str | os.PathLike, fmt: str, label: Any, categorical: Any, drop: Any) -> Dataset:
-    if not isinstance(path, (str, os.PathLike)):
-        raise InvalidArgumentTypeError(expected("path", f"the path of a .{fmt} file", path))
-    path = Path(path).expanduser()
-    if not _is_column_name(label):
-        raise InvalidArgumentTypeError(expected("label", "the name of the label column (a string)", label))
-    label = str(label)
-    categorical = _column_list("categorical", categorical)
-    drop = _column_list("drop", drop)
-    pd, frame = _read(path, fmt)
-    columns = list(frame.columns)
-
+def _check_columns(path: Path, columns: list, label: str, categorical: list, drop: list) -> None:
+    """The label, categorical and dropped columns exist, and do not overlap."""
     if label not in columns:
         raise DataError(f"{path} has no label column {label!r}; its columns are: {_names(columns)}.")
     for name, listed in (("categorical", categorical), ("drop", drop)):
@@ -154,10 +144,10 @@ def _load(path: str | os.PathLike, fmt: str, label: Any, categorical: Any, drop:
     both = [c for c in categorical if c in drop]
     if both:
         raise InvalidArgumentError(expected("categorical", "columns that are not also in `drop`", both))
-    frame = frame.drop(columns=drop)
-    if len(frame) == 0:
-        raise DataError(f"{path} has no rows.")
 
+
+def _check_complete(path: Path, fmt: str, frame) -> None:
+    """No missing value anywhere: ccl does not impute."""
     missing = {c: int(n) for c, n in frame.isna().sum().items() if n}
     if missing:
         where = "; ".join(
@@ -170,10 +160,9 @@ def _load(path: str | os.PathLike, fmt: str, label: Any, categorical: Any, drop:
             "column out with drop=[...]."
         )
 
-    classes = _sorted(frame[label].unique().tolist())
-    index = {v: k for k, v in enumerate(classes)}
-    y = np.fromiter((index[v] for v in frame[label].tolist()), dtype=np.int64, count=len(frame))
 
+def _check_numeric(pd, path: Path, frame, label: str, categorical: list) -> None:
+    """Every feature column that is not one-hot encoded is numeric (or boolean)."""
     not_numeric = [
         c
         for c in frame.columns
@@ -191,6 +180,10 @@ def _load(path: str | os.PathLike, fmt: str, label: Any, categorical: Any, drop:
             f"categorical={not_numeric!r}, or leave them out with drop={not_numeric!r}."
         )
 
+
+def _features(pd, path: Path, fmt: str, frame, label: str, categorical: list) -> tuple[np.ndarray | None, list[str]]:
+    """The float32 feature matrix (categorical columns one-hot, in sorted order) and the features' names;
+    None when there is no feature column."""
     blocks: list[np.ndarray] = []
     features: list[str] = []
     for c in frame.columns:
@@ -202,21 +195,43 @@ def _load(path: str | os.PathLike, fmt: str, label: Any, categorical: Any, drop:
             dummies = pd.get_dummies(values, dtype=np.float32).reindex(columns=categories, fill_value=0.0)
             blocks.append(dummies.to_numpy(dtype=np.float32))
             features += [f"{c}={v}" for v in categories]
-        else:
-            col = frame[c].to_numpy(dtype=np.float64)
-            bad = ~np.isfinite(col)
-            if bad.any():
-                raise DataError(
-                    f"{path}: column {c!r} holds {int(bad.sum())} infinite value(s) (the first "
-                    f"{_row(fmt, int(np.flatnonzero(bad)[0]))}); expected finite numbers."
-                )
-            if np.abs(col).max(initial=0.0) > np.finfo(np.float32).max:
-                raise DataError(f"{path}: column {c!r} holds values too large for float32 (|x| > 3.4e38).")
-            blocks.append(col.astype(np.float32)[:, None])
-            features.append(c)
-    if not blocks:
+            continue
+        col = frame[c].to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(col)
+        if bad.any():
+            raise DataError(
+                f"{path}: column {c!r} holds {int(bad.sum())} infinite value(s) (the first "
+                f"{_row(fmt, int(np.flatnonzero(bad)[0]))}); expected finite numbers."
+            )
+        if np.abs(col).max(initial=0.0) > np.finfo(np.float32).max:
+            raise DataError(f"{path}: column {c!r} holds values too large for float32 (|x| > 3.4e38).")
+        blocks.append(col.astype(np.float32)[:, None])
+        features.append(c)
+    return (np.concatenate(blocks, axis=1) if blocks else None), features
+
+
+def _load(path: str | os.PathLike, fmt: str, label: Any, categorical: Any, drop: Any) -> Dataset:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentTypeError(expected("path", f"the path of a .{fmt} file", path))
+    path = Path(path).expanduser()
+    if not _is_column_name(label):
+        raise InvalidArgumentTypeError(expected("label", "the name of the label column (a string)", label))
+    label = str(label)
+    categorical = _column_list("categorical", categorical)
+    drop = _column_list("drop", drop)
+    pd, frame = _read(path, fmt)
+    _check_columns(path, list(frame.columns), label, categorical, drop)
+    frame = frame.drop(columns=drop)
+    if len(frame) == 0:
+        raise DataError(f"{path} has no rows.")
+    _check_complete(path, fmt, frame)
+    classes = _sorted(frame[label].unique().tolist())
+    index = {v: k for k, v in enumerate(classes)}
+    y = np.fromiter((index[v] for v in frame[label].tolist()), dtype=np.int64, count=len(frame))
+    _check_numeric(pd, path, frame, label, categorical)
+    x, features = _features(pd, path, fmt, frame, label, categorical)
+    if x is None:
         raise DataError(f"{path} has no feature columns besides the label {label!r} (after drop={drop!r}).")
-    x = np.concatenate(blocks, axis=1)
     return Dataset(
         path.stem,
         torch.from_numpy(np.ascontiguousarray(x)),
