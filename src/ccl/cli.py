@@ -548,6 +548,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_range(text: str) -> tuple[float, float] | tuple[int, int]:
+    """`--range LOW..HIGH` as numbers (integers when both ends are whole numbers, e.g. epochs)."""
+    low, _, high = text.partition("..")
+    try:
+        low_v, high_v = float(low), float(high)
+        if all(t.strip().lstrip("-").isdigit() for t in (low, high)):  # e.g. epochs: whole-number settings
+            low_v, high_v = int(low), int(high)
+    except ValueError:
+        raise ConfigError(f"--range {text!r}: expected LOW..HIGH, e.g. 0.05..1.0.") from None
+    if not low_v < high_v:
+        raise ConfigError(f"--range {text!r}: LOW must be below HIGH.")
+    return low_v, high_v
+
+
+def _print_tune(args: argparse.Namespace, target, bounds: tuple, chosen, points: list, config) -> None:
+    """`ccl tune`'s table of the settings tried, its choice and its cost."""
+    models = len(points) * len(config.seeds) * (1 + config.num_references)
+    print(f"{'setting':28s} {'test acc':>9s} {'leakage':>9s} {'upper':>9s}  attack  meets {args.target}")
+    for p in points:
+        print(
+            f"{p.defense:28s} {100 * p.accuracy:8.1f}% {p.leakage:9.4f} {p.upper:9.4f}  {p.attack:6s}  "
+            f"{'yes' if p.meets(target) else 'no'}"
+        )
+    if chosen is None:
+        print(f"\nNo setting in [{bounds[0]}, {bounds[1]}] meets {args.target}: widen --range or relax the target.")
+    else:
+        print(
+            f"\nChosen: {chosen.defense} (test accuracy {100 * chosen.accuracy:.1f}%, {target.metric} upper bound "
+            f"{chosen.upper:.4g} <= {target.bound:g})."
+        )
+    print(
+        f"Cost: {len(points)} settings x {len(config.seeds)} seed(s) x {1 + config.num_references} models = {models} "
+        "models (cached ones reused)."
+    )
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     """Bisection over one parameter of one defense; every setting is a defense of one resumable run."""
     from ._io import write_json
@@ -558,15 +594,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from .tune import parse_target, point_from_aggregate, search
 
     target = parse_target(args.target)
-    low, _, high = args.range.partition("..")
-    try:
-        low_v, high_v = float(low), float(high)
-        if all(t.strip().lstrip("-").isdigit() for t in (low, high)):  # e.g. epochs: whole-number settings
-            low_v, high_v = int(low), int(high)
-    except ValueError:
-        raise ConfigError(f"--range {args.range!r}: expected LOW..HIGH, e.g. 0.05..1.0.") from None
-    if not low_v < high_v:
-        raise ConfigError(f"--range {args.range!r}: LOW must be below HIGH.")
+    low_v, high_v = _tune_range(args.range)
     fixed = dict(kv for kv in (args.defense_option or []))
 
     def spec(value: float) -> str:
@@ -605,23 +633,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _interrupted("tune", out)
     models = len(points) * len(config.seeds) * (1 + config.num_references)
-    print(f"{'setting':28s} {'test acc':>9s} {'leakage':>9s} {'upper':>9s}  attack  meets {args.target}")
-    for p in points:
-        print(
-            f"{p.defense:28s} {100 * p.accuracy:8.1f}% {p.leakage:9.4f} {p.upper:9.4f}  {p.attack:6s}  "
-            f"{'yes' if p.meets(target) else 'no'}"
-        )
-    if chosen is None:
-        print(f"\nNo setting in [{low_v}, {high_v}] meets {args.target}: widen --range or relax the target.")
-    else:
-        print(
-            f"\nChosen: {chosen.defense} (test accuracy {100 * chosen.accuracy:.1f}%, {target.metric} upper bound "
-            f"{chosen.upper:.4g} <= {target.bound:g})."
-        )
-    print(
-        f"Cost: {len(points)} settings x {len(config.seeds)} seed(s) x {1 + config.num_references} models = {models} "
-        "models (cached ones reused)."
-    )
+    _print_tune(args, target, (low_v, high_v), chosen, points, config)
     write_json(
         out / "tune.json",
         {
