@@ -223,6 +223,65 @@ def _every_model(label_only: dict) -> dict[str, np.ndarray] | None:
     return out or None
 
 
+def _label_only_inputs(extras: list[dict[str, np.ndarray]] | None, has_refs: bool) -> dict[str, np.ndarray]:
+    """The label-only attacks' `AttackInputs` fields from every model's stored labels on the perturbed queries
+    (`<kind>_labels`, kinds "augment" and "noise"); empty when the models were not asked."""
+    label_only: dict[str, np.ndarray] = {}
+    if extras and all("augment_labels" in e for e in extras):
+        for kind, field in (("augment", "perturbed"), ("noise", "noise")):
+            label_only[f"target_{field}_labels"] = extras[0][f"{kind}_labels"]
+            if has_refs:
+                label_only[f"reference_{field}_labels"] = np.stack([e[f"{kind}_labels"] for e in extras[1:]])
+    return label_only
+
+
+def _single_target_metrics(
+    config: ExperimentConfig, scores: dict[str, np.ndarray], truth: np.ndarray, records: np.ndarray, seed: int
+) -> dict[str, dict]:
+    """Each attack's metrics (with bootstrap intervals) and epsilon lower bound on the target's `records`;
+    an unresolvable FPR (too few non-members) is NaN (null in JSON)."""
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", metrics.DegenerateMetricWarning)
+        for name, sc in scores.items():
+            results[name] = metrics.evaluate(
+                sc[records], truth, fprs=config.fprs, n_resamples=config.bootstrap, seed=seed
+            ).as_dict()
+            results[name]["epsilon_lb"] = _epsilon(sc[records], truth, seed)
+    return results
+
+
+def _attack_inputs(logits, labels_all, split: MembershipSplit, label_only, features, population_features):
+    """The attacks' inputs from `logits (1 + K, Q, A, C)` (target first; queries: the pool, then the
+    population): QMIA needs the population's target outputs even without references."""
+    p = split.pool.size
+    target, refs = logits[0], logits[1:]
+    has_refs = refs.shape[0] > 0
+    has_pop = split.population.size > 0 and has_refs
+    pop_for_target = split.population.size > 0
+    return attacks.AttackInputs(
+        target[:p],
+        labels_all[:p],
+        refs[:, :p] if has_refs else None,
+        split.reference_in if has_refs else None,
+        population_target_logits=target[p:] if pop_for_target else None,
+        population_labels=labels_all[p:] if pop_for_target else None,
+        population_reference_logits=refs[:, p:] if has_pop else None,
+        features=features,
+        population_features=population_features if pop_for_target else None,
+        **label_only,
+    )
+
+
+def _target_utility(target: np.ndarray, labels_all: np.ndarray, audited_nonmembers: np.ndarray, num_population: int):
+    """The target's loss on every query `(Q,)` (its un-augmented query), whether it predicts each correctly, and
+    the held-out mask over the queries: the pool's audited non-members (canaries excluded) and the population."""
+    target_loss = signals.loss(target[:, 0], labels_all)
+    predicted = target[:, 0].argmax(-1) == labels_all
+    held_out = np.r_[audited_nonmembers, np.ones(num_population, bool)]
+    return target_loss, predicted, held_out
+
+
 def score_defense(
     config: ExperimentConfig,
     labels_all: np.ndarray,
@@ -239,73 +298,35 @@ def score_defense(
     features: np.ndarray | None = None,
     population_features: np.ndarray | None = None,
 ) -> tuple[DefenseResult, dict[str, np.ndarray]]:
-    """Runs the attacks on `logits (1 + K, Q, [A,] C)` (target first; queries: the pool, then the population)
-    and measures utility. Returns the result and the per-record arrays to store with it.
-
-    Evaluations: `attacks` holds the single-target metrics on the random (non-canary) records; with at least
-    `LEAVE_ONE_OUT_MIN` reference models (and `config.leave_one_out`), `evaluations` holds the leave-one-out
-    pooled metrics on random records ("pooled"), on canaries ("canaries") and on the most vulnerable records."""
+    """Runs the attacks on `logits (1 + K, Q, [A,] C)` (target first; queries: the pool, then the population),
+    measures utility, and returns the result and the per-record arrays to store with it. `attacks` holds the
+    single-target metrics on the random (non-canary) records; `evaluations`, with the leave-one-out evaluation,
+    the pooled metrics on random records ("pooled"), on canaries ("canaries") and on the most vulnerable ones."""
     if logits.ndim == 3:
         logits = logits[:, :, None, :]  # (M, Q, A=1, C)
     p = split.pool.size
     is_canary = np.zeros(p, bool) if is_canary is None else is_canary
     labels, pop_labels = labels_all[:p], labels_all[p:]
-    target, refs = logits[0], logits[1:]
-    has_refs = refs.shape[0] > 0
+    target, has_refs = logits[0], logits.shape[0] > 1
     has_pop = split.population.size > 0 and has_refs
-    label_only: dict[str, np.ndarray | None] = {}
-    if extras and all("augment_labels" in e for e in extras):  # the label-only attacks' queries (every model)
-        for kind, field in (("augment", "perturbed"), ("noise", "noise")):
-            label_only[f"target_{field}_labels"] = extras[0][f"{kind}_labels"]
-            if has_refs:
-                label_only[f"reference_{field}_labels"] = np.stack([e[f"{kind}_labels"] for e in extras[1:]])
-    pop_for_target = split.population.size > 0  # QMIA needs the population's target outputs, no references
-    inputs = attacks.AttackInputs(
-        target[:p],
-        labels,
-        refs[:, :p] if has_refs else None,
-        split.reference_in if has_refs else None,
-        population_target_logits=target[p:] if pop_for_target else None,
-        population_labels=pop_labels if pop_for_target else None,
-        population_reference_logits=refs[:, p:] if has_pop else None,
-        features=features,
-        population_features=population_features if pop_for_target else None,
-        **label_only,
-    )
+    label_only = _label_only_inputs(extras, has_refs)
+    inputs = _attack_inputs(logits, labels_all, split, label_only, features, population_features)
     is_member = split.target_in
     names = attack_names(config, inputs)
     scores = attacks.score_all(inputs, names=names)
     random_records = ~is_canary
-    with warnings.catch_warnings():  # an unresolvable FPR (too few non-members) is NaN (null in JSON)
-        warnings.simplefilter("ignore", metrics.DegenerateMetricWarning)
-        results = {}
-        for name, sc in scores.items():
-            truth = is_member[random_records]
-            results[name] = metrics.evaluate(
-                sc[random_records], truth, fprs=config.fprs, n_resamples=config.bootstrap, seed=seed
-            ).as_dict()
-            results[name]["epsilon_lb"] = _epsilon(sc[random_records], truth, seed)
+    results = _single_target_metrics(config, scores, is_member[random_records], random_records, seed)
     evals, loo, vulnerable, chosen = {}, {}, [], {}
     if config.uses_leave_one_out:
         masks = np.vstack([split.target_in[None], split.reference_in])
+        queried = logits[:, : p + (split.population.size if has_pop else 0)]
         evals, loo, vulnerable, chosen = _pooled_evaluations(
-            config,
-            names,
-            logits[:, : p + (split.population.size if has_pop else 0)],
-            labels,
-            pop_labels,
-            masks,
-            is_canary,
-            seed,
-            split.pool,
-            perturbed=_every_model(label_only),
+            config, names, queried, labels, pop_labels, masks, is_canary, seed, split.pool, _every_model(label_only)
         )
-
-    target_loss = signals.loss(target[:, 0], labels_all)  # (Q,) cross-entropy of the un-augmented query
-    predicted = target[:, 0].argmax(-1) == labels_all
-    held_out = np.r_[~is_member & random_records, np.ones(split.population.size, bool)]
+    nonmembers = ~is_member & random_records
+    target_loss, predicted, held_out = _target_utility(target, labels_all, nonmembers, split.population.size)
     members = is_member & random_records
-    member_loss, nonmember_loss = target_loss[:p][members], target_loss[:p][~is_member & random_records]
+    member_loss, nonmember_loss = target_loss[:p][members], target_loss[:p][nonmembers]
     test_acc = float(predicted[held_out].mean())
     notes = _notes(config, test_acc, labels_all[held_out], split.population.size, scores)
     gauss = gaussian_fits(member_loss, nonmember_loss)
@@ -323,9 +344,9 @@ def score_defense(
         nonmember_loss_std=float(nonmember_loss.std()),
         gaussian_predicted_advantage=gauss["loss"]["advantage"],
         gaussian_fits=gauss,
-        num_references=int(refs.shape[0]),
+        num_references=int(logits.shape[0] - 1),
         num_members=int(members.sum()),
-        num_nonmembers=int((~is_member & random_records).sum()),
+        num_nonmembers=int(nonmembers.sum()),
         num_population=int(split.population.size),
         fprs=list(config.fprs),
         attacks=results,
@@ -336,15 +357,8 @@ def score_defense(
         num_canaries=int(is_canary.sum()),
         dp_epsilon=dp_epsilon,
     )
-    arrays = {
-        "is_member": is_member,
-        "labels": labels,
-        "target_loss": target_loss[:p],
-        "scores": scores,
-        "heldout_correct": predicted[held_out],
-        "is_canary": is_canary,
-        "masks": np.vstack([split.target_in[None], split.reference_in]),
-        "loo": {k: v.astype(np.float32) for k, v in loo.items()},
-        **chosen,
-    }
+    arrays = {"is_member": is_member, "labels": labels, "target_loss": target_loss[:p], "scores": scores}
+    arrays |= {"heldout_correct": predicted[held_out], "is_canary": is_canary}
+    arrays |= {"masks": np.vstack([split.target_in[None], split.reference_in]), **chosen}
+    arrays["loo"] = {k: v.astype(np.float32) for k, v in loo.items()}
     return result, arrays
