@@ -96,6 +96,11 @@ EXAMPLES = {
 }
 
 
+def _min_effect(text: str) -> dict[str, Any]:
+    """`auc=0.01,accuracy=1` to a mapping (checked by the config)."""
+    return dict(_key_value(item) for item in text.split(",") if item.strip())
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     key, eq, value = text.partition("=")
     if not eq or not key.strip():
@@ -122,6 +127,7 @@ _RUNTIME_FLAGS = ("device", "compile", "threads")
 #: Top-level flags; the audit-only ones are not offered by `ccl train`.
 _COMMON_FLAGS = ("dataset", "model", "defenses", "seeds", "population_fraction", "reserve_fraction")
 _AUDIT_FLAGS = (
+    "min_effect",
     "num_references",
     "attacks",
     "flip_queries",
@@ -285,6 +291,13 @@ def _audit_options(g, *, kind: str) -> None:
         "--bootstrap",
         type=int,
         help=f"bootstrap resamples for confidence intervals (default: {_default('bootstrap')})",
+    )
+    g.add_argument(
+        "--min-effect",
+        type=_min_effect,
+        metavar="KEY=VALUE,...",
+        help="the smallest change against ce that a verdict counts, e.g. auc=0.01,accuracy=1 (accuracy and tpr in "
+        "points; default auc=0.01,accuracy=1,tpr=1); changes only the summary",
     )
     g.add_argument(
         "--stacked",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -273,6 +274,9 @@ class ExperimentConfig:
     target_members: str | None = None  # a model trained elsewhere: its members (.npy indices or boolean mask)
     target_checkpoint: str | None = None  # ... and its weights for `model` (state dict; weights_only loading)
     target_logits: str | None = None  # ... or its outputs (N, C) on every record
+    # the verdicts' practical thresholds (`ccl.summary.MIN_EFFECT`: auc, accuracy and tpr, the last two in points);
+    # they only change the summary, never a result, so a resume may change them
+    min_effect: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -288,6 +292,17 @@ class ExperimentConfig:
         self._check_counts()
         self._check_supplied_target()
         self._check_attacks_and_fprs()
+        self._check_min_effect()
+
+    def _check_min_effect(self) -> None:
+        if not isinstance(self.min_effect, dict):
+            raise ConfigError(expected("min_effect", "a mapping such as {auc: 0.01, accuracy: 1}", self.min_effect))
+        for key, value in self.min_effect.items():
+            if key not in ("auc", "accuracy", "tpr"):
+                raise ConfigError(unknown_name("min_effect key", key, ("auc", "accuracy", "tpr")))
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ConfigError(expected(f"min_effect {key}", "a non-negative number", value))
+        self._set("min_effect", {k: float(v) for k, v in self.min_effect.items()})
 
     def _check_data_and_model(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -489,6 +504,7 @@ class ExperimentConfig:
             "target_members": self.target_members,
             "target_checkpoint": self.target_checkpoint,
             "target_logits": self.target_logits,
+            **({"min_effect": dict(self.min_effect)} if self.min_effect else {}),  # stored only when set
         }
 
     @classmethod

@@ -403,31 +403,37 @@ def _headline_html(h: Headline) -> str:
         "<td></td></tr>"
     ]
     for c in h.comparisons:
-        verdict = "yes" if c.distinguishable else "no"
         rows.append(
             f"<tr><td>{html.escape(c.defense)}</td><td>{html.escape(c.attack)}</td>"
             f"<td>{_fmt(c.accuracy, pct=True)} ({_delta(c.accuracy_delta, c.accuracy_delta_ci, True)})</td>"
             f"<td>{_fmt(c.auc)} ({_delta(c.auc_delta, c.auc_delta_ci, False)})</td>"
             f"<td>{_fmt(c.tpr, pct=True)} ({_delta(c.tpr_delta, c.tpr_delta_ci, True)})</td>"
-            f"<td class=v-{verdict}>{verdict}</td></tr>"
+            f"<td class=v-{_verdict_class(c)}>{html.escape(c.verdict)}</td></tr>"
         )
-    n_dist = sum(c.distinguishable for c in h.comparisons)
     which = (
         "the leave-one-out evaluation (every model as the target, pooled)"
         if h.evaluation == "pooled"
         else "the single-target evaluation"
     )
+    words = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in h.sentences)
     return (
+        f"<ul class=words>{words}</ul>"
         f"<p>From {which}: each defense against <code>{html.escape(h.baseline)}</code> under the attack that is "
         f"strongest against it (highest AUC): change in test accuracy, in AUC and in TPR at {pct} FPR, with 95% "
-        "intervals "
-        f"({html.escape(h.method)}). {n_dist} of {len(h.comparisons)} defenses differ from "
-        f"{html.escape(h.baseline)} beyond those intervals on at least one of the three.</p>"
+        f"intervals ({html.escape(h.method)}). A change counts when its whole interval lies beyond the practical "
+        "threshold (--min-effect; default AUC 0.01, 1 point of accuracy, 1 point of TPR).</p>"
         "<table><tr><th>defense</th><th>strongest attack</th><th>test acc % (change)</th><th>AUC (change)</th>"
-        f"<th>TPR@{pct}FPR % (change)</th><th>distinguishable from {html.escape(h.baseline)}</th></tr>"
+        f"<th>TPR@{pct}FPR % (change)</th><th>against {html.escape(h.baseline)}</th></tr>"
         + "".join(rows)
         + "</table>"
     )
+
+
+def _verdict_class(c) -> str:
+    """The verdict cell's colour: green when it leaks less, red when more, grey with no measurable effect."""
+    if c.no_effect:
+        return "none"
+    return {"less": "less", "more": "more", "mixed": "more"}.get(c.leakage, "cost")
 
 
 def _evaluations_table(agg: Aggregate, evaluation_attack: dict, present: list[str]) -> str:
@@ -686,8 +692,10 @@ def _html(
 <style>body{{font-family:sans-serif;margin:2em;max-width:1300px;color:#222}}table{{border-collapse:collapse;
 font-size:13px;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}}
 td:first-child{{text-align:left}}img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;font-size:12px;
-overflow:auto}}.v-yes{{background:#fde0c5;font-weight:bold}}.notes{{background:#fff4d6;padding:0.5em 1em;
-border-left:4px solid #e0a800}}.cap{{color:#555;font-size:13px;max-width:900px}}.wide{{overflow-x:auto}}
+overflow:auto}}.v-less{{background:#d4f0d4;font-weight:bold}}.v-more{{background:#f8d0d0;font-weight:bold}}
+.v-none{{color:#777}}.v-cost{{background:#fdf0c5}}.words li{{margin:0.2em 0}}
+.notes{{background:#fff4d6;padding:0.5em 1em;border-left:4px solid #e0a800}}
+.cap{{color:#555;font-size:13px;max-width:900px}}.wide{{overflow-x:auto}}
 </style></head><body>
 <h1>Privacy-utility report</h1>
 <p>{protocol}</p>

@@ -107,6 +107,7 @@ class DefenseResult:
     # DP-SGD: how the target's epsilon was spent, for Opacus' accountant to recompute (`ccl.dp.DPAccounting`):
     # noise_multiplier, sample_rate, steps, accountant, delta, epsilon; None for other defenses and older runs
     dp_accounting: dict[str, Any] | None = None
+    majority_rate: float | None = None  # the majority class's share of the held-out records (a do-nothing model)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +124,7 @@ class DefenseResult:
             "num_canaries",
             "dp_epsilon",
             "dp_accounting",
+            "majority_rate",
         }
         missing = names - set(raw) - optional
         if missing:

@@ -10,7 +10,11 @@ lowest configured FPR that every result can resolve. Each difference comes with 
 - with one seed, a paired bootstrap (the same resamples for both defenses): over records for the single-target
   evaluation (members and non-members resampled separately), over models and records for the pooled one; it
   covers the choice of records (and models) only.
-A defense is *distinguishable* from the baseline when one of the three intervals excludes 0.
+A defense is *distinguishable* from the baseline when one of the three intervals excludes 0; its *verdict*
+(`judge`) asks more: it leaks less (or more) when the interval of the AUC change or of the TPR change lies wholly
+beyond a practical threshold (`MIN_EFFECT`, `--min-effect`), and it costs (or gains) accuracy likewise; a setting
+with neither is "no measurable effect" and is never a frontier point, nor is one flagged as having learnt
+nothing or never acted (models bit-identical to the baseline's).
 
 The privacy-utility frontier holds the defenses that no other defense beats on both axes: test accuracy (higher
 is better) and the strongest attack's AUC (lower is better), by their means.
@@ -26,12 +30,14 @@ import dataclasses
 import json
 import math
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .errors import RunDirectoryError
 from .layout import RunLayout
 from .metrics import DegenerateMetricWarning, roc_metrics, tpr_key
 from .results import Aggregate, DefenseResult, load_scores
@@ -99,9 +105,55 @@ class Comparison:
     auc_delta_ci: tuple[float, float]
     tpr_delta_ci: tuple[float, float]
 
+    leakage: str = ""  # against the baseline: "less", "more", "indistinguishable" or "mixed" (see `verdicts`)
+    cost: str = ""  # "costs accuracy", "gains accuracy" or "indistinguishable accuracy"
+    flags: list[str] = dataclasses.field(default_factory=list)  # "never acted", "learnt nothing"
+
     @property
     def distinguishable(self) -> bool:
         return any(lo > 0 or hi < 0 for lo, hi in (self.accuracy_delta_ci, self.auc_delta_ci, self.tpr_delta_ci))
+
+    @property
+    def no_effect(self) -> bool:
+        """Indistinguishable from the baseline on both axes, or flagged: never a frontier point."""
+        return bool(self.flags) or (self.leakage == "indistinguishable" and self.cost == "indistinguishable accuracy")
+
+    @property
+    def verdict(self) -> str:
+        """The comparison in words: a flag, "no measurable effect", or how it leaks and what it costs."""
+        if "never acted" in self.flags:
+            return "never acted: its models equal the baseline's"
+        if "learnt nothing" in self.flags:
+            return "learnt nothing: its accuracy is at the majority-class rate"
+        if self.no_effect:
+            return "no measurable effect"
+        leaks = {"indistinguishable": "leaks indistinguishably", "mixed": "leaks less by one measure, more by another"}
+        return f"{leaks.get(self.leakage, 'leaks ' + self.leakage)}, {self.cost}"
+
+
+#: The smallest changes that count as an effect against the baseline: an AUC change of 0.01, 1 point of accuracy
+#: and 1 point of TPR. A change counts when its whole 95% interval lies beyond the threshold (`--min-effect`).
+MIN_EFFECT = {"auc": 0.01, "accuracy": 1.0, "tpr": 1.0}
+
+
+def _direction(ci: tuple[float, float], threshold: float) -> int:
+    """+1 when the interval lies above `threshold`, -1 below `-threshold`, 0 otherwise (or undefined)."""
+    lo, hi = ci
+    if math.isnan(lo) or math.isnan(hi):
+        return 0
+    return 1 if lo > threshold else -1 if hi < -threshold else 0
+
+
+def judge(c: Comparison, min_effect: dict[str, float] | None = None) -> Comparison:
+    """Sets `c.leakage` and `c.cost` from its intervals and the practical thresholds (`MIN_EFFECT`, overridden by
+    `min_effect`; accuracy and TPR in points): leakage by the AUC and the TPR of the strongest attack (less when
+    one falls beyond its threshold and neither rises, mixed when one falls and the other rises)."""
+    m = {**MIN_EFFECT, **(min_effect or {})}
+    moves = {_direction(c.auc_delta_ci, m["auc"]), _direction(c.tpr_delta_ci, m["tpr"] / 100)} - {0}
+    c.leakage = "mixed" if len(moves) == 2 else {-1: "less", 1: "more"}.get(next(iter(moves), 0), "indistinguishable")
+    acc = _direction(c.accuracy_delta_ci, m["accuracy"] / 100)
+    c.cost = {-1: "costs accuracy", 1: "gains accuracy"}.get(acc, "indistinguishable accuracy")
+    return c
 
 
 @dataclass
@@ -114,6 +166,8 @@ class Headline:
     evaluation: str  # "pooled" (leave-one-out) or "target"
     comparisons: list[Comparison]
     frontier: list[str]
+    sentences: list[str] = dataclasses.field(default_factory=list)  # the headline in words (`headline_sentences`)
+    lowest_fpr: float = math.nan  # the lowest FPR the run reports; `fpr` is higher when that one is not resolved
 
 
 def evaluation_of(agg: Aggregate) -> str:
@@ -277,9 +331,11 @@ def headline(
     baseline: str = "ce",
     n_resamples: int = 200,
     seed: int = 0,
+    min_effect: dict[str, float] | None = None,
 ) -> Headline:
-    """Every defense against `baseline` under its strongest attack, with paired 95% intervals, and the
-    frontier; from the aggregate, and (one seed) the stored per-record scores."""
+    """Every defense against `baseline` under its strongest attack, with paired 95% intervals, judged with the
+    practical thresholds `min_effect` (`judge`) and flagged (`_flags`), the frontier, and the headline in words;
+    from the aggregate, and the stored per-record scores."""
     run_dir = Path(run_dir)
     ev = evaluation_of(agg)
     fpr = _report_fpr(agg, ev)
@@ -304,11 +360,93 @@ def headline(
             continue
         pairs = [(by[(row.defense, s)], by[(baseline, s)]) for s in seeds]
         comparison, method = _compare(run_dir, row, pairs, strongest[row.defense], ev, fpr, n_resamples, seed)
+        comparison = judge(comparison, min_effect)
+        comparison.flags = _flags(run_dir, pairs)
         comparisons.append(comparison)
         methods.add(method)
-    return Headline(
+    h = Headline(
         baseline, base_attack, base_values, fpr, "; ".join(sorted(methods)), ev, comparisons, frontier(points)
     )
+    h.lowest_fpr = min(agg.fprs)
+    h.sentences = headline_sentences(h, one_seed=all(len(r.seeds) == 1 for r in agg.rows))
+    return h
+
+
+def _flags(run_dir: Path, pairs: list[tuple[DefenseResult, DefenseResult]]) -> list[str]:
+    """"learnt nothing" when the defense's test accuracy is at the majority-class rate (mean over seeds), "never
+    acted" when its target's loss on every audited record equals the baseline's bit for bit on every seed."""
+    flags = []
+    rates = [d.majority_rate for d, _ in pairs if d.majority_rate is not None]
+    if rates and np.mean([d.test_acc for d, _ in pairs]) <= np.mean(rates) + 0.005:
+        flags.append("learnt nothing")
+    layout = RunLayout(run_dir)
+    try:
+        same = all(
+            np.array_equal(
+                load_scores(layout.result_dir(d.slug, d.seed))["target_loss"],
+                load_scores(layout.result_dir(c.slug, c.seed))["target_loss"],
+            )
+            for d, c in pairs
+        )
+    except RunDirectoryError:  # scores not stored (a partial directory): nothing to compare
+        same = False
+    if same:
+        flags.append("never acted")
+    return flags
+
+
+def _family(defense: str) -> str:
+    return defense.split("(", 1)[0]
+
+
+def headline_sentences(h: Headline, *, one_seed: bool) -> list[str]:
+    """The headline in sentences a reader can act on, from the numbers: how much the baseline leaks, which
+    settings cut that and at what cost, which leak more, which families change nothing measurably, and what
+    the intervals cover."""
+    if h.baseline is None:
+        return ["No ce baseline in this run: no defense is compared with an undefended model."]
+    b, pct = h.baseline_values, f"{100 * h.fpr:g}%"
+    out = [
+        f"The undefended model ({h.baseline}) leaks: {h.baseline_attack} finds {_pct(b['tpr'])} of its members at "
+        f"{pct} false positives (AUC {b['auc']:.3f}), at {_pct(b['accuracy'])} test accuracy."
+    ]
+    if not math.isnan(h.lowest_fpr) and h.fpr > h.lowest_fpr:
+        out.append(
+            f"(TPR at {100 * h.lowest_fpr:g}% FPR is not resolved by every result, so {pct} is used throughout.)"
+        )
+    for c in h.comparisons:
+        if c.leakage == "less" and not c.flags:
+            cost = (
+                f"for {abs(100 * c.accuracy_delta):.1f} points of accuracy"
+                if c.cost == "costs accuracy"
+                else "at no measurable cost in accuracy"
+                if c.cost == "indistinguishable accuracy"
+                else f"while gaining {100 * c.accuracy_delta:.1f} points of accuracy"
+            )
+            out.append(f"{c.defense} cuts that to {_pct(c.tpr)} (AUC {c.auc:.3f}, against {c.attack}) {cost}.")
+        elif c.leakage in ("more", "mixed") and not c.flags:
+            out.append(f"{c.defense} {c.verdict.split(',')[0]} than {h.baseline}: {_pct(c.tpr)} (AUC {c.auc:.3f}).")
+    flagged = {
+        "never acted": "never acted (its models equal the baseline's)",
+        "learnt nothing": "learnt nothing (accuracy at the majority-class rate)",
+    }
+    for flag, text in flagged.items():
+        named = [c.defense for c in h.comparisons if flag in c.flags]
+        if named:
+            out.append(f"{', '.join(named)} {text}: not a frontier point.")
+    families: dict[str, list[Comparison]] = {}
+    for c in h.comparisons:
+        families.setdefault(_family(c.defense), []).append(c)
+    for family, cs in families.items():
+        if all(c.no_effect and not c.flags for c in cs):
+            out.append(
+                f"{cs[0].defense} changes neither leakage nor accuracy measurably."
+                if len(cs) == 1
+                else f"No {family} setting ({len(cs)} tried) changes leakage or accuracy measurably."
+            )
+    if one_seed:
+        out.append("With one seed, the intervals cover the choice of records and models, not training randomness.")
+    return out
 
 
 def _num(v) -> float:
@@ -396,14 +534,20 @@ def _beats(q: FrontierPoint, p: FrontierPoint) -> bool:
     return q.accuracy_interval[0] > p.accuracy_interval[1] or q.leakage_interval[1] < p.leakage_interval[0]
 
 
-def family_verdicts(points: list[FrontierPoint]) -> dict[str, str]:
-    """One line per family: "on the frontier at accuracy A-B" when one of its points is Pareto-optimal (by
-    means), "dominated by X" when another family beats each of its points beyond the intervals, and
-    "indistinguishable from the frontier" otherwise."""
-    optimal = set(frontier({p.defense: (p.accuracy, p.leakage) for p in points}))
+def family_verdicts(points: list[FrontierPoint], *, no_effect: Collection[str] = ()) -> dict[str, str]:
+    """One line per family: "no measurable effect against the baseline" when every setting is in `no_effect`
+    (indistinguishable from the baseline on both axes, or flagged), "on the frontier at accuracy A-B" when one of
+    its other points is Pareto-optimal (by means, among the points not in `no_effect`), "dominated by X" when
+    another family beats each of its points beyond the intervals, and "indistinguishable from the frontier"
+    otherwise."""
+    counted = [p for p in points if p.defense not in no_effect]
+    optimal = set(frontier({p.defense: (p.accuracy, p.leakage) for p in counted}))
     out: dict[str, str] = {}
     for fam in dict.fromkeys(p.family for p in points):
-        mine = [p for p in points if p.family == fam]
+        mine = [p for p in counted if p.family == fam]
+        if not mine:
+            out[fam] = "no measurable effect against the baseline (every setting)"
+            continue
         on = [p for p in mine if p.defense in optimal]
         if on:
             lo, hi = min(p.accuracy for p in on), max(p.accuracy for p in on)
@@ -412,7 +556,7 @@ def family_verdicts(points: list[FrontierPoint]) -> dict[str, str]:
             continue
         beaters = []
         for p in mine:
-            b = [q.family for q in points if q.family != fam and _beats(q, p)]
+            b = [q.family for q in counted if q.family != fam and _beats(q, p)]
             beaters.append(b)
         if all(beaters):
             names = sorted({b for bs in beaters for b in bs})
@@ -446,15 +590,16 @@ class Summary:
         h["comparisons"] = [Comparison(**_floats(c)) for c in h["comparisons"]]
         h["baseline_values"] = {k: _num(v) for k, v in h["baseline_values"].items()}
         h["fpr"] = float(h["fpr"])
+        h["lowest_fpr"] = _num(h.get("lowest_fpr"))
         points = [FrontierPoint(**_floats(p)) for p in raw["points"]]
         return cls(Headline(**h), raw["leakage"], raw["frontier_label"], points, raw["optimal"], raw["verdicts"])
 
 
 def _floats(raw: dict[str, Any]) -> dict[str, Any]:
-    """JSON's null back to NaN, and its lists back to (low, high) tuples."""
+    """JSON's null back to NaN, and its lists of numbers back to (low, high) tuples."""
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, list):
+        if isinstance(value, list) and all(v is None or isinstance(v, float | int) for v in value) and value:
             out[key] = tuple(_num(v) for v in value)
         elif value is None or isinstance(value, float | int) and not isinstance(value, bool):
             out[key] = _num(value)
@@ -463,12 +608,23 @@ def _floats(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def summarize(run_dir: str | Path, agg: Aggregate, results: list[DefenseResult], *, leakage: str = "tpr") -> Summary:
-    """The pipeline's summary step: `headline`, `frontier_points` under `leakage`, the frontier and
-    `family_verdicts`, from the aggregate and (one seed) the stored per-record scores."""
+def summarize(
+    run_dir: str | Path,
+    agg: Aggregate,
+    results: list[DefenseResult],
+    *,
+    leakage: str = "tpr",
+    min_effect: dict[str, float] | None = None,
+) -> Summary:
+    """The pipeline's summary step: `headline` (with the practical thresholds `min_effect`), `frontier_points`
+    under `leakage`, the frontier and `family_verdicts`, from the aggregate and the stored per-record scores. A
+    setting with no measurable effect against the baseline, or flagged, is never a frontier point."""
+    h = headline(run_dir, agg, results, min_effect=min_effect)
+    no_effect = {c.defense for c in h.comparisons if c.no_effect}
+    h.frontier = [d for d in h.frontier if d not in no_effect]
     points, label = frontier_points(agg, results, leakage=leakage)
-    optimal = frontier({p.defense: (p.accuracy, p.leakage) for p in points})
-    return Summary(headline(run_dir, agg, results), leakage, label, points, optimal, family_verdicts(points))
+    optimal = frontier({p.defense: (p.accuracy, p.leakage) for p in points if p.defense not in no_effect})
+    return Summary(h, leakage, label, points, optimal, family_verdicts(points, no_effect=no_effect))
 
 
 def load_summary(run_dir: str | Path) -> Summary | None:
@@ -482,28 +638,17 @@ def load_summary(run_dir: str | Path) -> Summary | None:
 
 
 def summary_lines(summary: Summary) -> list[str]:
-    """The summary in a few lines for the terminal: the baseline, each defense's change against it, the
-    frontier."""
+    """The summary for the terminal: the headline in words, each setting's verdict against the baseline (its
+    changes with 95% intervals' method named), and the frontier."""
     h = summary.headline
     ev = "pooled leave-one-out" if h.evaluation == "pooled" else "single target"
     pct = f"{100 * h.fpr:g}%"
-    if h.baseline is None:
-        lines = [f"Summary ({ev}): no ce baseline in this run, so no defense is compared with it."]
-    else:
-        b = h.baseline_values
-        lines = [
-            f"Summary ({ev}{f'; 95% intervals: {h.method}' if h.method else ''}): {h.baseline} reaches "
-            f"{100 * b['accuracy']:.1f}% "
-            f"test accuracy; {h.baseline_attack} finds {_pct(b['tpr'])} of its members at {pct} FPR "
-            f"(AUC {b['auc']:.3f})."
-        ]
-        for c in h.comparisons:
-            verdict = "distinguishable" if c.distinguishable else "indistinguishable"
-            lines.append(
-                f"  {c.defense}: accuracy {_signed(100 * c.accuracy_delta, 'points')}, AUC "
-                f"{_signed(c.auc_delta, '')}, TPR@{pct} {_signed(100 * c.tpr_delta, 'points')} under {c.attack}: "
-                f"{verdict} from {h.baseline}"
-            )
+    lines = [f"Summary ({ev}{f'; 95% intervals: {h.method}' if h.method else ''}):", *h.sentences]
+    for c in h.comparisons:
+        lines.append(
+            f"  {c.defense}: {c.verdict} (accuracy {_signed(100 * c.accuracy_delta, 'points')}, AUC "
+            f"{_signed(c.auc_delta, '')}, TPR@{pct} {_signed(100 * c.tpr_delta, 'points')} under {c.attack})"
+        )
     lines.append(f"Frontier ({summary.frontier_label}): {', '.join(summary.optimal) or 'none'}")
     return lines
 

@@ -107,7 +107,8 @@ def run_audit(
             if bar is not None:
                 bar.close()
         agg = aggregate(results, order=[d.label for d in config.defenses], fprs=config.fprs)
-        write_aggregate(rd.path, agg, summary=summarize(rd.path, agg, results).to_dict())
+        summary = summarize(rd.path, agg, results, min_effect=config.min_effect)
+        write_aggregate(rd.path, agg, summary=summary.to_dict())
     return agg
 
 

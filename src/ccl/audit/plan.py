@@ -156,7 +156,8 @@ def plan_jobs(config: ExperimentConfig, defense: DefenseSpec, seed: int, split: 
 def result_key(config: ExperimentConfig, defense: DefenseSpec, seed: int) -> str:
     """A hash of everything that determines one (defense, seed) result: a resumed run recomputes a result whose
     reference models or attacks changed since it was written."""
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("seeds", "defenses", "dataset")}
+    # the verdicts' thresholds only change the summary: not part of any result
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("seeds", "defenses", "dataset", "min_effect")}
     if not settings["reserve_fraction"]:  # no reserve: the same key as before reserves existed
         del settings["reserve_fraction"]
     if config.uses_leave_one_out:  # pooled results from an older leave-one-out design are recomputed

@@ -356,6 +356,7 @@ def score_defense(
         vulnerable_records=vulnerable,
         num_canaries=int(is_canary.sum()),
         dp_epsilon=dp_epsilon,
+        majority_rate=float(np.bincount(labels_all[held_out]).max() / held_out.sum()),
     )
     arrays = {"is_member": is_member, "labels": labels, "target_loss": target_loss[:p], "scores": scores}
     arrays |= {"heldout_correct": predicted[held_out], "is_canary": is_canary}
