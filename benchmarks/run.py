@@ -252,7 +252,7 @@ def dp_step(quick: bool) -> list[dict]:
         return [figure("dp_step/opacus", float("nan"), "", "<= 3 (Purchase MLP)", None, note=note)]
 
     import ccl.defenses
-    from ccl.dp import DPTrainer
+    from ccl.defenses.dpsgd import DPTrainer
     from ccl.training import make_optimizer
 
     batch, hidden, num_records = (32, (128, 64), 1_000) if quick else (256, (1024, 512, 256, 128), 39_000)
@@ -262,7 +262,7 @@ def dp_step(quick: bool) -> list[dict]:
     y = torch.randint(0, 100, (batch,), generator=g)
     recipe = Recipe(epochs=30, batch_size=batch, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4)
     defense = ccl.defenses.create("dpsgd", noise_multiplier=1.0)  # the time does not depend on the noise
-    loss_fn, settings = defense.loss, defense.procedure.dp
+    loss_fn, settings = defense.loss, defense.procedure
 
     def build():
         return ccl.models.create("mlp", num_classes=100, input_shape=(600,), seed=0, hidden=hidden)

@@ -28,11 +28,11 @@ def tiny():
 def test_a_dp_step_equals_clipped_per_sample_gradients_summed_by_a_loop():
     """noise_multiplier=0: one DP-SGD step is the mean (over the expected batch size) of the per-sample
     gradients, each clipped to max_grad_norm, computed here by one backward pass per sample."""
-    from ccl.dp import DPTrainer
+    from ccl.defenses.dpsgd import DPTrainer
 
     data, model = tiny()
     reference = copy.deepcopy(model)
-    dp = defenses.create("dpsgd", noise_multiplier=0.0, max_grad_norm=0.05).procedure.dp
+    dp = defenses.create("dpsgd", noise_multiplier=0.0, max_grad_norm=0.05).procedure
     trainer = DPTrainer(model, dp, num_records=64, batch_size=16, epochs=1)
     base = torch.optim.SGD(trainer.module.parameters(), lr=1.0)
     optimizer = trainer.optimizer(base)
@@ -56,7 +56,7 @@ def test_a_dp_step_equals_clipped_per_sample_gradients_summed_by_a_loop():
 def test_the_noise_is_calibrated_by_the_accountant_and_the_spent_epsilon_reported(quiet):
     from opacus.accountants import RDPAccountant
 
-    from ccl.dp import calibrate_noise, epsilon_spent
+    from ccl.defenses.dpsgd import calibrate_noise, epsilon_spent
 
     sigma = calibrate_noise(4.0, 1e-5, sample_rate=0.1, steps=500)
     spent = epsilon_spent(sigma, 0.1, 500, 1e-5)

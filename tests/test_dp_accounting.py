@@ -14,7 +14,7 @@ import ccl  # noqa: E402
 from ccl import defenses  # noqa: E402
 from ccl.audit import run_audit, run_train  # noqa: E402
 from ccl.config import ExperimentConfig  # noqa: E402
-from ccl.dp import DPAccounting, DPTrainer  # noqa: E402
+from ccl.defenses.dpsgd import DPAccounting, DPTrainer  # noqa: E402
 from ccl.results import DefenseResult  # noqa: E402
 from ccl.training import Runtime  # noqa: E402
 
@@ -33,7 +33,7 @@ def recomputed_epsilon(record: dict) -> float:
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_the_trainers_accounting_is_recomputed_by_opacus(accountant):
-    dp = defenses.create("dpsgd", epsilon=3.0, delta=1e-5, accountant=accountant).procedure.dp
+    dp = defenses.create("dpsgd", epsilon=3.0, delta=1e-5, accountant=accountant).procedure
     model = ccl.models.create("mlp", num_classes=3, input_shape=(6,), hidden=(8,), seed=0)
     trainer = DPTrainer(model, dp, num_records=500, batch_size=50, epochs=4)
     spent = trainer.accounting(4)

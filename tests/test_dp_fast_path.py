@@ -16,13 +16,13 @@ pytest.importorskip("opacus")
 
 import ccl  # noqa: E402
 import ccl.defenses  # noqa: E402
-from ccl.dp import DPTrainer, is_plain_mlp  # noqa: E402
+from ccl.defenses.dpsgd import DPTrainer, is_plain_mlp  # noqa: E402
 from ccl.errors import InvalidArgumentError  # noqa: E402
 
 
 def settings(max_grad_norm: float = 0.5, noise_multiplier: float = 1.0):
     defense = ccl.defenses.create("dpsgd", max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier)
-    return defense.procedure.dp
+    return defense.procedure
 
 
 def data(n: int = 13, d: int = 20, c: int = 7, seed: int = 0):

@@ -282,6 +282,14 @@ def test_the_engine_and_the_report_do_not_import_the_pipeline():
     assert not _imports(SRC / "results.py") & {"audit", "config", "run_dir", "cli", "report"}
 
 
+def test_the_engine_and_the_audit_import_no_defense_by_name():
+    """A defense reaches the loop and the audit only through its procedure's hooks (`ccl._hooks`)."""
+    defense_modules = {"defenses", "dp", "advreg", "distillation", "dpsgd", "early_stop", "hamp"}
+    for module in ("training.py", "stacked.py", "audit/execute.py", "audit/plan.py", "audit/score.py"):
+        assert not _imports(SRC / module) & defense_modules, module
+    assert _imports(SRC / "_hooks.py") <= {"training"}  # the protocol: the recipe's type, for type checkers only
+
+
 def test_the_cli_prints_ccl_errors_as_one_line_and_bugs_with_a_traceback(monkeypatch, capsys, tmp_path):
     assert cli.main(["compare", "--epochs", "0", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 import ccl
 from ccl import defenses
-from ccl.advreg import AdversarialLoss, InferenceModel, inference_gain
 from ccl.audit import run_audit
 from ccl.config import ExperimentConfig, parse_defense
-from ccl.distillation import DistillationLoss, soft_labels
+from ccl.defenses.advreg import AdversarialLoss, InferenceModel, inference_gain
+from ccl.defenses.distillation import DistillationLoss, soft_labels
 from ccl.errors import ConfigError, InvalidArgumentError
 from ccl.training import Recipe, fit, predict_logits
 

@@ -33,7 +33,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -43,7 +42,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -52,12 +51,10 @@ from torch import Tensor, nn
 
 from ._checks import check_choice, check_in_range, check_positive_int, expected
 from ._device import resolve_device
+from ._hooks import DefenseHooks, Procedure, TrainingSetup
 from ._io import atomic_path, remove_stale_temporaries, write_text
 from .data.transforms import augment_batch
 from .errors import InvalidArgumentError, InvalidArgumentTypeError, RunDirectoryError, TrainingError
-
-if TYPE_CHECKING:
-    from .dp import DPAccounting
 
 __all__ = [
     "FitResult",
@@ -69,6 +66,7 @@ __all__ = [
     "epoch_generator",
     "fit",
     "load_checkpoint",
+    "loss_stats",
     "lr_at",
     "make_optimizer",
     "predict_logits",
@@ -159,7 +157,7 @@ class FitResult:
     history: list[dict[str, float]]
     resumed_from_epoch: int  # 0 when training started from scratch
     epsilon: float | None = None  # DP-SGD: the epsilon spent (at the defense's delta)
-    dp_accounting: DPAccounting | None = None  # DP-SGD: the accountant's inputs and the epsilon spent
+    dp_accounting: Any | None = None  # DP-SGD: the accountant's inputs and the epsilon spent (`DPAccounting`)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,7 +277,8 @@ def predict_logits(
 
 
 @torch.no_grad()
-def _loss_stats(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> dict[str, float]:
+def loss_stats(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> dict[str, float]:
+    """The mean and variance of the model's cross-entropy on `(x, y)` and its accuracy, in eval mode."""
     model.eval()
     losses, correct = [], 0
     for i in range(0, x.shape[0], batch_size):
@@ -294,10 +293,10 @@ def _member_stats(
     model: nn.Module, members: tuple[Tensor, Tensor], heldout: tuple[Tensor, Tensor] | None, batch_size: int
 ) -> dict[str, float]:
     """Mean and variance of the CE on members and non-members, and their accuracies (the log's key columns)."""
-    stats = _loss_stats(model, *members, 4 * batch_size)
+    stats = loss_stats(model, *members, 4 * batch_size)
     out = {"member_loss_mean": stats["loss_mean"], "member_loss_var": stats["loss_var"], "member_acc": stats["acc"]}
     if heldout is not None:
-        stats = _loss_stats(model, *heldout, 4 * batch_size)
+        stats = loss_stats(model, *heldout, 4 * batch_size)
         out.update(
             {
                 "nonmember_loss_mean": stats["loss_mean"],
@@ -387,17 +386,17 @@ def _train_epoch(
     recipe: Recipe,
     device: torch.device,
     amp_dtype: torch.dtype | None,
-    sampler: Callable[[torch.Generator, torch.device], list[Tensor]] | None = None,
+    sampler: Callable[[torch.Generator, torch.device], list[Tensor] | None] | None = None,
 ) -> _EpochOutcome:
     """One pass of every model over its members `member_idx (K, m)`, each in its own seeded order (or the
-    batches `sampler` draws from the epoch's generator: DP-SGD's Poisson sampling, K = 1). Sums stay on the
-    device, so a GPU syncs once per epoch, not per batch; on a CPU a bad loss stops before its step."""
+    batches `sampler` draws from the epoch's generator, unless it returns None: DP-SGD's Poisson sampling,
+    K = 1). Sums stay on the device, so a GPU syncs once per epoch, not per batch; on a CPU a bad loss stops
+    before its step."""
     k, m = member_idx.shape
     gens = [epoch_generator(s, epoch, device) for s in seeds]
     torch.manual_seed(int(np.random.SeedSequence([seeds[0], epoch, 1]).generate_state(1)[0]))  # dropout etc.
-    if sampler is not None:
-        batches = sampler(gens[0], device)
-    else:
+    batches = sampler(gens[0], device) if sampler is not None else None
+    if batches is None:
         orders = torch.stack([torch.randperm(m, generator=g, device=device) for g in gens])  # (K, m)
         if m % recipe.batch_size == 1 and m > 1:
             orders = orders[:, :-1]  # a batch of one record breaks BatchNorm; skipped this epoch (a random one)
@@ -461,13 +460,14 @@ def train_models(
     description: str = "train",
     checkpoint: str | os.PathLike | None = None,
     stop_after: int | None = None,
-    dp=None,
+    hooks: DefenseHooks | None = None,
 ) -> None:
     """Trains `models` (K of one recipe, on `device`) on the records `member_idx (K, m)` of `(x, y)` from
-    `start_epoch` to `recipe.epochs`, model j with `seeds[j]`. After each epoch `on_epoch_end(epoch, optimizer,
-    {"loss", "acc"})` runs (checkpoints and logs go there); when it returns True, training stops there (a
-    patience rule). `y` may hold soft labels `(N, C)` for a loss that takes them. Raises `TrainingError` naming
-    the model, the epoch and the batch when a loss or the weights stop being finite."""
+    `start_epoch` to `recipe.epochs` (or `stop_after`), model j with `seeds[j]`. After each epoch
+    `on_epoch_end(epoch, optimizer, {"loss", "acc"})` runs (checkpoints and logs go there); when it returns
+    True, training stops there (a patience rule). A defense's `hooks` (one model only) wrap the optimizer, seed
+    each epoch and may draw its batches. `y` may hold soft labels `(N, C)` for a loss that takes them. Raises
+    `TrainingError` naming the model, the epoch and the batch when a loss or the weights stop being finite."""
     names = names or [f"model {j}" for j in range(models.k)]
 
     def kept() -> str:
@@ -481,10 +481,11 @@ def train_models(
     optimizer = make_optimizer(models.parameters(), recipe)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    if dp is not None:  # a ccl.dp.DPTrainer: clipping and noise in the step, Poisson batches
-        if models.k != 1:
-            raise InvalidArgumentError(expected("models", "one model with DP-SGD (per-sample clipping)", models.k))
-        optimizer = dp.optimizer(optimizer)
+    if hooks is not None and models.k != 1:
+        raise InvalidArgumentError(expected("models", "one model with a defense's hooks", models.k))
+    hooks = hooks or DefenseHooks()
+    optimizer = hooks.optimizer(optimizer)
+    if not hooks.mixed_precision:
         amp_dtype = None
     last = recipe.epochs if stop_after is None else min(recipe.epochs, stop_after)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
@@ -499,8 +500,7 @@ def train_models(
                 group["lr"] = lr_at(epoch, recipe)
             if hasattr(loss_fn, "set_epoch"):
                 loss_fn.set_epoch(epoch)
-            if dp is not None:
-                dp.start_epoch(optimizer, seeds[0], epoch, device)
+            hooks.start_epoch(optimizer, seed=seeds[0], epoch=epoch, device=device)
             outcome = _train_epoch(
                 models,
                 loss_fn,
@@ -514,7 +514,7 @@ def train_models(
                 recipe=recipe,
                 device=device,
                 amp_dtype=amp_dtype,
-                sampler=None if dp is None else dp.batches,
+                sampler=hooks.batches,
             )
             if outcome.bad_model >= 0:
                 raise TrainingError(
@@ -569,7 +569,7 @@ def fit(
     log_path: str | os.PathLike | None = None,
     resume: bool = True,
     description: str = "train",
-    procedure=None,
+    procedure: Procedure | None = None,
     reserve: tuple[Tensor, Tensor] | None = None,
 ) -> FitResult:
     """Trains `model` in place with `loss_fn` on `train = (x, y)`.
@@ -589,7 +589,7 @@ def fit(
             returned model is the one trained, BatchNorm replaced by GroupNorm where Opacus needs it; the log
             records the epsilon spent), early stopping after a number of epochs or by patience, adversarial
             regularisation, distillation (the returned model is the student; the teacher trains first, into
-            `checkpoint_dir/teacher`). See `ccl.defenses`.
+            `checkpoint_dir/teacher`). The loop calls its hooks (`ccl._hooks`); see `ccl.defenses`.
         reserve: `(x, y)` the defender's reserve, records that no audited model trains on, for the defenses
             that learn from such data (`procedure.needs_reserve`): early stopping's validation split,
             adversarial regularisation's reference non-members, distillation's transfer set.
@@ -616,7 +616,7 @@ def fit(
                 expected("heldout", f"records of shape {tuple(x.shape[1:])} like train", tuple(hx.shape[1:]))
             )
 
-    needs_reserve = procedure is not None and getattr(procedure, "needs_reserve", False)
+    needs_reserve = procedure is not None and procedure.needs_reserve
     if needs_reserve:
         if reserve is None:
             raise InvalidArgumentError(
@@ -628,7 +628,10 @@ def fit(
             raise InvalidArgumentError(
                 expected("reserve", f"records of shape {tuple(x.shape[1:])} like train", tuple(rx.shape[1:]))
             )
-    common = dict(
+    return _fit(
+        model,
+        loss_fn,
+        (x, y),
         recipe=recipe,
         runtime=runtime,
         heldout=None if heldout is None else (hx, hy),
@@ -637,59 +640,7 @@ def fit(
         resume=resume,
         description=description,
         procedure=procedure,
-    )
-    if procedure is not None and getattr(procedure, "distill", None) is not None:
-        return _fit_distilled(model, loss_fn, (x, y), (rx, ry), **common)
-    return _fit(model, loss_fn, (x, y), reserve=(rx, ry) if needs_reserve else None, **common)
-
-
-def _fit_distilled(
-    model: nn.Module,
-    loss_fn,
-    train: tuple[Tensor, Tensor],
-    reserve: tuple[Tensor, Tensor],
-    *,
-    recipe: Recipe,
-    runtime: Runtime,
-    heldout,
-    checkpoint_dir,
-    log_path,
-    resume: bool,
-    description: str,
-    procedure,
-) -> FitResult:
-    """DMP: the teacher (a copy of `model`, same initial weights) trains on the members with `loss_fn`; then
-    `model`, the released student, trains on the reserve's records against the teacher's soft labels. Its log
-    keeps the member/non-member statistics of the private members."""
-    from .distillation import DistillationLoss, soft_labels
-
-    teacher = fit(
-        copy.deepcopy(model),
-        loss_fn,
-        train,
-        recipe=recipe,
-        runtime=runtime,
-        heldout=heldout,
-        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / "teacher",
-        resume=resume,
-        description=f"{description} teacher",
-    ).model
-    t = procedure.distill.temperature
-    rx = reserve[0]
-    teacher_logits = torch.as_tensor(predict_logits(teacher, rx, device=runtime.device))
-    return _fit(
-        model,
-        DistillationLoss(temperature=t),
-        (rx, soft_labels(teacher_logits, t)),
-        recipe=recipe,
-        runtime=runtime,
-        heldout=heldout,
-        checkpoint_dir=checkpoint_dir,
-        log_path=log_path,
-        resume=resume,
-        description=f"{description} student",
-        procedure=procedure,
-        stats_members=train,
+        reserve=(rx, ry) if needs_reserve else None,
     )
 
 
@@ -705,64 +656,43 @@ def _fit(
     log_path,
     resume: bool,
     description: str,
-    procedure,
+    procedure: Procedure | None,
     reserve: tuple[Tensor, Tensor] | None = None,
-    stats_members: tuple[Tensor, Tensor] | None = None,
 ) -> FitResult:
-    """`fit` on checked inputs. `stats_members`: the records whose loss statistics the log reports as the
-    members' (default: the training records; a distilled student's are the teacher's members)."""
-    x, y = train
-    if heldout is not None:
-        hx, hy = heldout
+    """`fit` on checked inputs (`train` may hold soft labels): the one loop, which calls the defense's hooks
+    (`ccl._hooks`) and knows no defense."""
+    identity = recipe.to_dict() if procedure is None else recipe.to_dict() | {"procedure": procedure.identity}
+    procedure = procedure or Procedure()
+    hooks, last = procedure.hooks(), procedure.last_epoch(recipe)
+    num_classes = _num_classes(model, train[0])
+    setup = TrainingSetup(
+        model, loss_fn, train, reserve, heldout, recipe, runtime, checkpoint_dir, resume, description, num_classes
+    )
+    setup = hooks.prepare(setup)
+    model, loss_fn, (x, y), heldout = setup.model, setup.loss, setup.train, setup.heldout
     device = resolve_device(runtime.device)
     images = x.ndim == 4
     if recipe.augment and not images:
         raise InvalidArgumentError(expected("augment", "False for non-image data (x of shape (N, C, H, W))", True))
     channels_last = runtime.channels_last if runtime.channels_last is not None else (images and device.type == "cuda")
     memory_format = torch.channels_last if channels_last and images else torch.contiguous_format
+
+    def to_device(data: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
+        if data is None:
+            return None
+        return data[0].to(device).contiguous(memory_format=memory_format), data[1].to(device)
+
     model.to(device=device, memory_format=memory_format)
-    x, y = x.to(device).contiguous(memory_format=memory_format), y.to(device)
-    if heldout is not None:
-        hx, hy = hx.to(device).contiguous(memory_format=memory_format), hy.to(device)
-    if reserve is not None:
-        reserve = (reserve[0].to(device).contiguous(memory_format=memory_format), reserve[1].to(device))
-    if stats_members is not None:
-        sx, sy = stats_members[0].to(device).contiguous(memory_format=memory_format), stats_members[1].to(device)
-    else:  # soft labels: the statistics of their argmax
-        sx, sy = x, (y.argmax(-1) if y.is_floating_point() else y)
-    dp = None
-    if procedure is not None and procedure.dp is not None:
-        from .dp import DPTrainer
-
-        dp = DPTrainer(model, procedure.dp, num_records=x.shape[0], batch_size=recipe.batch_size, epochs=recipe.epochs)
-        model = dp.model.to(device)
-        forward = dp.module
-    else:
-        forward = torch.compile(model) if runtime.compile else model
-    adversary = getattr(procedure, "adversary", None)
-    if adversary is not None:
-        from .advreg import AdversarialLoss
-
-        loss_fn = AdversarialLoss(
-            loss_fn,
-            classifier=forward,
-            module=model,
-            members=(x, y),
-            reserve=reserve,
-            num_classes=_num_classes(model, x),
-            alpha=adversary.alpha,
-            steps=adversary.steps,
-            lr=adversary.lr,
-            batch_size=recipe.batch_size,
-            seed=recipe.seed,
-        )
-    patience = getattr(procedure, "patience", None)
-    watch = {"best": math.inf, "best_epoch": 0, "bad": 0, "stopped": False}  # the patience rule's state
-    best_state: dict[str, Tensor] | None = None
-    last = (
-        recipe.epochs if procedure is None or procedure.stop_after is None else min(recipe.epochs, procedure.stop_after)
-    )
-    identity = recipe.to_dict() | {"procedure": repr(procedure)} if procedure is not None else recipe.to_dict()
+    x, y = to_device((x, y))
+    heldout = to_device(heldout)
+    # the log's member statistics: of the records `prepare` names (a distilled student's: the teacher's members),
+    # else of the training records (soft labels: of their argmax)
+    members = to_device(setup.stats_members) or (x, y.argmax(-1) if y.is_floating_point() else y)
+    setup = dataclasses.replace(setup, train=(x, y), reserve=to_device(setup.reserve), heldout=heldout)
+    model, forward = hooks.wrap(model, setup)
+    model = model.to(device)
+    forward = forward or (torch.compile(model) if runtime.compile else model)
+    loss_fn = hooks.wrap_loss(loss_fn, forward=forward, model=model, setup=setup)
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if log_path is None and checkpoint_dir is not None:
@@ -779,13 +709,9 @@ def _fit(
             )
         model.load_state_dict(state["model"])
         optimizer_state, start, history = state["optimizer"], int(state["epoch"]), state["history"]
-        if adversary is not None:
-            loss_fn.load_state_dict(state["adversary"])
-        if patience is not None:
-            watch, best_state = json.loads(state["patience"]), state["best_model"]
+        hooks.load_state_dict(state)
 
     def on_epoch_end(epoch: int, optimizer: torch.optim.Optimizer, stats: dict[str, Tensor]) -> bool:
-        nonlocal best_state
         record = {
             "epoch": epoch + 1,
             "lr": lr_at(epoch, recipe),
@@ -793,24 +719,9 @@ def _fit(
             "train_acc": float(stats["acc"][0]),
             "seconds": time.perf_counter() - clock[0],
         }
-        if dp is not None:
-            record["epsilon"] = dp.epsilon(epoch + 1)
-        if adversary is not None:
-            record["inference_gain"] = loss_fn.last_gain
-        if patience is not None:  # the validation loss (CE on the reserve) decides when to stop
-            val_loss = _loss_stats(model, *reserve, 4 * recipe.batch_size)["loss_mean"]
-            record["val_loss"] = val_loss
-            if val_loss < watch["best"]:
-                watch.update(best=val_loss, best_epoch=epoch + 1, bad=0)
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                watch["bad"] += 1
-            watch["stopped"] = watch["bad"] >= patience
-            if watch["stopped"] or epoch + 1 == last:  # done: the best epoch's model is the released one, and
-                model.load_state_dict(best_state)  # the last record's statistics and the checkpoint are its
-                record["released_epoch"] = watch["best_epoch"]
-        if (epoch + 1) % runtime.eval_every == 0 or epoch + 1 == last or watch["stopped"]:
-            record.update(_member_stats(model, (sx, sy), None if heldout is None else (hx, hy), recipe.batch_size))
+        stop = hooks.end_epoch(epoch, model, record, setup)
+        if (epoch + 1) % runtime.eval_every == 0 or epoch + 1 == last or stop:
+            record.update(_member_stats(model, members, heldout, recipe.batch_size))
         history.append(record)
         if ckpt_path is not None:
             state = {
@@ -819,22 +730,17 @@ def _fit(
                 "epoch": epoch + 1,
                 "history": json.dumps(history),
                 "recipe": json.dumps(identity),
+                **hooks.state_dict(),
             }
-            if adversary is not None:
-                state["adversary"] = loss_fn.state_dict()
-            if patience is not None:
-                state["patience"], state["best_model"] = json.dumps(watch), best_state
             with atomic_path(ckpt_path) as tmp:
                 torch.save(state, tmp)
         if log_path is not None:
             write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
         clock[0] = time.perf_counter()
-        return watch["stopped"]
+        return stop
 
     clock = [time.perf_counter()]
-    with torch_threads(runtime.threads), warnings.catch_warnings():
-        if dp is not None:  # Opacus' hooks on the first layer, whose input needs no gradient: expected
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    with torch_threads(runtime.threads), warnings.catch_warnings():  # a defense's hooks may silence warnings
         train_models(
             OneModel(model, forward),
             loss_fn,
@@ -844,18 +750,17 @@ def _fit(
             recipe=recipe,
             seeds=[recipe.seed],
             device=device,
-            start_epoch=last if watch["stopped"] else start,
+            start_epoch=last if hooks.stopped else start,
             optimizer_state=optimizer_state,
             on_epoch_end=on_epoch_end,
             names=["the model"],
             progress=runtime.progress,
-            description=description,
+            description=setup.description,
             checkpoint=ckpt_path,
             stop_after=last,
-            dp=dp,
+            hooks=hooks,
         )
-    if patience is not None and best_state is not None:  # the best epoch's model is released
-        model.load_state_dict(best_state)
+    hooks.release(model)
     model.eval()
-    spent = dp.accounting(last) if dp is not None else None
+    spent = hooks.privacy_spent(last)
     return FitResult(model, history, start, epsilon=None if spent is None else spent.epsilon, dp_accounting=spent)

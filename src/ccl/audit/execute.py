@@ -167,23 +167,6 @@ def perturbed_labels(forward_all, x_pool: torch.Tensor) -> dict[str, np.ndarray]
     }
 
 
-@torch.no_grad()
-def _hamp_release(forward_all, logits: list[np.ndarray], x_all: torch.Tensor, n: int, *, seed: int) -> list:
-    """HAMP's released outputs: for each query, the scores of its own random input (uniform over each feature's
-    range in the data), rearranged to the query's rank order (`ccl.defenses.hamp_modify`)."""
-    from ..defenses import hamp_modify
-
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0x4A]).generate_state(1)[0]))
-    low, high = x_all.min(0).values, x_all.max(0).values
-    noise = low + (high - low) * torch.rand((n, *x_all.shape[1:]), generator=g)
-    random_logits = torch.cat([forward_all(noise[i : i + 1024]).float().cpu() for i in range(0, n, 1024)], 1).numpy()
-    out = []
-    for k, lg in enumerate(logits):
-        rl = random_logits[k] if lg.ndim == 2 else np.broadcast_to(random_logits[k][:, None, :], lg.shape)
-        out.append(hamp_modify(lg, rl))
-    return out
-
-
 def _build(job: ModelJob, dataset: Dataset) -> torch.nn.Module:
     return create_model(
         job.model, num_classes=dataset.num_classes, input_shape=dataset.input_shape, seed=job.seed, **job.model_options
@@ -231,7 +214,7 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
                 seeds=[j.seed for j in jobs],
                 runtime=runtime,
                 checkpoint=ctx.cache.root / "stacked" / f"{name}.pt",
-                stop_after=jobs[0].defense.procedure().stop_after,
+                stop_after=jobs[0].defense.procedure().last_epoch(jobs[0].recipe),
             )
             device = resolve_device(runtime.device)
             logits = list(predict_stacked(stack, data.x[query], flip_queries=ctx.flip_queries, device=device))
@@ -241,8 +224,8 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
                 return stack.forward(x.to(device), shared_input=True)
 
         extras = perturbed_labels(forward_all, data.x[query[: ctx.num_pool]]) if ctx.label_only and ctx.num_pool else {}
-        if jobs[0].defense.procedure().modify_outputs == "hamp":  # queries see the released (modified) outputs
-            logits = _hamp_release(forward_all, logits, data.x, len(ctx.query_index), seed=jobs[0].seed)
+        # queries see the released outputs (HAMP modifies them)
+        logits = jobs[0].defense.procedure().query_transform(forward_all, logits, data.x, seed=jobs[0].seed)
         for k, (job, lg, eps, spent) in enumerate(zip(jobs, logits, epsilons, accountings, strict=True)):
             extra = {n: v[k] for n, v in extras.items()}
             ctx.cache.save(job, lg, ctx.query_index, epsilon=eps, dp_accounting=spent, extras=extra)

@@ -98,8 +98,7 @@ def preflight(config: ExperimentConfig, runtime: Runtime, *, data_dir: str | os.
     """Runs every check and returns the loaded dataset."""
     resolve_device(runtime.device)
     check_attacks(config)
-    if any(d.procedure().dp is not None for d in config.defenses):
-        check_dependencies("dpsgd")
+    check_dependencies(*sorted({d.loss for d in config.defenses if d.loss in EXTRAS}))  # dpsgd: Opacus
     dataset = load_dataset(config, data_dir=data_dir)
     check_data(config, dataset)
     data.membership_split(len(dataset), num_references=0, seed=0, population_fraction=config.population_fraction)

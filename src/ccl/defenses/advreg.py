@@ -1,5 +1,5 @@
-"""Adversarial regularisation (Nasr, Shokri and Houmansadr, CCS 2018): the classifier trains against an inner
-membership-inference model.
+"""The `advreg` defense, adversarial regularisation (Nasr, Shokri and Houmansadr, CCS 2018): the classifier
+trains against an inner membership-inference model.
 
 `InferenceModel` is h(p, y): the softmax output p and the one-hot label y, each through its own small branch,
 then a joint layer and a sigmoid (the paper's architecture, narrower). `AdversarialLoss` wraps the defense's loss
@@ -17,6 +17,7 @@ bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AdversarialLoss", "InferenceModel", "inference_gain"]
+from .._checks import check_in_range, check_positive_int
+from .._hooks import DefenseHooks, Procedure, TrainingSetup, legacy_identity
+from .base import Defense, per_sample_loss
+
+__all__ = ["AdvReg", "AdversarialLoss", "InferenceModel", "create", "inference_gain"]
+
+NAME = "advreg"
+DOC = "adversarial regularisation (Nasr et al.): an inner inference model, reserve non-members"
 
 
 class InferenceModel(nn.Module):
@@ -63,7 +71,7 @@ class AdversarialLoss(nn.Module):
         module: the classifier module (switched to eval mode while h trains, then restored).
         members: `(x, y)` the classifier's training records, on its device.
         reserve: `(x', y')` the defender's reference non-members, on its device.
-        num_classes, alpha, steps, lr: h's size and the settings of `ccl.defenses.AdvReg`.
+        num_classes, alpha, steps, lr: h's size and the settings of `AdvReg`.
         batch_size: the size of h's member and non-member batches.
         seed: seeds h's initial weights and, with the epoch, its batches.
     """
@@ -145,3 +153,68 @@ class AdversarialLoss(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The defense: its settings, its hooks in the training loop, its factory
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdvReg(Procedure):
+    """Adversarial regularisation's settings (see the module docstring)."""
+
+    alpha: float  # the weight of the inference model's output in the classifier's loss
+    steps: int  # inference-model steps per classifier step (the paper's k)
+    lr: float  # the inference model's Adam learning rate
+
+    @property
+    def identity(self) -> str:
+        return legacy_identity(adversary=self)
+
+    @property
+    def needs_reserve(self) -> bool:
+        return True  # the inference model's reference non-members
+
+    def hooks(self) -> DefenseHooks:
+        return _Adversary(self)
+
+
+class _Adversary(DefenseHooks):
+    """The loop's loss becomes an `AdversarialLoss`; h's gain goes into each record, h's state into checkpoints."""
+
+    def __init__(self, settings: AdvReg) -> None:
+        self.settings = settings
+        self.loss: AdversarialLoss | None = None
+
+    def wrap_loss(self, loss: Callable, *, forward: Callable, model: nn.Module, setup: TrainingSetup) -> Callable:
+        self.loss = AdversarialLoss(
+            loss,
+            classifier=forward,
+            module=model,
+            members=setup.train,
+            reserve=setup.reserve,
+            num_classes=setup.num_classes,
+            alpha=self.settings.alpha,
+            steps=self.settings.steps,
+            lr=self.settings.lr,
+            batch_size=setup.recipe.batch_size,
+            seed=setup.recipe.seed,
+        )
+        return self.loss
+
+    def end_epoch(self, epoch: int, model: nn.Module, record: dict[str, Any], setup: TrainingSetup) -> bool:
+        record["inference_gain"] = self.loss.last_gain
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adversary": self.loss.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.load_state_dict(state["adversary"])
+
+
+def create(*, alpha: float = 3.0, k: int = 1, lr: float = 1e-3, loss: str = "ce") -> Defense:
+    """`advreg`: h's weight `alpha`, its `k` steps per classifier step at Adam's `lr`."""
+    check_in_range("alpha", alpha, low=0.0)
+    check_positive_int("k", k)
+    check_in_range("lr", lr, low=0.0, low_inclusive=False)
+    return Defense(per_sample_loss("advreg", loss), AdvReg(float(alpha), int(k), float(lr)))
