@@ -171,3 +171,23 @@ def test_every_json_file_of_a_run_is_valid_json(tmp_path):
     agg = json.loads((out / "metrics.json").read_text())
     assert agg["rows"][0]["attacks"]["loss"]["tpr@0.001"] is None
     assert np.isnan(load_aggregate(out).rows[0].metric("loss", "tpr@0.001")[0])
+
+
+def test_a_killed_writer_that_is_not_reaped_yet_counts_as_dead(tmp_path):
+    """A force-cancelled Ray worker is a zombie for a moment: its temporary files are stale, not a live write."""
+    import subprocess
+    import time
+
+    from ccl._io import _pid_alive, remove_stale_temporaries
+
+    child = subprocess.Popen(["sleep", "30"])
+    stale = tmp_path / f".outputs.npz.{child.pid}.abc.tmp"
+    stale.write_bytes(b"half")
+    assert _pid_alive(child.pid) and remove_stale_temporaries(tmp_path) == 0  # a live writer's file is kept
+    child.kill()
+    deadline = time.monotonic() + 10
+    while _pid_alive(child.pid):  # killed, not yet waited for: a zombie
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert remove_stale_temporaries(tmp_path) == 1 and not stale.exists()
+    child.wait()

@@ -61,13 +61,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs: a killed process that its parent has not reaped yet (a zombie, as a
+    force-cancelled Ray worker is for a moment) has stopped writing, so it counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]  # the field after the command name
+    except (OSError, IndexError):
+        return True  # no /proc (macOS) or it just exited: alive as far as we can tell
+    return state not in (b"Z", b"X")
 
 
 def _writer_pid(tmp: Path) -> int | None:

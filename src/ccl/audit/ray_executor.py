@@ -369,13 +369,20 @@ class RayExecutor:
         for ref in refs:
             with contextlib.suppress(Exception):
                 self._ray.cancel(ref, force=True)
+        deadline = time.monotonic() + CANCEL_WAIT_S
         if refs:
             with contextlib.suppress(Exception):
                 self._ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
-        for group in pending.values():
-            for job in group:
+        # a task counts as cancelled before its killed worker has exited: until then its temporary files belong to
+        # a live process and are kept, so they are removed again until none is left (or the wait is over)
+        folders = [ctx.cache.folder(job) for group in pending.values() for job in group]
+        while True:
+            for folder in folders:
                 with contextlib.suppress(OSError):
-                    remove_stale_temporaries(ctx.cache.folder(job), recursive=True)
+                    remove_stale_temporaries(folder, recursive=True)
+            if time.monotonic() > deadline or not any(f.is_dir() and any(f.rglob(".*.tmp")) for f in folders):
+                return
+            time.sleep(0.05)
 
     def _result(self, ref: Any, group: list[ModelJob]) -> str:
         exceptions = self._ray.exceptions
