@@ -442,6 +442,28 @@ def _train_epoch(
     return _EpochOutcome(total_loss / seen, correct.float() / seen, bad_model, bad_batch)
 
 
+def _check_finite(models: Models, outcome: _EpochOutcome, epoch: int, names: list[str], checkpoint) -> None:
+    """Raises `TrainingError` naming the model, the epoch (and batch) when its loss or its weights stopped being
+    finite, and where the last good checkpoint is."""
+    kept = (
+        f"the last good checkpoint is {checkpoint}"
+        if checkpoint and os.path.exists(checkpoint)
+        else "no checkpoint was written"
+    )
+    if outcome.bad_model >= 0:
+        raise TrainingError(
+            f"The loss of {names[outcome.bad_model]} became non-finite at epoch {epoch} (0-based), batch "
+            f"{outcome.bad_batch}; {kept}. Lower the learning rate (--lr) or check the data."
+        )
+    finite = models.weights_finite()
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0])
+        raise TrainingError(
+            f"The weights of {names[bad]} diverged at epoch {epoch} (0-based): they are no longer finite "
+            f"(or their squared norm overflows float32); {kept}. Lower the learning rate (--lr) or check the data."
+        )
+
+
 def train_models(
     models: Models,
     loss_fn,
@@ -469,14 +491,6 @@ def train_models(
     each epoch and may draw its batches. `y` may hold soft labels `(N, C)` for a loss that takes them. Raises
     `TrainingError` naming the model, the epoch and the batch when a loss or the weights stop being finite."""
     names = names or [f"model {j}" for j in range(models.k)]
-
-    def kept() -> str:
-        return (
-            f"the last good checkpoint is {checkpoint}"
-            if checkpoint and os.path.exists(checkpoint)
-            else "no checkpoint was written"
-        )
-
     amp_dtype = autocast_dtype(recipe, device)
     optimizer = make_optimizer(models.parameters(), recipe)
     if optimizer_state is not None:
@@ -502,34 +516,10 @@ def train_models(
                 loss_fn.set_epoch(epoch)
             hooks.start_epoch(optimizer, seed=seeds[0], epoch=epoch, device=device)
             outcome = _train_epoch(
-                models,
-                loss_fn,
-                optimizer,
-                scaler,
-                x,
-                y,
-                member_idx,
-                seeds,
-                epoch,
-                recipe=recipe,
-                device=device,
-                amp_dtype=amp_dtype,
-                sampler=hooks.batches,
-            )
-            if outcome.bad_model >= 0:
-                raise TrainingError(
-                    f"The loss of {names[outcome.bad_model]} became non-finite at epoch {epoch} (0-based), batch "
-                    f"{outcome.bad_batch}; {kept()}. Lower the learning rate (--lr) or "
-                    "check the data."
-                )
-            finite = models.weights_finite()
-            if not bool(finite.all()):
-                bad = int((~finite).nonzero()[0])
-                raise TrainingError(
-                    f"The weights of {names[bad]} diverged at epoch {epoch} (0-based): they are no longer finite "
-                    f"(or their squared norm overflows float32); {kept()}. Lower the "
-                    "learning rate (--lr) or check the data."
-                )
+                models, loss_fn, optimizer, scaler, x, y, member_idx, seeds, epoch,
+                recipe=recipe, device=device, amp_dtype=amp_dtype, sampler=hooks.batches,
+            )  # fmt: skip
+            _check_finite(models, outcome, epoch, names, checkpoint)
             stop = on_epoch_end is not None and on_epoch_end(
                 epoch, optimizer, {"loss": outcome.loss, "acc": outcome.acc}
             )
@@ -608,40 +598,83 @@ def fit(
     x, y = _check_data("train", train)
     num_classes = _num_classes(model, x)
     _check_labels("train", y, num_classes)
-    if heldout is not None:
-        hx, hy = _check_data("heldout", heldout)
-        _check_labels("heldout", hy, num_classes)
-        if hx.shape[1:] != x.shape[1:]:
-            raise InvalidArgumentError(
-                expected("heldout", f"records of shape {tuple(x.shape[1:])} like train", tuple(hx.shape[1:]))
-            )
-
+    heldout = None if heldout is None else _check_split("heldout", heldout, x, num_classes)
     needs_reserve = procedure is not None and procedure.needs_reserve
-    if needs_reserve:
-        if reserve is None:
-            raise InvalidArgumentError(
-                expected("reserve", "(x, y) records no audited model trains on, for this defense", None)
-            )
-        rx, ry = _check_data("reserve", reserve)
-        _check_labels("reserve", ry, num_classes)
-        if rx.shape[1:] != x.shape[1:]:
-            raise InvalidArgumentError(
-                expected("reserve", f"records of shape {tuple(x.shape[1:])} like train", tuple(rx.shape[1:]))
-            )
+    if needs_reserve and reserve is None:
+        raise InvalidArgumentError(
+            expected("reserve", "(x, y) records no audited model trains on, for this defense", None)
+        )
+    reserve = _check_split("reserve", reserve, x, num_classes) if needs_reserve else None
     return _fit(
-        model,
-        loss_fn,
-        (x, y),
-        recipe=recipe,
-        runtime=runtime,
-        heldout=None if heldout is None else (hx, hy),
-        checkpoint_dir=checkpoint_dir,
-        log_path=log_path,
-        resume=resume,
-        description=description,
-        procedure=procedure,
-        reserve=(rx, ry) if needs_reserve else None,
+        model, loss_fn, (x, y), recipe=recipe, runtime=runtime, heldout=heldout, checkpoint_dir=checkpoint_dir,
+        log_path=log_path, resume=resume, description=description, procedure=procedure, reserve=reserve,
+    )  # fmt: skip
+
+
+def _check_split(name: str, data: Any, x: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Another split (held-out records, the reserve) checked like the training records and against them."""
+    sx, sy = _check_data(name, data)
+    _check_labels(name, sy, num_classes)
+    if sx.shape[1:] != x.shape[1:]:
+        raise InvalidArgumentError(
+            expected(name, f"records of shape {tuple(x.shape[1:])} like train", tuple(sx.shape[1:]))
+        )
+    return sx, sy
+
+
+def _on_device(setup: TrainingSetup, device: torch.device, *, recipe: Recipe, runtime: Runtime):
+    """The setup with the model and every split on `device` (channels_last for images on CUDA unless the runtime
+    says otherwise), and the records whose statistics the log reports as the members': those `prepare` named (a
+    distilled student's: the teacher's members), else the training records (soft labels: their argmax)."""
+    x = setup.train[0]
+    images = x.ndim == 4
+    if recipe.augment and not images:
+        raise InvalidArgumentError(expected("augment", "False for non-image data (x of shape (N, C, H, W))", True))
+    channels_last = runtime.channels_last if runtime.channels_last is not None else (images and device.type == "cuda")
+    memory_format = torch.channels_last if channels_last and images else torch.contiguous_format
+
+    def to_device(data: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
+        if data is None:
+            return None
+        return data[0].to(device).contiguous(memory_format=memory_format), data[1].to(device)
+
+    setup.model.to(device=device, memory_format=memory_format)
+    x, y = to_device(setup.train)
+    members = to_device(setup.stats_members) or (x, y.argmax(-1) if y.is_floating_point() else y)
+    placed = dataclasses.replace(
+        setup, train=(x, y), reserve=to_device(setup.reserve), heldout=to_device(setup.heldout)
     )
+    return placed, members
+
+
+def _save_checkpoint(path: Path, model, optimizer, epochs: int, history: list[dict], identity: dict, hooks) -> None:
+    """The checkpoint after `epochs` epochs, atomically: weights, optimizer, history, the recipe's identity and the
+    defense's state."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epochs,
+        "history": json.dumps(history),
+        "recipe": json.dumps(identity),
+        **hooks.state_dict(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _resume(ckpt_path: Path | None, identity: dict, model: nn.Module, hooks: DefenseHooks, device: torch.device):
+    """(start epoch, optimizer state, history) from the checkpoint at `ckpt_path` if there is one (the model's
+    and the hooks' state are loaded into them), else a fresh start. A checkpoint of another recipe is refused."""
+    if ckpt_path is None or not ckpt_path.exists():
+        return 0, None, []
+    state = load_checkpoint(ckpt_path, map_location=device)
+    if state["recipe"] != json.loads(json.dumps(identity)):
+        raise RunDirectoryError(
+            f"The checkpoint {ckpt_path} was written with another recipe; use another directory or resume=False."
+        )
+    model.load_state_dict(state["model"])
+    hooks.load_state_dict(state)
+    return int(state["epoch"]), state["optimizer"], state["history"]
 
 
 def _fit(
@@ -669,26 +702,9 @@ def _fit(
         model, loss_fn, train, reserve, heldout, recipe, runtime, checkpoint_dir, resume, description, num_classes
     )
     setup = hooks.prepare(setup)
-    model, loss_fn, (x, y), heldout = setup.model, setup.loss, setup.train, setup.heldout
     device = resolve_device(runtime.device)
-    images = x.ndim == 4
-    if recipe.augment and not images:
-        raise InvalidArgumentError(expected("augment", "False for non-image data (x of shape (N, C, H, W))", True))
-    channels_last = runtime.channels_last if runtime.channels_last is not None else (images and device.type == "cuda")
-    memory_format = torch.channels_last if channels_last and images else torch.contiguous_format
-
-    def to_device(data: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
-        if data is None:
-            return None
-        return data[0].to(device).contiguous(memory_format=memory_format), data[1].to(device)
-
-    model.to(device=device, memory_format=memory_format)
-    x, y = to_device((x, y))
-    heldout = to_device(heldout)
-    # the log's member statistics: of the records `prepare` names (a distilled student's: the teacher's members),
-    # else of the training records (soft labels: of their argmax)
-    members = to_device(setup.stats_members) or (x, y.argmax(-1) if y.is_floating_point() else y)
-    setup = dataclasses.replace(setup, train=(x, y), reserve=to_device(setup.reserve), heldout=heldout)
+    setup, members = _on_device(setup, device, recipe=recipe, runtime=runtime)
+    model, loss_fn, (x, y), heldout = setup.model, setup.loss, setup.train, setup.heldout
     model, forward = hooks.wrap(model, setup)
     model = model.to(device)
     forward = forward or (torch.compile(model) if runtime.compile else model)
@@ -697,19 +713,9 @@ def _fit(
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if log_path is None and checkpoint_dir is not None:
         log_path = Path(checkpoint_dir) / "log.jsonl"
-    history: list[dict] = []
-    start, optimizer_state = 0, None
     if checkpoint_dir is not None:
         remove_stale_temporaries(checkpoint_dir)
-    if ckpt_path is not None and resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        if state["recipe"] != json.loads(json.dumps(identity)):
-            raise RunDirectoryError(
-                f"The checkpoint {ckpt_path} was written with another recipe; use another directory or resume=False."
-            )
-        model.load_state_dict(state["model"])
-        optimizer_state, start, history = state["optimizer"], int(state["epoch"]), state["history"]
-        hooks.load_state_dict(state)
+    start, optimizer_state, history = _resume(ckpt_path if resume else None, identity, model, hooks, device)
 
     def on_epoch_end(epoch: int, optimizer: torch.optim.Optimizer, stats: dict[str, Tensor]) -> bool:
         record = {
@@ -724,16 +730,7 @@ def _fit(
             record.update(_member_stats(model, members, heldout, recipe.batch_size))
         history.append(record)
         if ckpt_path is not None:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "history": json.dumps(history),
-                "recipe": json.dumps(identity),
-                **hooks.state_dict(),
-            }
-            with atomic_path(ckpt_path) as tmp:
-                torch.save(state, tmp)
+            _save_checkpoint(ckpt_path, model, optimizer, epoch + 1, history, identity, hooks)
         if log_path is not None:
             write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
         clock[0] = time.perf_counter()
@@ -741,25 +738,14 @@ def _fit(
 
     clock = [time.perf_counter()]
     with torch_threads(runtime.threads), warnings.catch_warnings():  # a defense's hooks may silence warnings
+        every = torch.arange(x.shape[0], device=device)[None]  # (1, N): the one model trains on every record
         train_models(
-            OneModel(model, forward),
-            loss_fn,
-            x,
-            y,
-            torch.arange(x.shape[0], device=device)[None],
-            recipe=recipe,
-            seeds=[recipe.seed],
-            device=device,
-            start_epoch=last if hooks.stopped else start,
-            optimizer_state=optimizer_state,
-            on_epoch_end=on_epoch_end,
-            names=["the model"],
-            progress=runtime.progress,
-            description=setup.description,
-            checkpoint=ckpt_path,
-            stop_after=last,
+            OneModel(model, forward), loss_fn, x, y, every,
+            recipe=recipe, seeds=[recipe.seed], device=device, start_epoch=last if hooks.stopped else start,
+            optimizer_state=optimizer_state, on_epoch_end=on_epoch_end, names=["the model"],
+            progress=runtime.progress, description=setup.description, checkpoint=ckpt_path, stop_after=last,
             hooks=hooks,
-        )
+        )  # fmt: skip
     hooks.release(model)
     model.eval()
     spent = hooks.privacy_spent(last)

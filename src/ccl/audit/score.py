@@ -311,8 +311,7 @@ def score_defense(
     has_pop = split.population.size > 0 and has_refs
     label_only = _label_only_inputs(extras, has_refs)
     inputs = _attack_inputs(logits, labels_all, split, label_only, features, population_features)
-    is_member = split.target_in
-    names = attack_names(config, inputs)
+    is_member, names = split.target_in, attack_names(config, inputs)
     scores = attacks.score_all(inputs, names=names)
     random_records = ~is_canary
     results = _single_target_metrics(config, scores, is_member[random_records], random_records, seed)
