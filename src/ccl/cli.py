@@ -328,20 +328,20 @@ def _split_options(g) -> None:
 
 
 def _recipe_options(p: argparse.ArgumentParser) -> None:
-    """The training recipe's flags; their defaults are `ccl.training.Recipe`'s."""
-    r = Recipe()
+    """The training recipe's flags, built from `ccl.training.Recipe`'s fields: their types, defaults, choices and
+    help are spelled once, there."""
     t = p.add_argument_group("training recipe (YAML: train:)")
-    t.add_argument("--epochs", type=int, help=f"default: {r.epochs}")
-    t.add_argument("--batch-size", type=int, help=f"default: {r.batch_size}")
-    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help=f"default: {r.optimizer}")
-    t.add_argument("--lr", type=float, help=f"peak learning rate (default: {r.lr})")
-    t.add_argument("--momentum", type=float, help=f"SGD momentum (default: {r.momentum})")
-    t.add_argument("--weight-decay", type=float, help=f"default: {r.weight_decay}")
-    t.add_argument("--schedule", choices=["constant", "multistep", "cosine"], help=f"default: {r.schedule}")
-    t.add_argument("--augment", action="store_true", default=None, help="random crop + flip while training (images)")
-    t.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16", "fp16"], help=f"default {r.precision}: bf16 on CUDA"
-    )
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    for name in _RECIPE_FLAGS:
+        f = fields[name]
+        flag, meta = "--" + name.replace("_", "-"), f.metadata
+        if isinstance(f.default, bool):
+            t.add_argument(flag, action="store_true", default=None, help=meta.get("help"))
+        elif "choices" in meta:
+            default = f"default {f.default}" + (f": {meta['help']}" if "help" in meta else "")
+            t.add_argument(flag, choices=list(meta["choices"]), help=default)
+        else:
+            t.add_argument(flag, type=type(f.default), help=f"{meta['help']} (default: {f.default:g})")
 
 
 def _runtime_options(p: argparse.ArgumentParser) -> None:

@@ -40,7 +40,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -81,27 +81,30 @@ CHECKPOINT = "checkpoint.pt"
 class Recipe:
     """What determines the trained weights (with the model, its initial weights and the records)."""
 
-    epochs: int = 30
-    batch_size: int = 128
-    optimizer: str = "sgd"  # "sgd" | "adam" | "adamw"
-    lr: float = 0.1  # peak learning rate
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "constant" | "multistep" | "cosine" (per epoch)
+    # `help` and `choices` are also the command line's (`ccl.cli` builds the recipe's flags from these fields)
+    epochs: int = field(default=30, metadata={"help": "epochs of training"})
+    batch_size: int = field(default=128, metadata={"help": "records per batch"})
+    optimizer: str = field(default="sgd", metadata={"choices": ("sgd", "adam", "adamw")})
+    lr: float = field(default=0.1, metadata={"help": "peak learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "L2 weight decay"})
+    schedule: str = field(default="cosine", metadata={"choices": ("constant", "multistep", "cosine")})  # per epoch
     milestones: tuple[float, ...] = (0.5, 0.75)  # multistep: fractions of `epochs` where lr *= lr_decay
     lr_decay: float = 0.1
-    augment: bool = False  # random crop + flip on image batches, training only
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16" | "fp16"
+    augment: bool = field(default=False, metadata={"help": "random crop + flip while training (images)"})
+    precision: str = field(
+        default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16"), "help": "bf16 on CUDA, fp32 on CPU"}
+    )
     seed: int = 0  # batch order, augmentation and dropout (the initial weights come from the model's seed)
 
     def __post_init__(self) -> None:
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
-        check_choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        check_choice("optimizer", self.optimizer, _RECIPE_CHOICES["optimizer"])
         check_in_range("lr", self.lr, low=0.0, low_inclusive=False)
         check_in_range("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
         check_in_range("weight_decay", self.weight_decay, low=0.0)
-        check_choice("schedule", self.schedule, ("constant", "multistep", "cosine"))
+        check_choice("schedule", self.schedule, _RECIPE_CHOICES["schedule"])
         if isinstance(self.milestones, (str, bytes)) or not isinstance(self.milestones, Iterable):
             raise InvalidArgumentTypeError(expected("milestones", "a list of fractions in [0, 1]", self.milestones))
         object.__setattr__(self, "milestones", tuple(self.milestones))
@@ -111,7 +114,7 @@ class Recipe:
         check_in_range("lr_decay", self.lr_decay, low=0.0, high=1.0, low_inclusive=False)
         if not isinstance(self.augment, bool):
             raise InvalidArgumentTypeError(expected("augment", "true or false", self.augment))
-        check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        check_choice("precision", self.precision, _RECIPE_CHOICES["precision"])
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise InvalidArgumentTypeError(expected("seed", "a non-negative integer", self.seed))
         if self.seed < 0:  # seeds feed numpy's SeedSequence, which takes non-negative integers only
@@ -124,6 +127,10 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
         return d
+
+
+#: The values the recipe's text fields take (its fields' metadata: the command line offers the same).
+_RECIPE_CHOICES = {f.name: f.metadata["choices"] for f in dataclasses.fields(Recipe) if "choices" in f.metadata}
 
 
 @dataclass(frozen=True)
