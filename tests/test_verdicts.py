@@ -129,3 +129,47 @@ def test_min_effect_is_checked_and_never_changes_a_result_key():
         ExperimentConfig.from_dict({**base, "min_effect": {"auroc": 0.05}})
     with pytest.raises(ConfigError, match="min_effect accuracy"):
         ExperimentConfig.from_dict({**base, "min_effect": {"accuracy": -1}})
+
+
+def test_tune_names_its_target_and_choice_sorts_its_settings_and_prints_the_summary(tmp_path, capsys):
+    import re
+
+    out = tmp_path / "tune"
+    argv = [
+        "tune", "--dataset", "synthetic", "--data-option", "num_samples=200", "--model-option", "hidden=[16]",
+        "--epochs", "3", "--batch-size", "16", "--bootstrap", "10", "--num-references", "4", "--quiet",
+        "--defense", "early_stop", "--param", "epochs", "--range", "1..3", "--target", "auc<=0.99", "--steps", "1",
+        "--out", str(out),
+    ]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Target: auc<=0.99" in printed and "Chosen: early_stop(epochs=" in printed and "Summary (" in printed
+    settings = re.findall(r"^early_stop\(epochs=(\d+)\)", printed, re.M)
+    assert settings == sorted(settings, key=int) and len(settings) >= 2
+    html = (out / "report.html").read_text()
+    assert "<h2>Tune</h2>" in html and "<code>auc&lt;=0.99</code>" in html and "chosen: <b>early_stop(epochs=" in html
+
+
+def test_the_report_says_why_only_the_single_target_evaluation_ran():
+    from ccl.report import _why_single_target
+
+    assert "trained elsewhere" in _why_single_target({"target_checkpoint": "m.pt", "num_references": 8})
+    assert "--leave-one-out off" in _why_single_target({"leave_one_out": False, "num_references": 8})
+    assert "this run has 2" in _why_single_target({"leave_one_out": "auto", "num_references": 2})
+
+
+def test_warnings_print_on_their_own_line_above_a_progress_bar(capsys):
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    shown = []
+    with tqdm(total=3, desc="models", file=__import__("sys").stderr) as bar:
+        bar.update(1)
+        cli._show_warning(UserWarning("population too small"), UserWarning, "f.py", 1)
+        shown.append(capsys.readouterr().err)
+    assert warnings.formatwarning is not None
+    err = shown[0]
+    assert "population too small" in err
+    line = next(part for part in err.replace("\r", "\n").split("\n") if "population too small" in part)
+    assert "models" not in line  # not glued to the bar

@@ -578,11 +578,18 @@ def _tune_range(text: str) -> tuple[float, float] | tuple[int, int]:
 def _print_tune(args: argparse.Namespace, target, bounds: tuple, chosen, points: list, config) -> None:
     """`ccl tune`'s table of the settings tried, its choice and its cost."""
     models = len(points) * len(config.seeds) * (1 + config.num_references)
+    print(f"Target: {args.target} (the leakage's upper 95% bound must meet it); settings by {args.param}:")
     print(f"{'setting':28s} {'test acc':>9s} {'leakage':>9s} {'upper':>9s}  attack  meets {args.target}")
-    for p in points:
+    for p in sorted(points, key=lambda p: p.value):
         print(
             f"{p.defense:28s} {100 * p.accuracy:8.1f}% {p.leakage:9.4f} {p.upper:9.4f}  {p.attack:6s}  "
             f"{'yes' if p.meets(target) else 'no'}"
+        )
+    below = [p.defense for p in points if target.metric == "auc" and p.leakage < 0.5]
+    if below:
+        print(
+            f"\nThe attack did worse than chance (AUC below 0.5) against {', '.join(below)}: its calibration failed "
+            "there (often too few reference models), so meeting the target says little about those settings."
         )
     if chosen is None:
         print(f"\nNo setting in [{bounds[0]}, {bounds[1]}] meets {args.target}: widen --range or relax the target.")
@@ -604,6 +611,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from .audit.preflight import check_dependencies
     from .config import parse_defense
     from .report import render_report
+    from .summary import load_summary, summary_lines
     from .tune import parse_target, point_from_aggregate, search
 
     target = parse_target(args.target)
@@ -648,7 +656,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     models = len(points) * len(config.seeds) * (1 + config.num_references)
     _print_tune(args, target, (low_v, high_v), chosen, points, config)
     write_json(
-        out / "tune.json",
+        RunLayout(out).tune,
         {
             "target": args.target,
             "param": args.param,
@@ -659,7 +667,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         },
     )
     render_report(out)
-    print(f"Evidence: {out / 'tune.json'}\nReport: {out / 'report.html'}")
+    summary = load_summary(out)
+    if summary is not None:
+        print("\n" + "\n".join(summary_lines(summary)))
+    print(f"Evidence: {RunLayout(out).tune}\nReport: {RunLayout(out).report}")
     return 0 if chosen is not None else 1
 
 
@@ -803,14 +814,25 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"ccl: warning: {message}\n"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Prints a warning on its own line, above any progress bar (tqdm's write moves the bar out of the way)."""
+    text = warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n")
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=file or sys.stderr)
+    except ImportError:
+        print(text, file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     if os.getcwd() not in sys.path:  # `--model my_module:build` finds modules of the working directory
         sys.path.insert(0, os.getcwd())
     parser = make_parser()
     args = parser.parse_args(argv)
-    formatwarning = warnings.formatwarning
-    if not args.debug:  # one line per warning, no source excerpt
-        warnings.formatwarning = _format_warning
+    formatwarning, showwarning = warnings.formatwarning, warnings.showwarning
+    if not args.debug:  # one line per warning, no source excerpt, never glued to a progress bar
+        warnings.formatwarning, warnings.showwarning = _format_warning, _show_warning
     try:
         return args.func(args)
     except CclError as err:
@@ -819,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ccl {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        warnings.formatwarning = formatwarning
+        warnings.formatwarning, warnings.showwarning = formatwarning, showwarning
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ run directory; `ccl.results` reads and writes the results).
     metrics.json                           an audit's aggregate over seeds and its summary, or `ccl train`'s
                                            final epoch (`aggregate`)
     table.csv, report.html, plots/<name>.png   the exports (`table`, `report`, `plot(name)`)
+    tune.json                              `ccl tune`'s target, settings tried and choice (`tune`)
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune.json"
 
     def plot(self, name: str) -> Path:
         return self.root / "plots" / f"{name}.png"

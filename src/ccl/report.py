@@ -168,7 +168,7 @@ def plot_privacy_utility(agg: Aggregate, colors: dict, frontier: list[str], fpr:
                 color=colors[r.defense],
                 capsize=2,
                 label=r.defense,
-                mec="black" if r.defense in frontier else None,
+                mec="black" if r.defense in frontier else colors[r.defense],
                 ms=7,
             )
         ax.set(
@@ -196,16 +196,19 @@ def plot_privacy_utility(agg: Aggregate, colors: dict, frontier: list[str], fpr:
 def plot_frontier(points, label: str, colors: dict, optimal: set[str]):
     """The privacy-utility frontier: each family a curve of its settings, intervals on both axes, the
     Pareto-optimal points ringed, leakage on a log axis."""
+    if not points:  # no defense has a resolved leakage figure: nothing to place
+        return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     positive = [p.leakage for p in points if p.leakage > 0]
     floor = min(positive) / 3 if positive else 1e-3
     for fam in dict.fromkeys(p.family for p in points):
         mine = sorted((p for p in points if p.family == fam), key=lambda p: p.leakage)
-        color = colors[mine[0].defense]
+        line = colors[mine[0].defense]  # the family's line; each point in its defense's colour, as elsewhere
         xs = [max(p.leakage, floor) for p in mine]
-        ax.plot(xs, [p.accuracy for p in mine], "-", color=color, lw=1, alpha=0.6)
+        ax.plot(xs, [p.accuracy for p in mine], "-", color=line, lw=1, alpha=0.4)
         for p, x in zip(mine, xs, strict=True):
+            color = colors[p.defense]
             xerr = [[max(x - max(p.leakage_interval[0], floor), 0)], [max(p.leakage_interval[1] - x, 0)]]
             yerr = [[p.accuracy - p.accuracy_interval[0]], [p.accuracy_interval[1] - p.accuracy]]
             ax.errorbar(
@@ -227,7 +230,7 @@ def plot_frontier(points, label: str, colors: dict, optimal: set[str]):
                 xytext=(3, 3),
                 textcoords="offset points",
             )
-        ax.plot([], [], "o-", color=color, label=fam)
+        ax.plot([], [], "o-", color=line, label=fam)
     best = sorted((p for p in points if p.defense in optimal), key=lambda p: p.leakage)
     if best:
         xs, ys = [max(p.leakage, floor) for p in best], [p.accuracy for p in best]
@@ -416,6 +419,9 @@ def _headline_html(h: Headline) -> str:
         else "the single-target evaluation"
     )
     words = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in h.sentences)
+    if not h.comparisons:  # the baseline alone: nothing to compare, no intervals to speak of
+        head = "<tr><th>defense</th><th>strongest attack</th><th>test acc %</th><th>AUC</th>"
+        return f"<ul class=words>{words}</ul><table>{head}<th>TPR@{pct}FPR %</th><th></th></tr>{rows[0]}</table>"
     return (
         f"<ul class=words>{words}</ul>"
         f"<p>From {which}: each defense against <code>{html.escape(h.baseline)}</code> under the attack that is "
@@ -522,14 +528,23 @@ def _vulnerable_html(agg: Aggregate, results: list[DefenseResult]) -> str:
     )
 
 
-def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[DefenseResult]) -> str:
+def _why_single_target(config: dict) -> str:
+    """Why a run has no leave-one-out evaluation, from its configuration."""
+    if config.get("target_checkpoint") or config.get("target_logits"):
+        return (
+            "the target was trained elsewhere, so its reference models follow the stated recipe, not necessarily "
+            "the target's: they are not evaluated as targets"
+        )
+    if config.get("leave_one_out") is False:
+        return "it was turned off (--leave-one-out off)"
+    return f"it needs at least 4 reference models; this run has {config.get('num_references')}"
+
+
+def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[DefenseResult], config: dict) -> str:
     # the most vulnerable 1% is in metrics.json and the exports: a handful of records per seed
     present = [e for e in agg.evaluations if e != "vulnerable_1pct"]
     if present == ["target"]:
-        return (
-            "<p>Only the single-target evaluation ran (the leave-one-out evaluation needs at least 4 reference "
-            "models).</p>"
-        )
+        return f"<p>Only the single-target evaluation ran: {html.escape(_why_single_target(config))}.</p>"
     pairs = next((r.evaluations["pooled"][a] for r in results for a in r.evaluations.get("pooled", {})), None)
     pairs_text = (
         f" Per seed, the pooled evaluation has {pairs['n_pairs']:,} (model, record) pairs from {pairs['n_models']} "
@@ -634,6 +649,31 @@ def _single_target_tables(agg: Aggregate) -> tuple[str, str]:
     return "".join(body), "".join(full)
 
 
+def _tune_html(layout: RunLayout) -> str:
+    """`ccl tune`'s question and answer, when the run is a tuning run: the target, the chosen setting, and every
+    setting tried in the order of the parameter."""
+    if not layout.tune.is_file():
+        return ""
+    tune = json.loads(layout.tune.read_text())
+    chosen = tune.get("chosen")
+    answer = (
+        f"chosen: <b>{html.escape(chosen['defense'])}</b>, the most accurate setting whose leakage's upper bound "
+        f"meets the target ({100 * chosen['accuracy']:.1f}% test accuracy)"
+        if chosen
+        else "no setting in the range meets the target"
+    )
+    rows = "".join(
+        f"<tr><td>{html.escape(p['defense'])}</td><td>{100 * p['accuracy']:.1f}</td><td>{p['leakage']:.4f}</td>"
+        f"<td>{p['upper']:.4f}</td><td>{html.escape(p['attack'])}</td></tr>"
+        for p in sorted(tune.get("points", []), key=lambda p: p["value"])
+    )
+    return (
+        f"<h2>Tune</h2><p>Target: <code>{html.escape(tune['target'])}</code> over {html.escape(tune['param'])} in "
+        f"{tune['range']}; {answer}.</p><table><tr><th>setting</th><th>test acc %</th><th>leakage</th>"
+        f"<th>upper bound</th><th>attack</th></tr>{rows}</table>"
+    )
+
+
 def _notes_html(results: list[DefenseResult]) -> str:
     """What a reader must know before the numbers (every result's notes, once each)."""
     notes = sorted({n for r in results for n in r.notes})
@@ -700,11 +740,12 @@ overflow:auto}}.v-less{{background:#d4f0d4;font-weight:bold}}.v-more{{background
 <h1>Privacy-utility report</h1>
 <p>{protocol}</p>
 {notes_html}
+{_tune_html(RunLayout(run_dir))}
 <h2>Headline</h2>
 {_headline_html(head)}
 {_verdicts_html(*frontier_info)}
 <h2>Worst-case evaluation</h2>
-{_evaluations_html(agg, evaluation_attack, results)}
+{_evaluations_html(agg, evaluation_attack, results, config)}
 <h2>Table: {EVALUATIONS["target"]} ({spread})</h2>
 <table><tr><th rowspan=2>defense</th><th rowspan=2>test acc %</th><th rowspan=2>train acc %</th>{th}</tr>
 <tr>{sub}</tr>{body}</table>

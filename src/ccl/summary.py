@@ -406,11 +406,18 @@ def headline_sentences(h: Headline, *, one_seed: bool) -> list[str]:
     if h.baseline is None:
         return ["No ce baseline in this run: no defense is compared with an undefended model."]
     b, pct = h.baseline_values, f"{100 * h.fpr:g}%"
-    out = [
-        f"The undefended model ({h.baseline}) leaks: {h.baseline_attack} finds {_pct(b['tpr'])} of its members at "
-        f"{pct} false positives (AUC {b['auc']:.3f}), at {_pct(b['accuracy'])} test accuracy."
-    ]
-    if not math.isnan(h.lowest_fpr) and h.fpr > h.lowest_fpr:
+    if math.isnan(b["tpr"]):  # no FPR the run reports is resolved: too few non-members
+        out = [
+            f"The undefended model ({h.baseline}) at {_pct(b['accuracy'])} test accuracy: {h.baseline_attack} "
+            f"reaches AUC {b['auc']:.3f}; this run has too few non-members to resolve a TPR at {pct} false "
+            "positives (audit more records, or use the leave-one-out evaluation with 4 or more reference models)."
+        ]
+    else:
+        out = [
+            f"The undefended model ({h.baseline}) leaks: {h.baseline_attack} finds {_pct(b['tpr'])} of its members "
+            f"at {pct} false positives (AUC {b['auc']:.3f}), at {_pct(b['accuracy'])} test accuracy."
+        ]
+    if not math.isnan(h.lowest_fpr) and h.fpr > h.lowest_fpr and not math.isnan(b["tpr"]):
         out.append(
             f"(TPR at {100 * h.lowest_fpr:g}% FPR is not resolved by every result, so {pct} is used throughout.)"
         )
