@@ -426,7 +426,8 @@ def headline_sentences(h: Headline, *, one_seed: bool) -> list[str]:
             cost = (
                 f"for {abs(100 * c.accuracy_delta):.1f} points of accuracy"
                 if c.cost == "costs accuracy"
-                else "at no measurable cost in accuracy"
+                else f"with an accuracy change of {100 * c.accuracy_delta:+.1f} points that its interval does not "
+                "tell from no change"
                 if c.cost == "indistinguishable accuracy"
                 else f"while gaining {100 * c.accuracy_delta:.1f} points of accuracy"
             )
