@@ -16,10 +16,7 @@ def _block_after(heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-@pytest.mark.parametrize(
-    "heading",
-    ["## Losses", "## Data, models and training", pytest.param("## Attacks and metrics", marks=pytest.mark.slow)],
-)
+@pytest.mark.parametrize("heading", ["## Losses", "## Data, models and training", "## Attacks and metrics"])
 def test_readme_example_runs(heading, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(_block_after(heading), f"README {heading}", "exec"), {})

@@ -86,7 +86,6 @@ def test_the_inference_gain_is_the_mean_log_likelihood_of_members_and_non_member
     assert float(inference_gain(h, pm, ym, pn, yn).detach()) == pytest.approx(by_hand, rel=1e-5)
 
 
-@pytest.mark.slow
 def test_advreg_at_alpha_zero_trains_exactly_the_plain_loss_while_its_adversary_learns(train):
     """The inner adversary runs (h trains, the classifier is queried in eval mode) but, at alpha 0, leaves the
     classifier's weights bit-identical to plain CE training: the wrapper adds nothing else."""
@@ -148,7 +147,6 @@ def test_the_distillation_loss_is_t_squared_kl_and_its_gradient_the_closed_form(
         DistillationLoss()(s, torch.zeros(6, dtype=torch.long))
 
 
-@pytest.mark.slow
 def test_the_distilled_student_learns_only_the_teachers_soft_labels_on_the_reserve(tmp_path, quiet, train):
     """The teacher is the plain model on the members; the student starts from the same weights and trains on
     the reserve against the teacher's soft labels, with the recipe (so it equals training on those pairs)."""
@@ -180,7 +178,6 @@ def test_the_distilled_student_learns_only_the_teachers_soft_labels_on_the_reser
 
 
 # ------------------------------------------------------------------ early stopping by patience
-@pytest.mark.slow
 def test_patience_releases_the_best_validation_epoch_as_a_brute_force_over_epochs_finds_it(train):
     """Slow and obvious: train to every epoch e with `early_stop:epochs=e` (same schedule), compute the
     validation loss on the reserve, apply the patience rule by hand; the patience run must release exactly
@@ -222,7 +219,6 @@ def test_the_patience_checkpoint_and_last_record_are_those_of_the_released_model
     assert last["heldout_acc"] == pytest.approx(float((result.model(hx).argmax(1) == hy).float().mean()))
 
 
-@pytest.mark.slow
 def test_an_interrupted_patience_run_resumes_to_the_same_model(tmp_path, train):
     d = defenses.create("early_stop", patience=2)
     full = train(d, epochs=14, checkpoint_dir=tmp_path / "full")

@@ -18,9 +18,7 @@ from ccl.training import Recipe, fit
     [
         ("mlp", {"hidden": (32,)}, "ce", {}, "sgd", False),
         ("mlp", {"hidden": (32,)}, "relaxloss", {"alpha": 1.0}, "adam", False),  # epoch-dependent loss
-        pytest.param(  # BatchNorm buffers and augmentation
-            "cnn", {"width": 4}, "ccel", {"alpha": 0.5}, "sgd", True, marks=pytest.mark.slow
-        ),
+        ("cnn", {"width": 4}, "ccel", {"alpha": 0.5}, "sgd", True),  # BatchNorm buffers and augmentation
     ],
 )
 def test_stacked_models_equal_models_trained_one_by_one(model, params, loss, loss_params, optimizer, augment, quiet):

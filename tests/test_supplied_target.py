@@ -35,7 +35,6 @@ def user_model(tmp_path, monkeypatch):
     return importlib.import_module("user_net")
 
 
-@pytest.mark.slow
 def test_a_model_trained_elsewhere_is_audited_and_the_loss_auc_recomputes_by_hand(tmp_path, user_model):
     data = ccl.data.load("digits")
     rng = np.random.default_rng(0)
@@ -114,7 +113,7 @@ def _train_elsewhere(user_model, x, y, *, lr):
     return model
 
 
-@pytest.mark.parametrize("pixels", ["raw", pytest.param("ccl", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("pixels", ["raw", "ccl"])
 def test_a_target_trained_on_raw_digits_is_flagged_with_both_accuracies(tmp_path, user_model, pixels):
     # scikit-learn's raw digits are 0..16, ccl's are divided by 16: a ReLU network trained on the raw ones still
     # classifies ccl's as before (the accuracies look fine), but its outputs are flat (loss 1.5 instead of 0.003)

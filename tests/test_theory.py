@@ -89,7 +89,6 @@ def _train_member_loss_variance(name: str, **params) -> float:
     return member_ce.var().item()
 
 
-@pytest.mark.slow
 def test_concave_term_keeps_member_loss_variance_higher_than_ce():
     var_ce = _train_member_loss_variance("ce")
     var_ccel = _train_member_loss_variance("ccel", alpha=0.5)
