@@ -811,18 +811,17 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
-    return f"ccl: warning: {message}\n"
+    """One line per warning, no source excerpt; on a line of its own when a progress bar is on screen (the bar
+    ends with a carriage return, not a newline, so the warning would be glued to it)."""
+    return ("\n" if _progress_bar_open() else "") + f"ccl: warning: {message}\n"
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Prints a warning on its own line, above any progress bar (tqdm's write moves the bar out of the way)."""
-    text = warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n")
+def _progress_bar_open() -> bool:
     try:
-        from tqdm.auto import tqdm
-
-        tqdm.write(text, file=file or sys.stderr)
+        from tqdm import tqdm
     except ImportError:
-        print(text, file=file or sys.stderr)
+        return False
+    return any(not getattr(bar, "disable", True) for bar in list(getattr(tqdm, "_instances", ())))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -830,9 +829,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     parser = make_parser()
     args = parser.parse_args(argv)
-    formatwarning, showwarning = warnings.formatwarning, warnings.showwarning
+    formatwarning = warnings.formatwarning
     if not args.debug:  # one line per warning, no source excerpt, never glued to a progress bar
-        warnings.formatwarning, warnings.showwarning = _format_warning, _show_warning
+        warnings.formatwarning = _format_warning
     try:
         return args.func(args)
     except CclError as err:
@@ -841,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ccl {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        warnings.formatwarning, warnings.showwarning = formatwarning, showwarning
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":
