@@ -167,3 +167,16 @@ def test_warnings_print_on_their_own_line_when_a_progress_bar_is_on_screen():
         bar.update(1)
         text = cli._format_warning("population too small", UserWarning, "f.py", 1)
     assert text == "\nccl: warning: population too small\n"  # the bar's line ends first
+
+
+def test_a_summary_saved_in_another_format_is_computed_again(tmp_path):
+    import json
+
+    from ccl.summary import SUMMARY_VERSION
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"rows": [], "summary": {"headline": {}, "leakage": "tpr"}}))
+    assert load_summary(run) is None  # no version: written before verdicts existed
+    (run / "metrics.json").write_text(json.dumps({"summary": {"version": SUMMARY_VERSION + 1}}))
+    assert load_summary(run) is None

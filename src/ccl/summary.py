@@ -577,6 +577,11 @@ def family_verdicts(points: list[FrontierPoint], *, no_effect: Collection[str] =
 # ----------------------------------------------------------------------------------------------------------
 # The summary: computed once by the pipeline, rendered anywhere
 # ----------------------------------------------------------------------------------------------------------
+#: The stored summary's format; a summary of another version is computed again from the results (an older one
+#: lacks the verdicts and flags).
+SUMMARY_VERSION = 2
+
+
 @dataclass
 class Summary:
     """What a run concludes: the headline (each defense against the baseline), the frontier's points under
@@ -590,7 +595,7 @@ class Summary:
     verdicts: dict[str, str]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"version": SUMMARY_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Summary:
@@ -636,11 +641,13 @@ def summarize(
 
 
 def load_summary(run_dir: str | Path) -> Summary | None:
-    """The summary the pipeline saved in `metrics.json`, or None (a run written before summaries were saved, or
-    not finished)."""
+    """The summary the pipeline saved in `metrics.json`, or None (a run written before summaries were saved or
+    with another summary format, or not finished): the caller then computes it with `summarize`."""
     try:
         raw = json.loads(RunLayout(run_dir).aggregate.read_text()).get("summary")
-        return None if raw is None else Summary.from_dict(raw)
+        if not isinstance(raw, dict) or raw.get("version") != SUMMARY_VERSION:
+            return None
+        return Summary.from_dict({k: v for k, v in raw.items() if k != "version"})
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
