@@ -173,3 +173,28 @@ def test_results_of_the_old_leave_one_out_design_are_recomputed_on_resume(monkey
     monkeypatch.setattr(plan, "LEAVE_ONE_OUT_VERSION", 1)
     after = [plan.result_key(c, c.defenses[0], 0) for c in (pooled, single)]
     assert after[0] != before[0] and after[1] == before[1]
+
+
+def test_each_target_gets_the_lira_variance_of_its_own_reference_count():
+    """With 64 reference models the target has 64 references (per-example variance under "auto") and every
+    reference model 63 (global variance): the one-pass scores equal one LiRA call per model, row by row."""
+    from test_evaluation import planted
+
+    logits, labels, masks, pop, pop_labels = planted(m=65, p=40)
+    for name in ("lira", "lira_offline"):
+        attack = attacks.create(name)
+        fast = evaluation.leave_one_out_scores(attack, logits, labels, masks)
+        slow = evaluation.leave_one_out_scores_slow(attack, logits, labels, masks)
+        np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-9)
+
+
+def test_every_model_with_the_complementary_mask_is_left_out_and_empty_reference_sets_are_refused():
+    masks = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [0, 1, 0, 1], [1, 1, 0, 0]], bool)
+    uses = evaluation.reference_sets(masks)
+    assert not uses[0, 1] and not uses[0, 2] and uses[0, 3]  # both copies of model 0's complement
+    assert not uses[1, 0] and not uses[2, 0]
+    lonely = ~np.eye(4, dtype=bool)
+    lonely[3] = False
+    logits = np.zeros((4, 4, 2))
+    with pytest.raises(ccl.errors.InvalidArgumentError, match="at least one reference for every model"):
+        evaluation.leave_one_out_scores(attacks.create("loss"), logits, np.zeros(4, int), masks, references=lonely)

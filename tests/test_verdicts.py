@@ -180,3 +180,11 @@ def test_a_summary_saved_in_another_format_is_computed_again(tmp_path):
     assert load_summary(run) is None  # no version: written before verdicts existed
     (run / "metrics.json").write_text(json.dumps({"summary": {"version": SUMMARY_VERSION + 1}}))
     assert load_summary(run) is None
+
+
+def test_a_mixed_verdict_reads_as_mixed():
+    mixed = judge(comparison(auc=(-0.05, -0.02), tpr=(0.02, 0.03), name="focal"))
+    h = Headline("ce", "lira", {"accuracy": 0.885, "auc": 0.733, "tpr": 0.036}, 0.01, "m", "pooled", [mixed], [])
+    (sentence,) = [w for w in headline_sentences(h, one_seed=False) if w.startswith("focal")]
+    assert "leaks less than ce by one measure and more by another" in sentence
+

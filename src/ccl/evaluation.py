@@ -76,13 +76,22 @@ def complementary_partners(masks: np.ndarray) -> np.ndarray:
 
 def reference_sets(masks: np.ndarray, *, partners: np.ndarray | None = None) -> np.ndarray:
     """`(M, M)` bool: `uses[j, k]` when model k is a reference of model j as the target. Every other model,
-    except j's complementary partner (`partners`, default `complementary_partners(masks)`): the partner's mask
-    is `~masks[j]`, so keeping it would hand the attack the target's membership."""
+    except those whose mask is `~masks[j]` (j's complementary partner; every such model, should two share a
+    mask), or the `partners` given (`(M,)`, -1 for none): keeping one would hand the attack the target's
+    membership."""
+    masks = np.asarray(masks, dtype=bool)
     m = masks.shape[0]
-    partners = complementary_partners(masks) if partners is None else np.asarray(partners)
     uses = ~np.eye(m, dtype=bool)
-    has = partners >= 0
-    uses[np.flatnonzero(has), partners[has]] = False
+    if partners is not None:
+        partners = np.asarray(partners)
+        has = partners >= 0
+        uses[np.flatnonzero(has), partners[has]] = False
+        return uses
+    by_mask: dict[bytes, list[int]] = {}
+    for k, row in enumerate(np.packbits(masks, axis=1)):
+        by_mask.setdefault(row.tobytes(), []).append(k)
+    for j, row in enumerate(np.packbits(~masks, axis=1)):
+        uses[j, by_mask.get(row.tobytes(), [])] = False
     return uses
 
 
@@ -129,6 +138,9 @@ def _resolve_references(masks: np.ndarray, references: np.ndarray | None) -> np.
         if uses.diagonal().any():
             what = "False on the diagonal (no model is its own reference)"
             raise InvalidArgumentError(expected("references", what, "a True diagonal entry"))
+        if not uses.any(1).all():
+            what = "at least one reference for every model"
+            raise InvalidArgumentError(expected("references", what, f"none for model {int(np.argmin(uses.any(1)))}"))
     check_reference_independence(masks, uses)
     return uses
 
@@ -215,10 +227,21 @@ LOO_CHUNK = 2048
 
 
 def _lira_loo(attack: LiRA, logits: np.ndarray, labels: np.ndarray, masks: np.ndarray, uses: np.ndarray):
+    """LiRA's scores of every row, each with the variance its own number of references resolves to (as
+    `LiRA.score` would): with "auto" and 64 references for the target but 63 for a reference model (its partner
+    left out), the rows differ, and each kind is scored with its own variance."""
+    modes = np.array([attack._resolved_variance(int(n)) for n in uses.sum(1)])
+    out = np.empty(masks.shape)
+    for variance in dict.fromkeys(modes.tolist()):
+        rows = modes == variance
+        out[rows] = _lira_loo_variance(attack, logits, labels, masks, uses, variance)[rows]
+    return out
+
+
+def _lira_loo_variance(attack: LiRA, logits, labels, masks: np.ndarray, uses: np.ndarray, variance: str):
     import torch
 
     m, p = masks.shape
-    variance = attack._resolved_variance(int(uses.sum(1).min()))
     need = 2 if variance == "per_example" else 1
     chunks = [slice(i, min(i + LOO_CHUNK, p)) for i in range(0, p, LOO_CHUNK)]
 

@@ -364,9 +364,9 @@ def headline(
         comparison.flags = _flags(run_dir, pairs)
         comparisons.append(comparison)
         methods.add(method)
-    h = Headline(
-        baseline, base_attack, base_values, fpr, "; ".join(sorted(methods)), ev, comparisons, frontier(points)
-    )
+    no_effect = {c.defense for c in comparisons if c.no_effect}  # never frontier points
+    optimal = frontier({d: xy for d, xy in points.items() if d not in no_effect})
+    h = Headline(baseline, base_attack, base_values, fpr, "; ".join(sorted(methods)), ev, comparisons, optimal)
     h.lowest_fpr = min(agg.fprs)
     h.sentences = headline_sentences(h, one_seed=all(len(r.seeds) == 1 for r in agg.rows))
     return h
@@ -432,8 +432,14 @@ def headline_sentences(h: Headline, *, one_seed: bool) -> list[str]:
                 else f"while gaining {100 * c.accuracy_delta:.1f} points of accuracy"
             )
             out.append(f"{c.defense} cuts that to {_pct(c.tpr)} (AUC {c.auc:.3f}, against {c.attack}) {cost}.")
-        elif c.leakage in ("more", "mixed") and not c.flags:
-            out.append(f"{c.defense} {c.verdict.split(',')[0]} than {h.baseline}: {_pct(c.tpr)} (AUC {c.auc:.3f}).")
+        elif c.leakage == "more" and not c.flags:
+            versus = f"{_pct(c.tpr)} (AUC {c.auc:.3f}, against {c.attack})"
+            out.append(f"{c.defense} leaks more than {h.baseline}: {versus}.")
+        elif c.leakage == "mixed" and not c.flags:
+            out.append(
+                f"{c.defense} leaks less than {h.baseline} by one measure and more by another (TPR "
+                f"{_signed(100 * c.tpr_delta, 'points')}, AUC {_signed(c.auc_delta, '')}, against {c.attack})."
+            )
     flagged = {
         "never acted": "never acted (its models equal the baseline's)",
         "learnt nothing": "learnt nothing (accuracy at the majority-class rate)",
@@ -634,7 +640,6 @@ def summarize(
     setting with no measurable effect against the baseline, or flagged, is never a frontier point."""
     h = headline(run_dir, agg, results, min_effect=min_effect)
     no_effect = {c.defense for c in h.comparisons if c.no_effect}
-    h.frontier = [d for d in h.frontier if d not in no_effect]
     points, label = frontier_points(agg, results, leakage=leakage)
     optimal = frontier({p.defense: (p.accuracy, p.leakage) for p in points if p.defense not in no_effect})
     return Summary(h, leakage, label, points, optimal, family_verdicts(points, no_effect=no_effect))
