@@ -193,9 +193,10 @@ def plot_privacy_utility(agg: Aggregate, colors: dict, frontier: list[str], fpr:
     return fig
 
 
-def plot_frontier(points, label: str, colors: dict, optimal: set[str]):
+def plot_frontier(points, label: str, colors: dict, optimal: set[str], muted: frozenset[str] | set[str] = frozenset()):
     """The privacy-utility frontier: each family a curve of its settings, intervals on both axes, the
-    Pareto-optimal points ringed, leakage on a log axis."""
+    Pareto-optimal points ringed, leakage on a log axis. The `muted` settings (no measurable effect against the
+    baseline) are drawn faint and unlabelled, under the others, so they cannot hide the baseline."""
     if not points:  # no defense has a resolved leakage figure: nothing to place
         return None
     plt = _plt()
@@ -207,8 +208,8 @@ def plot_frontier(points, label: str, colors: dict, optimal: set[str]):
         line = colors[mine[0].defense]  # the family's line; each point in its defense's colour, as elsewhere
         xs = [max(p.leakage, floor) for p in mine]
         ax.plot(xs, [p.accuracy for p in mine], "-", color=line, lw=1, alpha=0.4)
-        for p, x in zip(mine, xs, strict=True):
-            color = colors[p.defense]
+        for k, (p, x) in enumerate(zip(mine, xs, strict=True)):
+            color, faint = colors[p.defense], p.defense in muted
             xerr = [[max(x - max(p.leakage_interval[0], floor), 0)], [max(p.leakage_interval[1] - x, 0)]]
             yerr = [[p.accuracy - p.accuracy_interval[0]], [p.accuracy_interval[1] - p.accuracy]]
             ax.errorbar(
@@ -222,14 +223,18 @@ def plot_frontier(points, label: str, colors: dict, optimal: set[str]):
                 ms=6,
                 mec="black" if p.defense in optimal else color,
                 mew=1.6 if p.defense in optimal else 1,
+                alpha=0.3 if faint else 1.0,
+                zorder=1 if faint else 3,
             )
-            ax.annotate(
-                p.defense.replace(fam, "", 1).strip("()") or fam,
-                (x, p.accuracy),
-                fontsize=6,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+            if not faint:  # settings of one family alternate above and below their point
+                ax.annotate(
+                    p.defense.replace(fam, "", 1).strip("()") or fam,
+                    (x, p.accuracy),
+                    fontsize=6,
+                    xytext=(3, 3 if k % 2 == 0 else -9),
+                    textcoords="offset points",
+                    zorder=4,
+                )
         ax.plot([], [], "o-", color=line, label=fam)
     best = sorted((p for p in points if p.defense in optimal), key=lambda p: p.leakage)
     if best:
@@ -458,7 +463,7 @@ def _evaluations_table(agg: Aggregate, evaluation_attack: dict, present: list[st
         e: any(not math.isnan(r.metric(evaluation_attack[r.defense], "epsilon_lb", e)[0]) for r in agg.rows)
         for e in present
     }
-    dp = any("dp_epsilon" in r.values for r in agg.rows)
+    dp = "target" in present and any("dp_epsilon" in r.values for r in agg.rows)  # once, in the first table
     head = ("<th rowspan=2>ε spent (DP-SGD)</th>" if dp else "") + "".join(
         f"<th colspan={1 + len(shown[e]) + has_eps[e]}>{html.escape(EVALUATIONS[e])}</th>" for e in present
     )
@@ -486,6 +491,17 @@ def _evaluations_table(agg: Aggregate, evaluation_attack: dict, present: list[st
         + "".join(rows)
         + "</table></div>"
     )
+
+
+#: Evaluations side by side in one table of the worst-case section: more would be wider than a 1400 px window.
+EVALUATIONS_PER_TABLE = 2
+
+
+def _evaluations_tables(agg: Aggregate, evaluation_attack: dict, present: list[str]) -> str:
+    """`_evaluations_table` for the evaluations in `present`, `EVALUATIONS_PER_TABLE` at a time."""
+    step = EVALUATIONS_PER_TABLE
+    groups = [present[i : i + step] for i in range(0, len(present), step)]
+    return "".join(_evaluations_table(agg, evaluation_attack, group) for group in groups)
 
 
 def _one_run_html(evaluation_attack: dict, results: list[DefenseResult]) -> str:
@@ -564,7 +580,7 @@ def _evaluations_html(agg: Aggregate, evaluation_attack: dict, results: list[Def
         "one-run audit on canaries below, when the run has 50 canaries or more, is rigorous. Each target's "
         "references never include a model whose training set is the complement of its own, so their "
         "membership tells the attack nothing about the target's.</p>"
-        + _evaluations_table(agg, evaluation_attack, present)
+        + _evaluations_tables(agg, evaluation_attack, present)
         + _one_run_html(evaluation_attack, results)
         + _vulnerable_html(agg, results)
     )
@@ -799,6 +815,7 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
     optimal, verdicts = set(summary.optimal), summary.verdicts
     scores = _scores_of(run_dir)
     evaluation_attack = {r.defense: strongest_attack(agg, r.defense, head.evaluation) for r in agg.rows}
+    muted = {c.defense for c in head.comparisons if c.no_effect}  # faint on the frontier plot
     colors = _colors(agg)
     seeds = sorted({r.seed for r in results})
     one = len(seeds) == 1
@@ -814,9 +831,10 @@ def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:
             "frontier",
             "The privacy-utility frontier",
             f"Leakage: {frontier_label}. Each family's settings joined by a line; ringed points are on the frontier "
-            "(no other point has both more accuracy and less leakage); "
+            "(no other point has both more accuracy and less leakage); faint points: no measurable effect against "
+            "the baseline; "
             + ("bars: std over seeds." if not one else "bars: 95% intervals (bootstrap; accuracy: normal)."),
-            plot_frontier(fpoints, frontier_label, colors, optimal),
+            plot_frontier(fpoints, frontier_label, colors, optimal, muted),
         ),
         (
             "privacy_utility",
