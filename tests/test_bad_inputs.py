@@ -638,6 +638,21 @@ CLI_CASES = [
         text("syntax.yaml", "train: {epochs: 3\n  lr: [\n"),
     ),
     cli_case(
+        "config-key-twice",
+        audit("--config", "{tmp}/twice.yaml"),
+        r"{tmp}/twice\.yaml as YAML \(line 2, column 1\).*'seeds' is given twice",
+        text("twice.yaml", "seeds: [0]\nseeds: [1]\n"),
+    ),
+    cli_case(
+        "config-nested-key-twice",
+        audit("--config", "{tmp}/nested.yaml"),
+        r"'lr' is given twice",
+        text("nested.yaml", "train: {lr: 0.1, lr: 0.2}\n"),
+    ),
+    cli_case("loss-twice", audit("--loss", "ce", "--loss", "focal"), "give one --loss"),
+    cli_case("defense-param-twice", compare("--defenses", "ccel:alpha=0.1,alpha=0.2"), "'alpha' is given twice"),
+    cli_case("defense-sweep-param-twice", compare("--defenses", "ccel:alpha=[0.1,0.2],alpha=0.3"), "given twice"),
+    cli_case(
         "config-top-level-list",
         audit("--config", "{tmp}/list.yaml"),
         "`config file`.*mapping",

@@ -227,9 +227,9 @@ def _defense_options(p: argparse.ArgumentParser, g, *, kind: str) -> None:
         g.add_argument(
             "--loss",
             dest="defenses",
-            type=lambda s: [s],
+            action="append",
             metavar="SPEC",
-            help="the training loss, e.g. ce, ccel:alpha=0.5, relaxloss:alpha=1.0 (default: ce)",
+            help="the training loss, e.g. ce, ccel:alpha=0.5, relaxloss:alpha=1.0 (default: ce; once)",
         )
     else:
         g.add_argument(

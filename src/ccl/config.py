@@ -144,6 +144,8 @@ def expand_defense(spec: str | dict | DefenseSpec) -> list[DefenseSpec]:
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ConfigError(expected("defense", "NAME or NAME:key=value,key=value (e.g. ccel:alpha=0.2)", spec))
+            if key.strip() in axes:  # `alpha=0.1,alpha=0.2` would silently keep the last
+                raise ConfigError(expected("defense", f"each parameter once, but {key.strip()!r} is given twice", spec))
             swept = _sweep_values(value.strip(), spec)
             axes[key.strip()] = swept if swept is not None else [_scalar(value.strip())]
     else:
@@ -541,13 +543,29 @@ def merge(*layers: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping with a key twice (YAML's loaders keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a YAML config file with `safe_load` (no code runs from it) as a plain mapping."""
+    """Reads a YAML config file with a safe loader (no code runs from it) as a plain mapping; a key given twice
+    in one mapping is an error, not the last value kept."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"The config file {path} is a directory; give a YAML file.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # SafeLoader: no code runs
     except FileNotFoundError:
         raise ConfigError(f"No such config file: {path}") from None
     except UnicodeDecodeError:
