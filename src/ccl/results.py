@@ -206,10 +206,14 @@ class AggregateRow:
     def test_acc(self) -> float:
         return self.values["test_acc"]
 
+    def evaluation(self, name: str) -> dict[str, dict[str, Any]]:
+        """attack -> metrics of one evaluation ("target": the single-target one, `attacks`; "pooled",
+        "canaries", "vulnerable_1pct", ...: see `ccl.evaluation`); empty when the row does not have it."""
+        return self.attacks if name == "target" else self.evaluations.get(name, {})
+
     def metric(self, attack: str, name: str, evaluation: str = "target") -> tuple[float, float, list[float] | None]:
-        """(mean, std over seeds, interval of a single seed or None) of one evaluation ("target": the
-        single-target one; "pooled", "canaries", "vulnerable_1pct", ...: see `ccl.evaluation`)."""
-        e = (self.attacks if evaluation == "target" else self.evaluations.get(evaluation, {})).get(attack, {})
+        """(mean, std over seeds, interval of a single seed or None) of one evaluation (`evaluation`)."""
+        e = self.evaluation(evaluation).get(attack, {})
         return _nan(e.get(name)), _nan(e.get(name + "_std")), e.get(name + "_ci")
 
 
@@ -319,7 +323,8 @@ def table_csv(agg: Aggregate, *, evaluations: list[str] | None = None) -> str:
     """The aggregate as CSV, one line per (defense, evaluation, attack) of `evaluations` (default: all the run
     has): utility, then each metric's mean over seeds and its std, then the epsilon lower bounds."""
     evaluations = agg.evaluations if evaluations is None else evaluations
-    bounds = [b for b in _BOUNDS if any(b in m for r in agg.rows for e in evaluations for m in _block(r, e).values())]
+    blocks = [m for r in agg.rows for e in evaluations for m in r.evaluation(e).values()]
+    bounds = [b for b in _BOUNDS if any(b in m for m in blocks)]
     metrics = [*agg.metric_names, *bounds]
     header = ["defense", "seeds", "test_acc", "test_acc_std", "train_acc", "dp_epsilon", "evaluation"]
     header += ["evaluation_label", "attack", *(f"{m}{s}" for m in metrics for s in ("", "_std"))]
@@ -330,17 +335,13 @@ def table_csv(agg: Aggregate, *, evaluations: list[str] | None = None) -> str:
         utility = [r.defense, len(r.seeds), r.values["test_acc"], r.values["test_acc_std"], r.values["train_acc"]]
         utility.append(r.values.get("dp_epsilon"))
         for e in evaluations:
-            for attack in _block(r, e):
+            for attack in r.evaluation(e):
                 cells = [*utility, e, EVALUATIONS.get(e, e), attack]
                 for m in metrics:
                     mean, std, _ = r.metric(attack, m, e)
                     cells += [mean, std]
                 w.writerow([_cell(v) for v in cells])
     return buf.getvalue()
-
-
-def _block(row: AggregateRow, evaluation: str) -> dict[str, dict[str, Any]]:
-    return row.attacks if evaluation == "target" else row.evaluations.get(evaluation, {})
 
 
 def write_aggregate(run_dir: str | os.PathLike, agg: Aggregate, *, summary: dict[str, Any] | None = None) -> None:
@@ -392,10 +393,10 @@ def table_markdown(agg: Aggregate, *, evaluations: list[str] | None = None) -> s
     epsilon lower bound of each where the run computed one."""
     out = []
     for ev in agg.evaluations if evaluations is None else evaluations:
-        attacks = [a for a in agg.headline_attacks if any(a in _block(r, ev) for r in agg.rows)]
+        attacks = [a for a in agg.headline_attacks if any(a in r.evaluation(ev) for r in agg.rows)]
         if not attacks:
             continue
-        has_eps = any("epsilon_lb" in _block(r, ev).get(a, {}) for r in agg.rows for a in attacks)
+        has_eps = any("epsilon_lb" in r.evaluation(ev).get(a, {}) for r in agg.rows for a in attacks)
         head = ["defense", "test acc"]
         for a in attacks:
             head += [f"{a} AUC"] + [f"{a} TPR@{100 * f:g}%" for f in agg.fprs] + ([f"{a} ε lb"] if has_eps else [])
@@ -426,7 +427,7 @@ def evaluation_json(agg: Aggregate, evaluation: str) -> dict[str, Any]:
         "label": EVALUATIONS.get(evaluation, evaluation),
         "fprs": list(agg.fprs),
         "rows": [
-            {"defense": r.defense, "seeds": r.seeds, "values": r.values, "attacks": _block(r, evaluation)}
+            {"defense": r.defense, "seeds": r.seeds, "values": r.values, "attacks": r.evaluation(evaluation)}
             for r in agg.rows
         ],
     }

@@ -175,14 +175,10 @@ def evaluation_of(agg: Aggregate) -> str:
     return agg.main_evaluation
 
 
-def _attacks(row, evaluation: str) -> dict:
-    return row.attacks if evaluation == "target" else row.evaluations.get(evaluation, {})
-
-
 def strongest_attack(agg: Aggregate, defense: str, evaluation: str | None = None) -> str:
     evaluation = evaluation or evaluation_of(agg)
     row = next(r for r in agg.rows if r.defense == defense)
-    aucs = {a: row.metric(a, "auc", evaluation)[0] for a in _attacks(row, evaluation)}
+    aucs = {a: row.metric(a, "auc", evaluation)[0] for a in row.evaluation(evaluation)}
     finite = {a: v for a, v in aucs.items() if not math.isnan(v)}
     return max(finite, key=finite.get) if finite else next(iter(aucs))
 
@@ -191,7 +187,7 @@ def _report_fpr(agg: Aggregate, evaluation: str) -> float:
     """The lowest configured FPR whose TPR every defense's attacks resolve (else the highest FPR)."""
     for fpr in sorted(agg.fprs):
         if all(
-            not math.isnan(r.metric(a, tpr_key(fpr), evaluation)[0]) for r in agg.rows for a in _attacks(r, evaluation)
+            not math.isnan(r.metric(a, tpr_key(fpr), evaluation)[0]) for r in agg.rows for a in r.evaluation(evaluation)
         ):
             return fpr
     return max(agg.fprs)
@@ -512,7 +508,7 @@ def frontier_points(
     family = {r.defense: r.spec.get("loss", r.defense) for r in results}
     points = []
     for row in agg.rows:
-        values = {a: row.metric(a, key, ev)[0] for a in _attacks(row, ev)}
+        values = {a: row.metric(a, key, ev)[0] for a in row.evaluation(ev)}
         finite = {a: v for a, v in values.items() if not math.isnan(v)}
         if not finite:
             continue
