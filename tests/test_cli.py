@@ -240,9 +240,11 @@ def test_demo_settings_are_valid_and_sized_for_a_laptop():
         "ccel(alpha=0.8)",
         "relaxloss(alpha=0.5)",
         "relaxloss(alpha=1)",
-        "dpsgd(epsilon=8)",
     ):
         assert required in labels
+    # DP-SGD with a recipe of its own, its learning rate chosen on the defender's reserve
+    dp = next(d for d in config.defenses if d.loss == "dpsgd")
+    assert dp.params == {"epsilon": 8} and dp.selects and config.reserve_fraction > 0
     assert config.uses_leave_one_out and config.canaries > 0  # the worst-case evaluation, by default
     models = len(config.defenses) * len(config.seeds) * (1 + config.num_references)
     assert models <= 500 and config.train.epochs <= 100 and config.train.augment is False

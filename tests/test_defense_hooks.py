@@ -148,7 +148,7 @@ def test_an_audit_trains_and_releases_through_the_hooks_of_a_registered_defense(
     for name in ("plain", "shift"):
         for job in sorted((tmp_path / name / "models").glob("*/job.json")):
             info = json.loads(job.read_text())
-            assert info["trainer"] == "single" and info["defense"]["loss"] == "toy"
+            assert info["trainer"] == "single" and info["defense"]["name"] == "toy"
             if info["role"] == "target":
                 with np.load(job.parent / "outputs.npz") as f:
                     outputs[name] = f["logits"]

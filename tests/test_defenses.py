@@ -222,13 +222,13 @@ def test_dp_sgd_and_early_stopping_lower_leakage_and_the_lower_bound_respects_th
             "num_references": 4,
             "bootstrap": 20,
             "attacks": ["loss", "lira", "rmia"],
-            "defenses": ["ce", "dpsgd:epsilon=2", "early_stop:epochs=5"],
+            "defenses": ["ce", "dpsgd:epsilon=2@lr=0.1", "early_stop:epochs=5"],  # CE's recipe, stated
             "train": {"epochs": 30, "batch_size": 32, "lr": 0.1, "schedule": "constant"},
         }
     )
     agg = run_audit(config, tmp_path / "run", runtime=quiet)
     rows = {r.defense: r for r in agg.rows}
-    ce, dp, early = rows["ce"], rows["dpsgd(epsilon=2)"], rows["early_stop(epochs=5)"]
+    ce, dp, early = rows["ce"], rows["dpsgd(epsilon=2)@lr=0.1"], rows["early_stop(epochs=5)"]
     assert dp.metric("lira", "auc", "pooled")[0] < ce.metric("lira", "auc", "pooled")[0] - 0.05
     assert early.metric("lira", "auc", "pooled")[0] < ce.metric("lira", "auc", "pooled")[0] - 0.02
     assert 1.9 <= dp.values["dp_epsilon"] <= 2.0 and "dp_epsilon" not in ce.values
@@ -244,7 +244,7 @@ def test_dp_sgd_and_early_stopping_lower_leakage_and_the_lower_bound_respects_th
     models = list((tmp_path / "run" / "models").glob("*/job.json"))
     import json
 
-    dp_jobs = [json.loads(p.read_text()) for p in models if json.loads(p.read_text())["defense"]["loss"] == "dpsgd"]
+    dp_jobs = [json.loads(p.read_text()) for p in models if json.loads(p.read_text())["defense"]["name"] == "dpsgd"]
     assert len(dp_jobs) == 5 and all(j["trainer"] == "single" and 1.9 <= j["epsilon"] <= 2.0 for j in dp_jobs)
 
 

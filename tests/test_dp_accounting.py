@@ -54,7 +54,7 @@ def test_a_dp_audit_records_the_accounting_in_job_json_and_metrics_json(tmp_path
             "num_references": 2,
             "bootstrap": 5,
             "attacks": ["loss"],
-            "defenses": ["ce", "dpsgd:epsilon=2"],
+            "defenses": ["ce", "dpsgd:epsilon=2@lr=0.1"],
             "train": {"epochs": 2, "batch_size": 32, "lr": 0.1, "schedule": "constant"},
         }
     )
@@ -74,12 +74,12 @@ def test_a_dp_audit_records_the_accounting_in_job_json_and_metrics_json(tmp_path
     assert recomputed_epsilon(record) == pytest.approx(record["epsilon"], abs=1e-6)
 
     jobs = [json.loads(p.read_text()) for p in (tmp_path / "run" / "models").glob("*/job.json")]
-    dp_jobs = [j for j in jobs if j["defense"]["loss"] == "dpsgd"]
+    dp_jobs = [j for j in jobs if j["defense"]["name"] == "dpsgd"]
     assert len(dp_jobs) == 3  # the target and both reference models, each trained with DP-SGD
     for job in dp_jobs:
         assert set(job["dp_accounting"]) == KEYS and job["dp_accounting"]["epsilon"] == job["epsilon"]
         assert recomputed_epsilon(job["dp_accounting"]) == pytest.approx(job["epsilon"], abs=1e-6)
-    assert all(j["dp_accounting"] is None for j in jobs if j["defense"]["loss"] != "dpsgd")
+    assert all(j["dp_accounting"] is None for j in jobs if j["defense"]["name"] != "dpsgd")
 
     del dp["dp_accounting"]  # a result written before the accounting was recorded still loads
     assert DefenseResult.from_dict(dp).dp_accounting is None

@@ -25,10 +25,10 @@ def test_sweeps_expand_lists_ranges_and_products():
         "ccel(alpha=0.5,beta=1)",
         "ccel(alpha=0.5,beta=2)",
     ]
-    assert labels({"loss": "dpsgd", "params": {"epsilon": [1, 4, 16]}}) == [
-        "dpsgd(epsilon=1)",
-        "dpsgd(epsilon=4)",
-        "dpsgd(epsilon=16)",
+    assert labels({"loss": "dpsgd", "params": {"epsilon": [1, 4, 16]}, "train": {"lr": 0.5}}) == [
+        "dpsgd(epsilon=1)@lr=0.5",
+        "dpsgd(epsilon=4)@lr=0.5",
+        "dpsgd(epsilon=16)@lr=0.5",
     ]
     assert labels("ccel:alpha=0.3") == ["ccel(alpha=0.3)"]
     config = ExperimentConfig.from_dict({"defenses": ["ce", "relaxloss:alpha=[0.5,1]"]})

@@ -312,6 +312,6 @@ def test_the_reserve_defenses_lower_leakage_on_digits_and_never_audit_the_reserv
     import json
 
     jobs = [json.loads(p.read_text()) for p in (tmp_path / "run" / "models").glob("*/job.json")]
-    assert sum(j["defense"]["loss"] == "advreg" for j in jobs) == 5
+    assert sum(j["defense"]["name"] == "advreg" for j in jobs) == 5
     with np.load(next((tmp_path / "run" / "models").glob("*/outputs.npz"))) as f:
         assert not np.intersect1d(f["query_index"], split.reserve).size

@@ -26,7 +26,7 @@ import yaml
 from . import attacks, data, defenses, metrics, models
 from ._checks import check_in_range, check_positive_int, expected, unknown_name
 from .errors import CclError, ConfigError
-from .training import Recipe, Runtime
+from .training import Recipe, Runtime, recipe_text
 
 __all__ = [
     "ConfigError",
@@ -42,18 +42,31 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DefenseSpec:
-    """A defense with its parameters, e.g. `DefenseSpec("ccel", {"alpha": 0.2})`, `DefenseSpec("dpsgd",
-    {"epsilon": 8})`: a loss of `ccl.losses` or a procedure of `ccl.defenses` (the field keeps its name, `loss`,
-    for the YAML form `{loss: ..., params: ...}`)."""
+    """A defense with its parameters and, optionally, its own training recipe: `DefenseSpec("ccel",
+    {"alpha": 0.2})`, `DefenseSpec("dpsgd", {"epsilon": 8}, {"lr": 0.5, "batch_size": 64})`. `loss` names a loss
+    of `ccl.losses` or a procedure of `ccl.defenses` (YAML: `name:`, or the older `loss:`).
+
+    `train` changes the experiment's recipe for this defense only: its target and its reference models train
+    with it (the attacker knows the recipe). A list value (`{"lr": [0.1, 0.5]}`) is a choice made for utility on
+    the defender's reserve (`candidates`; `ccl.audit.pipeline` trains a candidate target per point and keeps the
+    most accurate on the reserve). The label shows the recipe: `dpsgd(epsilon=8)@batch_size=64,lr=0.5`."""
 
     loss: str
     params: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.loss
 
     @property
     def label(self) -> str:
-        if not self.params:
-            return self.loss
-        return f"{self.loss}(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+        label = self.loss
+        if self.params:
+            label += "(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
+        if self.train:
+            label += "@" + recipe_text(self.train)
+        return label
 
     @property
     def family(self) -> str:
@@ -65,6 +78,25 @@ class DefenseSpec:
         """A file-name-safe form of the label."""
         return "".join(c if c.isalnum() or c in "._=-" else "_" for c in self.label.replace("(", "_")).strip("_")
 
+    @property
+    def selects(self) -> bool:
+        """Whether a recipe key lists values to choose from on the defender's reserve."""
+        return any(_choices(k, v) is not None for k, v in self.train.items())
+
+    def candidates(self) -> list[DefenseSpec]:
+        """One spec per point of the recipe's lists (their product, in the order given); `[self]` if none."""
+        points: list[dict[str, Any]] = [{}]
+        for key, value in self.train.items():
+            values = _choices(key, value) or [value]
+            points = [{**p, key: v} for p in points for v in values]
+        return [DefenseSpec(self.loss, dict(self.params), p) for p in points]
+
+    def recipe(self, base: Recipe) -> Recipe:
+        """The experiment's recipe `base` with this defense's changes (one point: no list)."""
+        if self.selects:
+            raise ConfigError(f"Defense {self.label}: choose one point of its recipe first (`candidates`).")
+        return base.replace(**self.train) if self.train else base
+
     def build(self):
         """The training loss."""
         return defenses.create(self.loss, **self.params).loss
@@ -73,8 +105,18 @@ class DefenseSpec:
         """What the defense does to training beyond its loss (`ccl.defenses.Procedure`)."""
         return defenses.create(self.loss, **self.params).procedure
 
+    def identity(self) -> dict[str, Any]:
+        """What a result's key holds of the defense (the recipe only when it has its own: older keys hold)."""
+        ident: dict[str, Any] = {"loss": self.loss, "params": dict(self.params)}
+        if self.train:
+            ident["train"] = dict(self.train)
+        return ident
+
     def to_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "params": dict(self.params)}
+        out: dict[str, Any] = {"name": self.loss, "params": dict(self.params)}
+        if self.train:
+            out["train"] = dict(self.train)
+        return out
 
 
 def _scalar(text: str) -> Any:
@@ -123,31 +165,108 @@ def _sweep_values(text: str, spec: str) -> list | None:
     return None
 
 
+def _choices(key: str, value: Any) -> list | None:
+    """The values to choose from when a recipe key lists several, else None (`milestones` is a list itself: a
+    list of lists is its choice)."""
+    if key == "milestones":
+        return list(value) if isinstance(value, list) and value and isinstance(value[0], list) else None
+    return list(value) if isinstance(value, list) else None
+
+
+def _parse_train(train: Any, spec: Any) -> dict[str, Any]:
+    """A defense's own recipe: keys of `Recipe` but `seed` (the audit's), each a value or a list to choose from;
+    every point must make a valid recipe."""
+    if not isinstance(train, dict):
+        raise ConfigError(expected("defense train", "a mapping of recipe keys to values (e.g. {lr: 0.5})", train))
+    valid = _TRAIN_KEYS - {"seed"}
+    for key in train:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), sorted(valid), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            why = " (each model's seed is the audit's)" if key == "seed" else ""
+            raise ConfigError(
+                f"Unknown recipe key {key!r}{why} in the defense {spec!r}.{hint} "
+                f"Valid keys: {', '.join(sorted(valid))}."
+            )
+    out = {k: _as_field_type(k, _choices(k, v) or v) for k, v in train.items()}
+    for key, value in out.items():
+        values = _choices(key, value) or [value]
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(expected("defense train", f"distinct values of {key!r} in {spec!r}", values))
+        for v in values:
+            try:
+                Recipe(**{key: v})
+            except CclError as err:
+                raise ConfigError(f"Defense {spec!r}, recipe key {key!r}: {err}") from None
+    return out
+
+
+_FLOAT_KEYS = {f.name for f in dataclasses.fields(Recipe) if f.type in ("float", float)}
+
+
+def _as_field_type(key: str, value: Any) -> Any:
+    """`lr=1` as 1.0: a float field of the recipe holds floats, so `lr=1` and `lr=1.0` are one recipe."""
+    if isinstance(value, list):
+        return [_as_field_type(key, v) for v in value]
+    if key in _FLOAT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _split_spec(spec: str) -> tuple[str, dict[str, list], dict[str, Any]]:
+    """`NAME:key=value,...@recipe_key=value,...` to the name, its parameters' values (each a list: a sweep) and
+    its own recipe."""
+    head, at, recipe = spec.partition("@")
+    name, _, rest = head.partition(":")
+    axes: dict[str, list] = {}
+    for item in _split_params(rest):
+        key, value = _key_value_item(item, spec, axes)
+        swept = _sweep_values(value, spec)
+        axes[key] = swept if swept is not None else [_scalar(value)]
+    train: dict[str, Any] = {}
+    if at and not recipe.strip():
+        raise ConfigError(
+            expected("defense", "recipe keys after '@' (e.g. dpsgd:epsilon=8@lr=0.5,batch_size=64)", spec)
+        )
+    for item in _split_params(recipe):
+        key, value = _key_value_item(item, spec, train)
+        listed = _sweep_values(value, spec)
+        train[key] = listed if listed is not None else _scalar(value)
+    return name.strip(), axes, train
+
+
+def _key_value_item(item: str, spec: str, seen: dict) -> tuple[str, str]:
+    key, eq, value = item.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(
+            expected(
+                "defense", "NAME, NAME:key=value,... or NAME:key=value@recipe_key=value (e.g. ccel:alpha=0.2)", spec
+            )
+        )
+    if key.strip() in seen:  # `alpha=0.1,alpha=0.2` would silently keep the last
+        raise ConfigError(expected("defense", f"each key once, but {key.strip()!r} is given twice", spec))
+    return key.strip(), value.strip()
+
+
 def expand_defense(spec: str | dict | DefenseSpec) -> list[DefenseSpec]:
     """A defense spec with sweeps to one checked `DefenseSpec` per point: `ccel:alpha=[0.1,0.5]`,
     `ccel:alpha=0.1..0.9/5`, and the product over several swept parameters (`ccel:alpha=[0.1,0.5],beta=[1,2]`).
-    In YAML a list value in `params` is a sweep too."""
+    In YAML a list value in `params` is a sweep too. A list in the defense's own recipe (`@lr=[0.1,0.5]`, YAML
+    `train: {lr: [0.1, 0.5]}`) is not a sweep: it is chosen on the defender's reserve (`DefenseSpec.candidates`)."""
     if isinstance(spec, DefenseSpec):
         return [parse_defense(spec)]
     if isinstance(spec, dict):
-        _check_keys("defense", spec, {"loss", "params"})
+        _check_keys("defense", spec, {"name", "loss", "params", "train"})
+        if ("name" in spec) == ("loss" in spec):
+            raise ConfigError(expected("defense", "its name under 'name:' (or the older 'loss:'), once", spec))
         params = spec.get("params") or {}
         if not isinstance(params, dict):
             raise ConfigError(expected("defense params", "a mapping of parameter names to values", params))
-        name = str(spec.get("loss"))
+        name = str(spec.get("name", spec.get("loss")))
         axes = {k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in params.items()}
-        label = name
+        train, label = spec.get("train") or {}, name
     elif isinstance(spec, str):
-        name, _, rest = spec.partition(":")
-        name, axes, label = name.strip(), {}, spec
-        for item in _split_params(rest):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise ConfigError(expected("defense", "NAME or NAME:key=value,key=value (e.g. ccel:alpha=0.2)", spec))
-            if key.strip() in axes:  # `alpha=0.1,alpha=0.2` would silently keep the last
-                raise ConfigError(expected("defense", f"each parameter once, but {key.strip()!r} is given twice", spec))
-            swept = _sweep_values(value.strip(), spec)
-            axes[key.strip()] = swept if swept is not None else [_scalar(value.strip())]
+        (name, axes, train), label = _split_spec(spec), spec
     else:
         raise ConfigError(expected("defense", "a string like 'ccel:alpha=0.2' or a mapping", spec))
     for key, values in axes.items():
@@ -156,7 +275,8 @@ def expand_defense(spec: str | dict | DefenseSpec) -> list[DefenseSpec]:
     points = [{}]
     for key, values in axes.items():
         points = [{**p, key: v} for p in points for v in values]
-    return [parse_defense(DefenseSpec(name, p)) for p in points]
+    train = _parse_train(train, label)  # checked once here, not once per point
+    return [parse_defense(DefenseSpec(name, p, dict(train))) for p in points]
 
 
 def parse_defense(spec: str | dict | DefenseSpec) -> DefenseSpec:
@@ -175,7 +295,9 @@ def parse_defense(spec: str | dict | DefenseSpec) -> DefenseSpec:
         defenses.create(result.loss, **result.params)  # validates parameter names and values now, not hours into a run
     except (ValueError, TypeError) as err:
         raise ConfigError(f"Defense {result.label}: {err}") from None
-    return result
+    # no recipe of its own: the defense's default one (DP-SGD's), shown in its label like any other
+    train = _parse_train(result.train or defenses.default_recipe(result.loss), result.label)
+    return DefenseSpec(result.loss, dict(result.params), train)
 
 
 _TRAIN_KEYS = {f.name for f in dataclasses.fields(Recipe)}
@@ -397,6 +519,11 @@ class ExperimentConfig:
             raise ConfigError(
                 "Canaries must be in the target's training set: they cannot be used with a supplied target."
             )
+        if supplied and self.defenses[0].selects:
+            raise ConfigError(
+                f"The supplied target was trained with one recipe, but {self.defenses[0].label} chooses among several: "
+                "give each recipe key one value after '@' (e.g. dpsgd:epsilon=8@lr=0.5,momentum=0)."
+            )
         if supplied and len(self.defenses) != 1:
             raise ConfigError(
                 expected(
@@ -426,7 +553,8 @@ class ExperimentConfig:
     def _resolve_reserve(self) -> None:
         """`reserve_fraction` None becomes `RESERVE_FRACTION` when a defense learns from the defender's reserve,
         0 otherwise; stored resolved, so a resumed run keeps its split whatever defenses it adds."""
-        needs = [d.label for d in self.defenses if d.procedure().needs_reserve]
+        # the defenses that learn from the reserve, and those whose recipe is chosen on it
+        needs = [d.label for d in self.defenses if d.procedure().needs_reserve or d.selects]
         given = self.reserve_fraction
         if self.reserve_fraction is None:
             self._set("reserve_fraction", RESERVE_FRACTION if needs else 0.0)
@@ -444,7 +572,8 @@ class ExperimentConfig:
             )
         if needs and self.reserve_fraction == 0:
             raise ConfigError(
-                f"{', '.join(needs)} learn(s) from the defender's reserve, records no audited model trains on, and "
+                f"{', '.join(needs)} learn(s) from (or choose a recipe on) the defender's reserve, records no audited "
+                "model trains on, and "
                 "reserve_fraction is 0 (a resumed run keeps the value it started with): set --reserve-fraction "
                 f"above 0 (e.g. {RESERVE_FRACTION}) in a new run."
             )

@@ -26,6 +26,7 @@ from .layout import RunLayout
 from .metrics import roc_curve, tpr_key
 from .results import EVALUATIONS, Aggregate, DefenseResult, aggregate, load_aggregate, load_results, load_scores
 from .summary import Headline, load_summary, strongest_attack, summarize
+from .training import recipe_text
 
 __all__ = ["render_report"]
 
@@ -434,9 +435,7 @@ def _headline_html(h: Headline) -> str:
         f"intervals ({html.escape(h.method)}). A change counts when its whole interval lies beyond the practical "
         "threshold (--min-effect; default AUC 0.01, 1 point of accuracy, 1 point of TPR).</p>"
         "<table><tr><th>defense</th><th>strongest attack</th><th>test acc % (change)</th><th>AUC (change)</th>"
-        f"<th>TPR@{pct}FPR % (change)</th><th>against {html.escape(h.baseline)}</th></tr>"
-        + "".join(rows)
-        + "</table>"
+        f"<th>TPR@{pct}FPR % (change)</th><th>against {html.escape(h.baseline)}</th></tr>" + "".join(rows) + "</table>"
     )
 
 
@@ -699,6 +698,39 @@ def _notes_html(results: list[DefenseResult]) -> str:
     return f"<div class=notes><b>Read with care:</b><ul>{items}</ul></div>"
 
 
+def _recipes_html(results: list[DefenseResult]) -> str:
+    """Each defense's own recipe, and where it was chosen on the reserve, every candidate's accuracy there."""
+    rows = []
+    for r in sorted(results, key=lambda r: (r.defense, r.seed)):
+        own = r.spec.get("train") or {}
+        if not own:
+            continue
+        sel = r.selection or {}
+        cands = "; ".join(
+            ("<b>" if c["train"] == sel.get("chosen") else "")
+            + f"{html.escape(recipe_text(c['train']))}: {_fmt(c['accuracy'], pct=True)}%"
+            + ("</b>" if c["train"] == sel.get("chosen") else "")
+            for c in sel.get("candidates", [])
+        )
+        chosen = recipe_text(sel["chosen"]) if sel else recipe_text(own)
+        where = f" ({sel['records']} records)" if sel else ""
+        rows.append(
+            f"<tr><td>{html.escape(r.defense)}</td><td>{r.seed}</td><td>{html.escape(chosen)}</td>"
+            f"<td style='text-align:left'>{cands or 'no choice'}{where}</td></tr>"
+        )
+    if not rows:
+        return ""
+    return (
+        "<h2>Recipes of their own</h2><p class=cap>These defenses train (target and reference models alike) with "
+        "the experiment's recipe changed as shown. Where a key lists several values, each candidate target trained "
+        "on the target's members and the most accurate on the defender's reserve (records no audited model trains "
+        "on) was kept; then its reference models trained with it.</p><table><tr><th>defense</th><th>seed</th>"
+        "<th>recipe used</th><th>candidates: accuracy on the reserve (chosen in bold)</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
 def _protocol_html(config: dict, results: list[DefenseResult], seeds: list[int]) -> str:
     """The audit's protocol in one paragraph: data, model, members, population, reserve, references, queries."""
     first = results[0]
@@ -715,9 +747,9 @@ def _protocol_html(config: dict, results: list[DefenseResult], seeds: list[int])
         f"{first.num_members} members and {first.num_nonmembers} non-members audited per target "
         f"(disjoint, balanced), {first.num_population} population records never trained on, "
         f"{reserve}"
-        f"{first.num_references} reference models per target trained with the same loss, hyperparameters and "
-        f"epochs, seeds {seeds}. Queries {queries}. Test accuracy is measured on records the target never "
-        f"trained on. TPR at an FPR is n/a when fewer than 1/FPR non-members are audited."
+        f"{first.num_references} reference models per target trained with the target's defense and recipe (the "
+        f"attacker knows both), seeds {seeds}. Queries {queries}. Test accuracy is measured on records the target "
+        f"never trained on. TPR at an FPR is n/a when fewer than 1/FPR non-members are audited."
     )
 
 
@@ -760,6 +792,7 @@ overflow:auto}}.v-less{{background:#d4f0d4;font-weight:bold}}.v-more{{background
 <h2>Headline</h2>
 {_headline_html(head)}
 {_verdicts_html(*frontier_info)}
+{_recipes_html(results)}
 <h2>Worst-case evaluation</h2>
 {_evaluations_html(agg, evaluation_attack, results, config)}
 <h2>Table: {EVALUATIONS["target"]} ({spread})</h2>

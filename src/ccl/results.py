@@ -108,6 +108,10 @@ class DefenseResult:
     # noise_multiplier, sample_rate, steps, accountant, delta, epsilon; None for other defenses and older runs
     dp_accounting: dict[str, Any] | None = None
     majority_rate: float | None = None  # the majority class's share of the held-out records (a do-nothing model)
+    recipe: dict[str, Any] | None = None  # the recipe the target trained with (its own seed aside)
+    # a defense's recipe chosen on the defender's reserve: {"metric", "records", "candidates": [{"train",
+    # "accuracy"}], "chosen"}; None when the recipe had no choice
+    selection: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,6 +129,8 @@ class DefenseResult:
             "dp_epsilon",
             "dp_accounting",
             "majority_rate",
+            "recipe",
+            "selection",
         }
         missing = names - set(raw) - optional
         if missing:
@@ -370,12 +376,14 @@ def table_lines(agg: Aggregate, *, fpr: float = 0.01) -> list[str]:
     key, pct = tpr_key(fpr), f"{100 * fpr:g}%"
     ev = agg.main_evaluation
     attacks = agg.headline_attacks
+    width = max([24, *(len(r.defense) for r in agg.rows)])  # long labels (a defense's own recipe) stay aligned
     lines = [
         f"Evaluation: {EVALUATIONS[ev]} (mean over seeds)",
-        f"{'defense':24s} {'test acc':>9s}" + "".join(f" {a + ' AUC':>10s} {a + ' TPR@' + pct:>13s}" for a in attacks),
+        f"{'defense':{width}s} {'test acc':>9s}"
+        + "".join(f" {a + ' AUC':>10s} {a + ' TPR@' + pct:>13s}" for a in attacks),
     ]
     for r in agg.rows:
-        line = f"{r.defense:24s} {100 * r.test_acc:8.1f}%"
+        line = f"{r.defense:{width}s} {100 * r.test_acc:8.1f}%"
         for a in attacks:
             auc, tpr = r.metric(a, "auc", ev)[0], r.metric(a, key, ev)[0]
             line += f" {'n/a' if math.isnan(auc) else f'{auc:.3f}':>10s} {_percent(tpr):>13s}"

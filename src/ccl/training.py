@@ -129,6 +129,15 @@ class Recipe:
         return d
 
 
+def recipe_text(train: dict[str, Any]) -> str:
+    """`{"lr": [0.1, 0.5], "batch_size": 64}` -> `batch_size=64,lr=[0.1,0.5]`: the command line's form."""
+
+    def text(v: Any) -> str:
+        return "[" + ",".join(map(text, v)) + "]" if isinstance(v, (list, tuple)) else str(v)
+
+    return ",".join(f"{k}={text(v)}" for k, v in sorted(train.items()))
+
+
 #: The values the recipe's text fields take (its fields' metadata: the command line offers the same).
 _RECIPE_CHOICES = {f.name: f.metadata["choices"] for f in dataclasses.fields(Recipe) if "choices" in f.metadata}
 

@@ -105,7 +105,18 @@ class ModelCache:
     def extras(self, job: ModelJob) -> dict[str, np.ndarray]:
         """The arrays stored with a model's logits (the label-only attacks' predicted labels)."""
         with np.load(self.folder(job) / "outputs.npz", allow_pickle=False) as f:
-            return {k: f[k] for k in f.files if k not in ("logits", "query_index", "label_only_format")}
+            return {k: f[k] for k in f.files if k not in _NOT_EXTRAS}
+
+    def validation_logits(self, job: ModelJob, validation_index: np.ndarray) -> np.ndarray | None:
+        """A candidate target's logits on the defender's reserve (`validation_index`), stored when it was trained
+        for a recipe choice; None when they are not stored (for these records)."""
+        path = self.folder(job) / "outputs.npz"
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as f:
+            if "validation_index" in f.files and np.array_equal(f["validation_index"], validation_index):
+                return f["validation_logits"]
+        return None
 
     def info(self, job: ModelJob) -> dict:
         """What job.json records of a trained model (epsilon spent and its accounting, trainer, ...)."""
@@ -135,6 +146,14 @@ class ExecutionContext:
     keep_checkpoints: bool = False  # keep reference models' checkpoints (the target's is always kept)
     num_pool: int = 0  # the first `num_pool` query records are the audit pool (label-only queries run on them)
     label_only: bool = True  # ask each model for its labels on perturbed copies of the pool (label-only attacks)
+    # a recipe choice: each (single) job also answers these records of the defender's reserve (never audited)
+    validation_index: np.ndarray | None = None
+
+    def is_done(self, job: ModelJob) -> bool:
+        """Whether the cache holds everything this context asks of `job` (its reserve answers too, if asked)."""
+        if self.cache.outputs(job, self.query_index) is None:
+            return False
+        return self.validation_index is None or self.cache.validation_logits(job, self.validation_index) is not None
 
 
 #: Label-only attacks: perturbed copies of each pool record, and the scale of the tabular noise (in units of each
@@ -165,6 +184,16 @@ def perturbed_labels(forward_all, x_pool: torch.Tensor) -> dict[str, np.ndarray]
         ).numpy()
         for kind in ("augment", "noise")
     }
+
+
+#: What outputs.npz holds beside the attacks' extras.
+_NOT_EXTRAS = ("logits", "query_index", "label_only_format", "validation_logits", "validation_index")
+
+
+@torch.no_grad()
+def forward_all_numpy(forward_all, x: torch.Tensor, *, batch: int = 1024) -> np.ndarray:
+    """`(K, N, C)` logits of `forward_all(x) -> (K, B, C)` on `x`, in batches, as float32 numpy."""
+    return np.concatenate([forward_all(x[i : i + batch]).float().cpu().numpy() for i in range(0, len(x), batch)], 1)
 
 
 def _build(job: ModelJob, dataset: Dataset) -> torch.nn.Module:
@@ -224,6 +253,10 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
                 return stack.forward(x.to(device), shared_input=True)
 
         extras = perturbed_labels(forward_all, data.x[query[: ctx.num_pool]]) if ctx.label_only and ctx.num_pool else {}
+        if ctx.validation_index is not None:  # a candidate of a recipe choice: its answers on the reserve
+            val = torch.as_tensor(ctx.validation_index)
+            extras["validation_logits"] = forward_all_numpy(forward_all, data.x[val])
+            extras["validation_index"] = np.broadcast_to(ctx.validation_index, (len(jobs), val.numel()))
         # queries see the released outputs (HAMP modifies them)
         logits = jobs[0].defense.procedure().query_transform(forward_all, logits, data.x, seed=jobs[0].seed)
         for k, (job, lg, eps, spent) in enumerate(zip(jobs, logits, epsilons, accountings, strict=True)):
@@ -267,7 +300,7 @@ class LocalExecutor:
     def run(self, jobs: list[ModelJob], ctx: ExecutionContext, *, on_done: Callable[[int], None] | None = None) -> None:
         todo = []
         for job in jobs:
-            if ctx.cache.outputs(job, ctx.query_index) is None:
+            if not ctx.is_done(job):
                 todo.append(job)
             elif on_done:
                 on_done(1)

@@ -8,15 +8,18 @@ attack the setup supports, and written as a typed result. The aggregate over see
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import data
-from .._io import write_json
+from .._io import atomic_path, write_json
 from ..config import ExperimentConfig
 from ..data import MembershipSplit
 from ..data.canaries import add_canaries
@@ -25,7 +28,7 @@ from ..errors import ConfigError
 from ..results import Aggregate, DefenseResult, aggregate, save_scores, write_aggregate
 from ..run_dir import RunDirectory
 from ..summary import summarize
-from ..training import FitResult, Runtime, fit, resolve_device, torch_threads
+from ..training import FitResult, Runtime, fit, predict_logits, resolve_device, torch_threads
 from .execute import ExecutionContext, Executor, LocalExecutor, ModelCache
 from .plan import model_seed, plan_jobs, result_key
 from .preflight import preflight
@@ -76,7 +79,6 @@ def run_audit(
     dataset = preflight(config, runtime, data_dir=data_dir)  # before the run directory exists
     runtime = choose_threads(config, dataset, runtime)
     executor = executor or LocalExecutor()
-    per_model = 1 + config.num_references
     bar = None
     members = load_members(config.target_members, len(dataset)) if config.supplied_target else None
     # the models answer perturbed queries only when a label-only attack may run
@@ -85,7 +87,8 @@ def run_audit(
         if runtime.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=per_model * len(config.defenses) * len(config.seeds), desc="models", unit="model")
+            total = sum(models_per_setting(config, d) for d in config.defenses) * len(config.seeds)
+            bar = tqdm(total=total, desc="models", unit="model")
         tick = bar.update if bar is not None else None
         try:
             results: list[DefenseResult] = []
@@ -155,7 +158,7 @@ def _prepare_seed(config: ExperimentConfig, dataset, members, seed: int, rd: Run
 def _audit_defense(config, defense, s: _Seed, rd: RunDirectory, ctx, executor: Executor, tick) -> DefenseResult:
     """One (defense, seed) result: the stored one when its key still matches, else its models are trained (or
     taken from the cache), queried and scored, and the result is saved (its metrics.json last)."""
-    per_model = 1 + config.num_references
+    per_model = models_per_setting(config, defense)
     key = result_key(config, defense, s.seed)
     stored = rd.layout.result(defense.slug, s.seed)
     if stored.exists():
@@ -165,7 +168,10 @@ def _audit_defense(config, defense, s: _Seed, rd: RunDirectory, ctx, executor: E
                 tick(per_model)
             return done
     cache = ctx.cache
-    jobs = plan_jobs(config, defense, s.seed, s.split)
+    chosen, selection = defense, None
+    if defense.selects:  # the defense's recipe is chosen first, on the reserve; its models train with the choice
+        chosen, selection = select_recipe(config, defense, s, ctx, executor, tick)
+    jobs = plan_jobs(config, chosen, s.seed, s.split)
     trained = jobs[1:] if config.supplied_target else jobs  # a supplied target is not trained
     if config.supplied_target and tick:
         tick(1)
@@ -193,12 +199,44 @@ def _audit_defense(config, defense, s: _Seed, rd: RunDirectory, ctx, executor: E
     )
     # DP-SGD: the target's accounting, for an auditor to recompute its epsilon (None otherwise)
     result.dp_accounting = cache.info(jobs[0]).get("dp_accounting")
+    result.recipe = {k: v for k, v in chosen.recipe(config.train).to_dict().items() if k != "seed"}
+    result.selection = selection
     if config.supplied_target:  # what was supplied, and whether it looks trained on these records
         result.notes[:0] = supplied_notes(config, s.data, logits, s.labels, s.split)
     out_dir = rd.result_dir(defense.slug, s.seed)
     save_scores(out_dir, arrays)
     result.save(out_dir)  # written last: its presence marks the result complete
     return result
+
+
+def models_per_setting(config: ExperimentConfig, defense) -> int:
+    """The models one (defense, seed) trains: its target and references, and a candidate target per point of its
+    recipe's choice (the chosen one is the target itself, found in the cache)."""
+    return 1 + config.num_references + (len(defense.candidates()) if defense.selects else 0)
+
+
+def select_recipe(config: ExperimentConfig, defense, s: _Seed, ctx, executor: Executor, tick):
+    """The point of `defense`'s recipe choice with the best accuracy on the defender's reserve, and what was
+    chosen from what: one candidate target per point, trained on the target's members with the target's seed
+    and scored on the reserve, records no audited model trains on (the first best wins a tie)."""
+    candidates = defense.candidates()
+    jobs = [plan_jobs(config, c, s.seed, s.split)[0] for c in candidates]
+    reserve = s.split.reserve
+    executor.run(jobs, dataclasses.replace(ctx, validation_index=reserve), on_done=tick)
+    labels = s.data.y[torch.as_tensor(reserve)].numpy()
+    accuracy = [float((ctx.cache.validation_logits(j, reserve).argmax(-1) == labels).mean()) for j in jobs]
+    return _chosen(candidates, accuracy, records=int(reserve.size))
+
+
+def _chosen(candidates: list, accuracy: list[float], *, records: int) -> tuple:
+    """The most accurate candidate (the first of a tie) and the record of the choice for metrics.json."""
+    best = int(np.argmax(accuracy))
+    return candidates[best], {
+        "metric": "accuracy on the defender's reserve",
+        "records": records,
+        "candidates": [{"train": c.train, "accuracy": a} for c, a in zip(candidates, accuracy, strict=True)],
+        "chosen": candidates[best].train,
+    }
 
 
 def run_train(
@@ -231,20 +269,50 @@ def run_train(
         if config.standardizes:
             dataset = standardize(dataset, fit_index=split.pool)
         target_seed = model_seed(seed, 0)
-        result = fit(
-            config.build_model(dataset, seed=target_seed),
-            config.defenses[0].build(),
-            dataset.subset(split.target_members),
-            heldout=dataset.subset(split.target_nonmembers),
-            recipe=config.train.replace(seed=target_seed),
-            runtime=runtime,
-            checkpoint_dir=rd.path / "model",
-            resume=True,
-            procedure=config.defenses[0].procedure(),
-            reserve=dataset.subset(split.reserve) if split.reserve.size else None,
-        )
+        reserve = dataset.subset(split.reserve) if split.reserve.size else None
+
+        def train_one(spec, folder: Path) -> FitResult:
+            return fit(
+                config.build_model(dataset, seed=target_seed),
+                spec.build(),
+                dataset.subset(split.target_members),
+                heldout=dataset.subset(split.target_nonmembers),
+                recipe=spec.recipe(config.train).replace(seed=target_seed),
+                runtime=runtime,
+                checkpoint_dir=folder,
+                resume=True,
+                procedure=spec.procedure(),
+                reserve=reserve,
+            )
+
+        chosen, selection = config.defenses[0], None
+        if chosen.selects:  # each candidate under candidates/, the chosen one's checkpoint copied to model/
+            chosen, selection = _choose_trained(chosen, train_one, rd.path / "candidates", reserve)
+            _copy_checkpoint(rd.path / "candidates" / chosen.slug, rd.path / "model")
+        result = train_one(chosen, rd.path / "model")
         last = {k: v for k, v in result.history[-1].items() if k != "seconds"}
         if result.dp_accounting is not None:  # DP-SGD: what Opacus' accountant needs to recompute the epsilon
             last["dp_accounting"] = result.dp_accounting.to_dict()
+        if selection is not None:
+            last["selection"] = selection
         write_json(rd.layout.aggregate, {"defense": config.defenses[0].label, "seed": seed, **last})
     return result
+
+
+def _choose_trained(defense, train_one, folder: Path, reserve) -> tuple:
+    """`ccl train`'s recipe choice: each candidate trained into `folder/<slug>` and scored on the reserve."""
+    candidates, accuracy = defense.candidates(), []
+    for candidate in candidates:
+        model = train_one(candidate, folder / candidate.slug).model
+        accuracy.append(float((predict_logits(model, reserve[0]).argmax(-1) == reserve[1].numpy()).mean()))
+    return _chosen(candidates, accuracy, records=len(reserve[1]))
+
+
+def _copy_checkpoint(source: Path, dest: Path) -> None:
+    """The chosen candidate's finished checkpoint and log as `dest`'s (each file written atomically), so that
+    `fit` resumes it without training again."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("checkpoint.pt", "log.jsonl"):
+        if (source / name).exists() and not (dest / name).exists():
+            with atomic_path(dest / name) as tmp:
+                shutil.copyfile(source / name, tmp)

@@ -126,18 +126,21 @@ def plan_jobs(config: ExperimentConfig, defense: DefenseSpec, seed: int, split: 
     (defense, seed)."""
     data_id = dataset_identity(config)
     stacked = stacking(config) and split.num_references > 1 and defense.procedure().stackable
-    group = digest({"defense": defense.to_dict(), "seed": seed, "recipe": config.train.to_dict()})[:12]
+    base = defense.recipe(config.train)  # the experiment's recipe with the defense's own keys
+    # the defense's own recipe is in `recipe`: the same weights under either spelling share one model
+    weights_defense = {"loss": defense.loss, "params": dict(defense.params)}
+    group = digest({"defense": weights_defense, "seed": seed, "recipe": base.to_dict()})[:12]
     reserve = split.reserve if defense.procedure().needs_reserve else None
     jobs = []
     for index in range(1 + split.num_references):
         members = split.target_members if index == 0 else split.reference_members(index - 1)
-        recipe = config.train.replace(seed=model_seed(seed, index))
+        recipe = base.replace(seed=model_seed(seed, index))
         trainer = "stacked" if stacked and index > 0 else "single"
         content = {
             "data": data_id,
             "model": model_identity(config),
             "recipe": recipe.to_dict(),
-            "defense": defense.to_dict(),
+            "defense": weights_defense,
             "members": _members_hash(members),
             "trainer": trainer,
         }
@@ -166,6 +169,6 @@ def result_key(config: ExperimentConfig, defense: DefenseSpec, seed: int) -> str
         from .supplied import supplied_identity
 
         settings["supplied"] = supplied_identity(config)
-    return digest({"settings": settings, "data": dataset_identity(config), "defense": defense.to_dict(), "seed": seed})[
-        :20
-    ]
+    return digest(
+        {"settings": settings, "data": dataset_identity(config), "defense": defense.identity(), "seed": seed}
+    )[:20]

@@ -74,6 +74,7 @@ __all__ = [
     "TrainingSetup",
     "available",
     "create",
+    "default_recipe",
     "describe",
     "hamp_modify",
     "hamp_soft_label_confidence",
@@ -91,8 +92,19 @@ def register(name: str, factory: Callable[..., Defense], *, doc: str = "") -> No
     _REGISTRY.register(name, factory, doc=doc)
 
 
+#: A defense's own training recipe when its entry gives none (a module's `RECIPE`; DP-SGD's says why).
+_RECIPES: dict[str, dict[str, Any]] = {}
+
 for _module in (dpsgd, early_stop, advreg, distillation, hamp):
     register(_module.NAME, _module.create, doc=_module.DOC)
+    if getattr(_module, "RECIPE", None):
+        _RECIPES[_module.NAME] = dict(_module.RECIPE)
+
+
+def default_recipe(name: str) -> dict[str, Any]:
+    """The recipe keys a defense trains with when its entry gives no `train:` (`{}`: the experiment's recipe).
+    A list is chosen on the defender's reserve (`ccl.config.DefenseSpec.candidates`)."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in _RECIPES.get(name, {}).items()}
 
 
 def available() -> list[str]:
