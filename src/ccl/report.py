@@ -25,7 +25,7 @@ from .errors import RunDirectoryError
 from .layout import RunLayout
 from .metrics import roc_curve, tpr_key
 from .results import EVALUATIONS, Aggregate, DefenseResult, aggregate, load_aggregate, load_results, load_scores
-from .summary import Headline, load_summary, strongest_attack, summarize
+from .summary import Headline, choice_text, load_summary, strongest_attack, summarize
 from .training import recipe_text
 
 __all__ = ["render_report"]
@@ -706,9 +706,10 @@ def _recipes_html(results: list[DefenseResult]) -> str:
         if not own:
             continue
         sel = r.selection or {}
+        text = choice_text(sel) if sel else recipe_text
         cands = "; ".join(
             ("<b>" if c["train"] == sel.get("chosen") else "")
-            + f"{html.escape(recipe_text(c['train']))}: {_fmt(c['accuracy'], pct=True)}%"
+            + f"{html.escape(text(c['train']))}: {_fmt(c['accuracy'], pct=True)}%"
             + ("</b>" if c["train"] == sel.get("chosen") else "")
             for c in sel.get("candidates", [])
         )

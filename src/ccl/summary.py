@@ -655,21 +655,29 @@ def summarize(
 
 def recipe_choices(results: list[DefenseResult]) -> dict[str, list[str]]:
     """For each defense whose recipe was chosen on the reserve, one line per seed: the choice and every
-    candidate's accuracy there, e.g. `seed 0: lr=0.5 (71.9% of 359 reserve records; lr=0.1: 12.0%, ...)`."""
+    candidate's accuracy there, by the keys that vary, e.g. `seed 0: lr=0.5 (71.9% of 359 reserve records;
+    lr=0.1: 12.0%, lr=2.0: 8.1%)`."""
     out: dict[str, list[str]] = {}
     for r in sorted(results, key=lambda r: r.seed):
         sel = r.selection
         if not sel:
             continue
+        text = choice_text(sel)
         best = next(c["accuracy"] for c in sel["candidates"] if c["train"] == sel["chosen"])
         others = [
-            f"{recipe_text(c['train'])}: {_pct(c['accuracy'])}"
-            for c in sel["candidates"]
-            if c["train"] != sel["chosen"]
+            f"{text(c['train'])}: {_pct(c['accuracy'])}" for c in sel["candidates"] if c["train"] != sel["chosen"]
         ]
-        line = f"seed {r.seed}: {recipe_text(sel['chosen'])} ({_pct(best)} of {sel['records']} reserve records"
+        line = f"seed {r.seed}: {text(sel['chosen'])} ({_pct(best)} of {sel['records']} reserve records"
         out.setdefault(r.defense, []).append(line + (f"; {', '.join(others)})" if others else ")"))
     return out
+
+
+def choice_text(selection: dict[str, Any]):
+    """`train -> text` of a recipe choice's candidates by the keys that vary among them (`lr=0.5`, not the
+    keys every candidate shares)."""
+    candidates = [c["train"] for c in selection["candidates"]]
+    varying = sorted({k for c in candidates for k in c if len({repr(d.get(k)) for d in candidates}) > 1})
+    return lambda train: recipe_text({k: train[k] for k in varying if k in train}) or recipe_text(train)
 
 
 def load_summary(run_dir: str | Path) -> Summary | None:
