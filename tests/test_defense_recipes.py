@@ -176,3 +176,9 @@ def test_ccl_train_chooses_among_candidates_and_keeps_the_chosen_model(tmp_path,
     assert chosen == max(metrics["selection"]["candidates"], key=lambda c: c["accuracy"])["train"]
     assert (out / "model" / "checkpoint.pt").exists()
     assert (out / "candidates" / f"ce_lr={chosen['lr']}" / "checkpoint.pt").exists()
+
+
+def test_report_list_shows_dpsgds_default_recipe_and_the_at_syntax(capsys):
+    assert main(["report", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "default recipe: @lr=[0.1,0.5,2.0],momentum=0.0" in out and "after '@'" in out

@@ -734,6 +734,7 @@ def _export(run_dir: Path, fmt: str, evaluation: str) -> str:
 
 def _print_registries() -> None:
     from . import attacks, data, defenses, models
+    from .training import recipe_text
 
     for title, registry in (
         ("datasets", data),
@@ -746,12 +747,19 @@ def _print_registries() -> None:
             doc, params = registry.describe(name)
             shown = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in params.items())
             print(f"  {name:20s} {doc}" + (f"\n  {'':20s} parameters: {shown}" if shown else ""))
+            if registry is defenses and defenses.default_recipe(name):  # its own recipe when its entry gives none
+                own = recipe_text(defenses.default_recipe(name))
+                print(f"  {'':20s} default recipe: @{own} (a list: chosen on the reserve)")
             if registry is data:  # what a model trained elsewhere must have been trained on
                 text = f"preprocessing: {data.preprocessing(name)}"
                 indent = dict(initial_indent=" " * 23, subsequent_indent=" " * 25)
                 print(textwrap.fill(text, 118, break_on_hyphens=False, **indent))
         print()
-    print("A defense is NAME or NAME:key=value,... e.g. ccel:alpha=0.5,beta=1 (see README for the formulas).")
+    print(
+        "A defense is NAME or NAME:key=value,... e.g. ccel:alpha=0.5,beta=1 (see README for the formulas), and may\n"
+        "train with a recipe of its own after '@', e.g. dpsgd:epsilon=8@batch_size=128,lr=[0.25,0.5,1]: a list is\n"
+        "chosen for accuracy on the defender's reserve before the reference models train."
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
