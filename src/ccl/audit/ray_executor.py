@@ -310,7 +310,7 @@ class RayExecutor:
     def run(self, jobs: list[ModelJob], ctx: ExecutionContext, *, on_done: Callable[[int], None] | None = None) -> None:
         todo = []
         for job in jobs:
-            if ctx.cache.outputs(job, ctx.query_index) is None:
+            if ctx.cache.outputs(job, ctx.query_index, needs=ctx.statistics) is None:
                 todo.append(job)
             elif on_done:
                 on_done(1)
