@@ -17,9 +17,9 @@ distance with a fixed number of queries:
 
 With `queries = 1 + D * S` queries per record (`S` per direction), the default `D = max(1, (queries - 1) // 10)`
 gives 10 bisection steps per direction: a relative precision of `2**(10 / 2**9) - 1 = 1.4%`. Everything is
-batched: each bisection step asks every model for the labels of every record's `D` current points at once (`forward`
-takes a batch per model, `(K, B, ...)`), in blocks of `CHUNK` records, block `b` drawing its directions with `chunk_seed(seed, b)`:
-every model searches the same directions, so their distances compare record by record.
+batched: each bisection step asks every model for the labels of every record's `D` current points at once
+(`predict` takes a batch per model, `(K, B, ...)`), in blocks of `CHUNK` records, block `b` drawing its directions
+with `chunk_seed(seed, b)`: every model searches the same directions, so their distances compare record by record.
 """
 
 from __future__ import annotations

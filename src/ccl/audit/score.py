@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from .. import attacks, bounds, evaluation, metrics, signals
-from .statistics import STATISTIC_ATTACKS
 from ..config import DefenseSpec, ExperimentConfig
 from ..data import MembershipSplit
 from ..errors import ConfigError
 from ..results import DefenseResult
 from ..theory import gaussian_best_advantage
+from .statistics import STATISTIC_ATTACKS
 
 __all__ = ["attack_names", "score_defense"]
 
@@ -163,8 +163,9 @@ def _pooled_evaluations(
     model_inputs: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, dict]], dict[str, np.ndarray], list[dict], dict[str, np.ndarray]]:
     """Leave-one-out scores of every pooled attack, and the pooled metrics on random records, canaries and the
-    most vulnerable records; `model_inputs` are the per-model label-only inputs (`_every_model`). Returns (evaluation -> attack -> metrics, attack -> (M, P) scores, the table of the
-    most vulnerable records, {"vulnerable_records": their pool indices, "vulnerable_models": the models that
+    most vulnerable records; `model_inputs`: the models' label-only inputs and statistics (`_every_model`). Returns
+    (evaluation -> attack -> metrics, attack -> (M, P) scores, the table of the most vulnerable records,
+    {"vulnerable_records": their pool indices, "vulnerable_models": the models that
     measure them})."""
     p = masks.shape[1]
     has_pop = logits.shape[1] > p
@@ -338,10 +339,9 @@ def score_defense(
     has_pop = split.population.size > 0 and has_refs
     label_only = _label_only_inputs(extras, has_refs)
     inputs = _attack_inputs(logits, labels_all, split, label_only, features, population_features)
-    skipped = _skipped_without_weights(config, extras)
-    is_member, names = split.target_in, attack_names(config, inputs, skip=skipped)
+    skipped, is_member, random_records = _skipped_without_weights(config, extras), split.target_in, ~is_canary
+    names = attack_names(config, inputs, skip=skipped)
     scores = attacks.score_all(inputs, names=names)
-    random_records = ~is_canary
     results = _single_target_metrics(config, scores, is_member[random_records], random_records, seed)
     evals, loo, vulnerable, chosen = {}, {}, [], {}
     if config.uses_leave_one_out:
