@@ -179,6 +179,20 @@ def test_access_levels():
     assert attacks.describe("label_only_boundary")[1]["queries"] == attacks.create("label_only_boundary").queries
 
 
+def test_the_weakest_level_that_breaks_a_defense():
+    from ccl.summary import broken_at
+
+    levels = {
+        "labels": {"attack": "label_only_boundary", "auc": 0.55, "tpr": 0.025},
+        "scores": {"attack": "lira", "auc": 0.6, "tpr": 0.05},
+    }
+    assert broken_at(levels, 0.01) == "labels"
+    levels["labels"]["tpr"] = 0.015  # within the practical threshold (1 point) of the FPR
+    assert broken_at(levels, 0.01) == "scores"
+    assert broken_at(levels, 0.01, {"tpr": 5.0}) == ""
+    assert broken_at({"weights": {"attack": "gradient", "auc": 0.52, "tpr": None}}, 0.01) == "weights"  # by AUC
+
+
 def test_leave_one_out_scores_of_the_statistic_attacks_equal_each_model_scored_as_the_target():
     rng = np.random.default_rng(0)
     m, p = 7, 50
