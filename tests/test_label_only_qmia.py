@@ -406,7 +406,8 @@ def test_label_only_attacks_find_a_label_memoriser_that_every_score_attack_misse
     inputs, member = planted_label_memoriser()
     scores = attacks.score_all(inputs)
     label_only = {"label_only_augmentation", "label_only_noise"}
-    assert set(scores) == set(attacks.available())  # every attack ran: references, population, features given
+    # every attack ran (references, population, features given) but those on statistics measured from the weights
+    assert set(scores) == set(attacks.available()) - {"label_only_boundary", "gradient"}
     auc = {name: metrics.roc_auc(s, member) for name, s in scores.items()}
     # measured: 0.995 (augment), 0.984 (noise), calibrated by the 4 reference models; uncalibrated 0.999, 0.998
     for name in label_only:

@@ -76,12 +76,17 @@ def test_a_model_trained_elsewhere_is_audited_and_the_loss_auc_recomputes_by_han
         "--attacks",
         "loss",
         "lira",
+        "label_only_boundary",
+        "gradient",
         "--quiet",
         "--out",
         str(out),
     ]
     assert cli.main(argv) == 0
     result = json.loads((out / "results" / "ce" / "seed-0" / "metrics.json").read_text())
+    # the checkpoint's boundary distances and gradient norms are measured: its attacks run, as every other
+    assert {"label_only_boundary", "gradient"} <= set(result["attacks"])
+    assert result["attacks"]["gradient"]["auc"] > 0.6
     split = ccl.data.MembershipSplit.load(out / "splits" / "seed-0.npz")
     assert set(split.target_members) <= set(members) and split.target_in.sum() == (~split.target_in).sum()
     assert not set(split.target_nonmembers) & set(members)
@@ -227,6 +232,9 @@ def test_supplied_outputs_instead_of_weights(tmp_path, user_model):
                 "2",
                 "--bootstrap",
                 "0",
+                "--attacks",
+                "loss",
+                "gradient",
                 "--quiet",
                 "--out",
                 str(out),
@@ -236,6 +244,8 @@ def test_supplied_outputs_instead_of_weights(tmp_path, user_model):
     )
     result = json.loads((out / "results" / "ce" / "seed-0" / "metrics.json").read_text())
     assert result["attacks"]["loss"]["auc"] > 0.9
+    # outputs have no weights: the white-box attack is skipped, and the result says so
+    assert "gradient" not in result["attacks"] and any("gradient attack was skipped" in n for n in result["notes"])
 
 
 @pytest.mark.parametrize(

@@ -157,12 +157,14 @@ def leave_one_out_scores_slow(
     population_logits: np.ndarray | None = None,
     population_labels: np.ndarray | None = None,
     perturbed_labels: dict[str, np.ndarray] | None = None,
+    statistics: dict[str, np.ndarray] | None = None,
     references: np.ndarray | None = None,
 ) -> np.ndarray:
     """`(M, P)` scores: model j as the target, its references (`references (M, M)`, default `reference_sets`)
     as the attack's reference models, one `attack.score` call each. The obviously correct reference for the
     fast paths; the only path for attacks without one. `perturbed_labels` maps "perturbed" and "noise" to every
-    model's `(M, P, Q)` predicted labels (the label-only attacks)."""
+    model's `(M, P, Q)` predicted labels (the label-only attacks); `statistics` maps "boundary_distance" and
+    "gradient_norm" to every model's `(M, P)` statistic (`ccl.attacks.statistic`)."""
     masks = np.asarray(masks, dtype=bool)
     uses = _resolve_references(masks, references)
     out = np.empty(masks.shape, dtype=np.float64)
@@ -173,6 +175,8 @@ def leave_one_out_scores_slow(
         for field, values in (perturbed_labels or {}).items():
             fields[f"target_{field}_labels"] = values[j]
             fields[f"reference_{field}_labels"] = values[others]
+        for stat, values in (statistics or {}).items():
+            fields[f"target_{stat}"], fields[f"reference_{stat}"] = values[j], values[others]
         inputs = AttackInputs(
             logits[j],
             labels,
@@ -335,6 +339,7 @@ def leave_one_out_scores(
     population_logits: np.ndarray | None = None,
     population_labels: np.ndarray | None = None,
     perturbed_labels: dict[str, np.ndarray] | None = None,
+    statistics: dict[str, np.ndarray] | None = None,
     references: np.ndarray | None = None,
 ) -> np.ndarray:
     """`(M, P)` scores of every model as the target (`logits (M, P, [A,] C)`, `masks (M, P)` its members).
@@ -368,6 +373,7 @@ def leave_one_out_scores(
         population_logits=population_logits,
         population_labels=population_labels,
         perturbed_labels=perturbed_labels,
+        statistics=statistics,
         references=references,
     )
 

@@ -25,7 +25,7 @@ from .errors import RunDirectoryError
 from .layout import RunLayout
 from .metrics import roc_curve, tpr_key
 from .results import EVALUATIONS, Aggregate, DefenseResult, aggregate, load_aggregate, load_results, load_scores
-from .summary import Headline, choice_text, load_summary, strongest_attack, summarize
+from .summary import ACCESS_WORDS, Headline, choice_text, load_summary, strongest_attack, summarize
 from .training import recipe_text
 
 __all__ = ["render_report"]
@@ -439,6 +439,31 @@ def _headline_html(h: Headline) -> str:
     )
 
 
+def _access_html(h: Headline) -> str:
+    """Each defense's strongest attack at each level of access (labels only, scores, weights) and the weakest
+    level that breaks it; nothing when every attack of the run reads scores."""
+    levels = [lv for lv in ("labels", "scores", "weights") if any(lv in v for v in h.by_access.values())]
+    if levels in ([], ["scores"]):
+        return ""
+    pct = f"{100 * h.fpr:g}%"
+    head = "".join(f"<th>{html.escape(ACCESS_WORDS[lv])}: attack, AUC, TPR@{pct}FPR %</th>" for lv in levels)
+    rows = []
+    for defense, by in h.by_access.items():
+        cells = "".join(
+            f"<td>{html.escape(by[lv]['attack'])}, {_fmt(by[lv]['auc'])}, {_fmt(by[lv]['tpr'], pct=True)}</td>"
+            if lv in by
+            else "<td></td>"
+            for lv in levels
+        )
+        broken = ACCESS_WORDS.get(h.broken_at.get(defense, ""), "not broken")
+        rows.append(f"<tr><td>{html.escape(defense)}</td>{cells}<td>{html.escape(broken)}</td></tr>")
+    return (
+        "<p>The strongest attack at each level of access to the target, and the weakest level that breaks each "
+        f"defense (a TPR at {pct} FPR beyond the FPR by the practical threshold).</p>"
+        f"<table><tr><th>defense</th>{head}<th>broken</th></tr>{''.join(rows)}</table>"
+    )
+
+
 def _verdict_class(c) -> str:
     """The verdict cell's colour: green when it leaks less, red when more, grey with no measurable effect."""
     if c.no_effect:
@@ -791,7 +816,7 @@ overflow:auto}}.v-less{{background:#d4f0d4;font-weight:bold}}.v-more{{background
 {notes_html}
 {_tune_html(RunLayout(run_dir))}
 <h2>Headline</h2>
-{_headline_html(head)}
+{_headline_html(head)}{_access_html(head)}
 {_verdicts_html(*frontier_info)}
 {_recipes_html(results)}
 <h2>Worst-case evaluation</h2>

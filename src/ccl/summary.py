@@ -2,7 +2,9 @@
 
 The headline reads the leave-one-out pooled evaluation when the run has one (every model as the target, see
 `ccl.evaluation`), else the single-target one, and says which. For every defense, its *strongest attack* is
-the attack with the highest mean AUC against it (the worst case among those run). The headline compares
+the attack with the highest mean AUC against it (the worst case among those run), and it has one at each level
+of access the run audits (`strongest_by_access`: predicted labels only, released scores, the weights); the
+headline names, per defense, the weakest level whose strongest attack breaks it (`broken_at`). The headline compares
 the defense with the baseline (`ce`) under that attack on three numbers: test accuracy, AUC, and TPR at the
 lowest configured FPR that every result can resolve. Each difference comes with a 95% interval:
 - with two or more seeds shared by both, a paired t-interval over seeds (each seed has its own split and
@@ -47,10 +49,14 @@ __all__ = [
     "Comparison",
     "Headline",
     "Summary",
+    "access_sentences",
+    "access_table",
+    "broken_at",
     "frontier",
     "headline",
     "load_summary",
     "strongest_attack",
+    "strongest_by_access",
     "summarize",
     "summary_lines",
 ]
@@ -169,6 +175,9 @@ class Headline:
     frontier: list[str]
     sentences: list[str] = dataclasses.field(default_factory=list)  # the headline in words (`headline_sentences`)
     lowest_fpr: float = math.nan  # the lowest FPR the run reports; `fpr` is higher when that one is not resolved
+    # defense -> access level ("labels", "scores", "weights") -> {"attack", "auc", "tpr"} of its strongest attack
+    by_access: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    broken_at: dict[str, str] = dataclasses.field(default_factory=dict)  # defense -> weakest level that breaks it
 
 
 def evaluation_of(agg: Aggregate) -> str:
@@ -182,6 +191,50 @@ def strongest_attack(agg: Aggregate, defense: str, evaluation: str | None = None
     aucs = {a: row.metric(a, "auc", evaluation)[0] for a in row.evaluation(evaluation)}
     finite = {a: v for a, v in aucs.items() if not math.isnan(v)}
     return max(finite, key=finite.get) if finite else next(iter(aucs))
+
+
+def strongest_by_access(agg: Aggregate, defense: str, evaluation: str | None = None) -> dict[str, str]:
+    """{access level: the strongest attack (highest mean AUC) among those of that level}, for the levels of
+    `ccl.attacks.ACCESS_LEVELS` (labels, scores, weights) that the run has an attack of, weakest first."""
+    from .attacks import ACCESS_LEVELS, access_level
+
+    evaluation = evaluation or evaluation_of(agg)
+    row = next(r for r in agg.rows if r.defense == defense)
+    out = {}
+    for level in ACCESS_LEVELS:
+        aucs = {a: row.metric(a, "auc", evaluation)[0] for a in row.evaluation(evaluation) if access_level(a) == level}
+        finite = {a: v for a, v in aucs.items() if not math.isnan(v)}
+        if aucs:
+            out[level] = max(finite, key=finite.get) if finite else next(iter(aucs))
+    return out
+
+
+def access_table(agg: Aggregate, evaluation: str, fpr: float) -> dict[str, dict[str, dict[str, Any]]]:
+    """defense -> access level -> {"attack", "auc", "tpr"}: each level's strongest attack and its AUC and TPR at
+    `fpr` (means over seeds)."""
+    out = {}
+    for row in agg.rows:
+        out[row.defense] = {
+            level: {
+                "attack": attack,
+                "auc": row.metric(attack, "auc", evaluation)[0],
+                "tpr": row.metric(attack, tpr_key(fpr), evaluation)[0],
+            }
+            for level, attack in strongest_by_access(agg, row.defense, evaluation).items()
+        }
+    return out
+
+
+def broken_at(levels: dict[str, dict[str, Any]], fpr: float, min_effect: dict[str, float] | None = None) -> str:
+    """The weakest access level whose strongest attack breaks the defense ("" when none does): it finds members
+    beyond chance by the practical threshold, a TPR at `fpr` at least `fpr` plus `min_effect["tpr"]` points (or,
+    where that TPR is not resolved, an AUC at least 0.5 plus `min_effect["auc"]`)."""
+    m = {**MIN_EFFECT, **(min_effect or {})}
+    for level, v in levels.items():
+        tpr, auc = _num(v.get("tpr")), _num(v.get("auc"))
+        if (tpr >= fpr + m["tpr"] / 100) if not math.isnan(tpr) else (auc >= 0.5 + m["auc"]):
+            return level
+    return ""
 
 
 def _report_fpr(agg: Aggregate, evaluation: str) -> float:
@@ -341,8 +394,10 @@ def headline(
     points = {r.defense: (r.test_acc, r.metric(strongest[r.defense], "auc", ev)[0]) for r in agg.rows}
     labels = [r.defense for r in agg.rows]
     by = {(r.defense, r.seed): r for r in results}
+    levels = access_table(agg, ev, fpr)
+    broken = {d: broken_at(v, fpr, min_effect) for d, v in levels.items()}
     if baseline not in labels:
-        return Headline(None, None, {}, fpr, "", ev, [], frontier(points))
+        return Headline(None, None, {}, fpr, "", ev, [], frontier(points), by_access=levels, broken_at=broken)
     base_row = next(r for r in agg.rows if r.defense == baseline)
     base_attack = strongest[baseline]
     base_values = {
@@ -364,7 +419,7 @@ def headline(
     no_effect = {c.defense for c in comparisons if c.no_effect}  # never frontier points
     optimal = frontier({d: xy for d, xy in points.items() if d not in no_effect})
     h = Headline(baseline, base_attack, base_values, fpr, "; ".join(sorted(methods)), ev, comparisons, optimal)
-    h.lowest_fpr = min(agg.fprs)
+    h.lowest_fpr, h.by_access, h.broken_at = min(agg.fprs), levels, broken
     h.sentences = headline_sentences(h, one_seed=all(len(r.seeds) == 1 for r in agg.rows))
     return h
 
@@ -455,8 +510,30 @@ def headline_sentences(h: Headline, *, one_seed: bool) -> list[str]:
                 if len(cs) == 1
                 else f"No {family} setting ({len(cs)} tried) changes leakage or accuracy measurably."
             )
+    out += access_sentences(h)
     if one_seed:
         out.append("With one seed, the intervals cover the choice of records and models, not training randomness.")
+    return out
+
+
+#: How each access level reads in a sentence.
+ACCESS_WORDS = {"labels": "with labels only", "scores": "with the scores", "weights": "with the weights"}
+
+
+def access_sentences(h: Headline) -> list[str]:
+    """One sentence per defense with the strongest attack at each level of access and the weakest level that
+    breaks it (`broken_at`); none when every attack of the run reads scores (the headline then says it all)."""
+    if all(set(levels) <= {"scores"} for levels in h.by_access.values()):
+        return []
+    out, pct = [], f"{100 * h.fpr:g}%"
+    for defense, levels in h.by_access.items():
+        parts = [
+            f"{ACCESS_WORDS[level]}, {v['attack']} finds {_pct(_num(v['tpr']))} at {pct} FPR (AUC {_num(v['auc']):.3f})"
+            for level, v in levels.items()
+        ]
+        level = h.broken_at.get(defense, "")
+        verdict = f"broken {ACCESS_WORDS[level]}" if level else "not broken at any level of access audited"
+        out.append(f"Against {defense}: {'; '.join(parts)}; {verdict}.")
     return out
 
 

@@ -20,11 +20,16 @@ from .lira import LiRA
 from .qmia import QMIA
 from .rmia import RMIA
 from .shadow import ShadowClassifierAttack
+from .statistic import BoundaryDistanceAttack, GradientNormAttack, StatisticAttack
 from .threshold import ThresholdAttack
 
 __all__ = [
+    "ACCESS_LEVELS",
+    "access_level",
     "describe",
     "Attack",
+    "BoundaryDistanceAttack",
+    "GradientNormAttack",
     "AttackInputs",
     "LabelOnlyAttack",
     "LiRA",
@@ -32,6 +37,7 @@ __all__ = [
     "QMIA",
     "RMIA",
     "ShadowClassifierAttack",
+    "StatisticAttack",
     "ThresholdAttack",
     "available",
     "create",
@@ -66,7 +72,29 @@ _REGISTRY.register(
     defaults={"kind": "noise"},
     doc="label-only: fraction of copies under Gaussian noise of increasing scale still classified correctly",
 )
+_REGISTRY.register(
+    "label_only_boundary",
+    BoundaryDistanceAttack,
+    doc="label-only: distance to the decision boundary (random directions + bisection), Gaussians per record",
+)
+_REGISTRY.register(
+    "gradient",
+    GradientNormAttack,
+    doc="white-box (Nasr et al. 2019): norm of the loss gradient w.r.t. the weights, Gaussians per record",
+)
 _REGISTRY.register("qmia", QMIA, doc="QMIA (Bertran et al. 2023): margin above a quantile regressed on the population")
+
+
+#: The levels of access to the target, weakest first: its predicted labels, its released scores, its weights.
+ACCESS_LEVELS = ("labels", "scores", "weights")
+
+
+def access_level(name: str) -> str:
+    """What an auditor needs from the target to run the registered attack `name`: "labels", "scores" or
+    "weights" (an unknown name, e.g. from an older run, reads as "scores")."""
+    if name not in _REGISTRY.available():
+        return "scores"
+    return create(name).access
 
 
 def create(name: str, **params: Any) -> Attack:

@@ -17,6 +17,9 @@ class Attack(abc.ABC):
     min_references: int = 0
     #: whether the attack compares records with a population sample (RMIA)
     needs_population: bool = False
+    #: what the auditor must be able to do with the target: "scores" (its released outputs), "labels" (its
+    #: predicted labels only) or "weights" (white box); the summary names the strongest attack at each level
+    access: str = "scores"
 
     @abc.abstractmethod
     def score(self, inputs: AttackInputs) -> np.ndarray:

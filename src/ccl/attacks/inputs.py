@@ -24,6 +24,13 @@ of the reference models) on `Q` perturbed copies of each record, for each kind o
     target_noise_labels:            (N, Q') int, on copies with Gaussian noise of increasing scale
     reference_noise_labels:         (K, N, Q') int, the same for the reference models
 
+Optional inputs of the statistic attacks (`ccl.attacks.statistic`): one number per model and record, measured
+where the weights exist (the distance to the decision boundary, from labels only; the loss gradient's norm):
+    target_boundary_distance:       (N,) float >= 0
+    reference_boundary_distance:    (K, N) float >= 0
+    target_gradient_norm:           (N,) float >= 0
+    reference_gradient_norm:        (K, N) float >= 0
+
 Optional inputs of QMIA (`ccl.attacks.qmia`): the records' features (their inputs, flattened):
     features:                       (N, d) float
     population_features:            (Z, d) float
@@ -152,6 +159,10 @@ class AttackInputs:
     reference_perturbed_labels: np.ndarray | None = None
     target_noise_labels: np.ndarray | None = None
     reference_noise_labels: np.ndarray | None = None
+    target_boundary_distance: np.ndarray | None = None
+    reference_boundary_distance: np.ndarray | None = None
+    target_gradient_norm: np.ndarray | None = None
+    reference_gradient_norm: np.ndarray | None = None
     features: np.ndarray | None = None
     population_features: np.ndarray | None = None
 
@@ -182,6 +193,7 @@ class AttackInputs:
             set_(self, "reference_logits", _logits("reference_logits", rl, (k, n), like=like))
             set_(self, "reference_in", _mask("reference_in", self.reference_in, (k, n)))
         self._check_label_only_and_features(n, c)
+        self._check_statistics(n)
         if self.population_target_logits is None:
             for name in ("population_labels", "population_reference_logits", "population_reference_in"):
                 if getattr(self, name) is not None:
@@ -256,6 +268,25 @@ class AttackInputs:
                 "population_features",
                 _features("population_features", self.population_features, z, d=self.features.shape[1]),
             )
+
+    def _check_statistics(self, n: int) -> None:
+        """Validates the optional per-model statistics (finite, non-negative; the references' with theirs)."""
+        k = self.num_references
+        for stat in ("boundary_distance", "gradient_norm"):
+            for name, shape in ((f"target_{stat}", (n,)), (f"reference_{stat}", (k, n))):
+                value = getattr(self, name)
+                if value is None:
+                    continue
+                if name.startswith("reference") and self.reference_logits is None:
+                    raise InvalidArgumentError(expected("reference_logits", f"given with `{name}`", None))
+                arr = np.asarray(value)
+                if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+                    raise InvalidArgumentTypeError(expected(name, "real numbers", arr.dtype))
+                if arr.shape != shape:
+                    raise InvalidArgumentError(expected(name, f"an array of shape {shape}", f"shape {arr.shape}"))
+                if not np.all(np.isfinite(arr)) or (arr.size and arr.min() < 0):
+                    raise InvalidArgumentError(expected(name, "finite non-negative values", "other values"))
+                object.__setattr__(self, name, arr.astype(np.float64, copy=False))
 
     @property
     def num_samples(self) -> int:

@@ -23,9 +23,9 @@ The two kinds are the same computation on differently generated queries: one cla
 `target_perturbed_labels` (`kind="augment"`) or `target_noise_labels` (`kind="noise"`) and the matching
 reference fields of `AttackInputs`, registered as `label_only_augmentation` and `label_only_noise`.
 
-Not implemented: the decision-boundary-distance attack (HopSkipJump-style boundary search, Choquette-Choo et
-al. Sec. 4.3; Li and Zhang's boundary attack), which needs hundreds to thousands of adaptive queries per record;
-`kind="noise"` approximates that distance with `Q` non-adaptive queries.
+The decision-boundary-distance attack (Choquette-Choo et al. Sec. 4.3; Li and Zhang's boundary attack), which
+needs adaptive queries, is `label_only_boundary` (`ccl.attacks.boundary`, `ccl.attacks.statistic`); `kind="noise"`
+approximates that distance with `Q` non-adaptive queries.
 
 Scores take the `Q + 1` values `0, 1/Q, ..., 1` (calibrated: differences of such fractions); many records tie,
 so TPR at a low FPR is coarse unless `Q` is large.
@@ -240,6 +240,8 @@ class LabelOnlyAttack(Attack):
 
     `calibrated`: None (default) calibrates with the reference models' labels when they are given for `K >= 2`
     models, True requires them, False uses the target's fraction alone."""
+
+    access = "labels"
 
     def __init__(self, *, kind: str = "augment", calibrated: bool | None = None) -> None:
         self.kind = check_choice("kind", kind, KINDS)

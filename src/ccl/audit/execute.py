@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch.func import functional_call
 
 from .._io import atomic_path, exclusive_lock, write_json
 from ..data import Dataset
@@ -33,8 +34,18 @@ from ..models import create as create_model
 from ..stacked import MAX_STACK, fit_stacked, predict_stacked
 from ..training import Runtime, fit, predict_logits, resolve_device
 from .plan import ModelJob
+from .statistics import missing_statistics, model_statistics
 
-__all__ = ["Executor", "ExecutionContext", "LocalExecutor", "ModelCache", "group_jobs", "train_group"]
+__all__ = [
+    "Executor",
+    "ExecutionContext",
+    "LocalExecutor",
+    "ModelAccess",
+    "ModelCache",
+    "StackedAccess",
+    "group_jobs",
+    "train_group",
+]
 
 
 class ModelCache:
@@ -52,8 +63,9 @@ class ModelCache:
     def folder(self, job: ModelJob) -> Path:
         return self.root / job.key
 
-    def outputs(self, job: ModelJob, query_index: np.ndarray) -> np.ndarray | None:
-        """The cached logits of `job` on `query_index`, or None when it has not been trained (for them)."""
+    def outputs(self, job: ModelJob, query_index: np.ndarray, *, needs: tuple[str, ...] = ()) -> np.ndarray | None:
+        """The cached logits of `job` on `query_index`, or None when it has not been trained (for them), or
+        was trained without the statistics `needs` (`ccl.audit.statistics`)."""
         path = self.folder(job) / "outputs.npz"
         if not path.exists():
             return None
@@ -62,6 +74,7 @@ class ModelCache:
                 stale = "augment_labels" in f.files and (  # labels on other queries: train again
                     "label_only_format" not in f.files or int(f["label_only_format"]) != LABEL_ONLY_FORMAT
                 )
+                stale = stale or bool(missing_statistics(f, needs))
                 if np.array_equal(f["query_index"], query_index) and not stale:
                     return f["logits"]
         except Exception as err:
@@ -146,12 +159,14 @@ class ExecutionContext:
     keep_checkpoints: bool = False  # keep reference models' checkpoints (the target's is always kept)
     num_pool: int = 0  # the first `num_pool` query records are the audit pool (label-only queries run on them)
     label_only: bool = True  # ask each model for its labels on perturbed copies of the pool (label-only attacks)
+    statistics: tuple[str, ...] = ()  # measure these on the pool (`ccl.audit.statistics`: boundary, gradient)
     # a recipe choice: each (single) job also answers these records of the defender's reserve (never audited)
     validation_index: np.ndarray | None = None
 
     def is_done(self, job: ModelJob) -> bool:
-        """Whether the cache holds everything this context asks of `job` (its reserve answers too, if asked)."""
-        if self.cache.outputs(job, self.query_index) is None:
+        """Whether the cache holds everything this context asks of `job` (its statistics, and its reserve
+        answers if asked)."""
+        if self.cache.outputs(job, self.query_index, needs=self.statistics) is None:
             return False
         return self.validation_index is None or self.cache.validation_logits(job, self.validation_index) is not None
 
@@ -196,6 +211,61 @@ def forward_all_numpy(forward_all, x: torch.Tensor, *, batch: int = 1024) -> np.
     return np.concatenate([forward_all(x[i : i + batch]).float().cpu().numpy() for i in range(0, len(x), batch)], 1)
 
 
+class ModelAccess:
+    """What the audit asks of one trained model (in eval mode, on `device`): its logits on a shared batch, its
+    labels on one batch per model (`K = 1`), and its functional form for per-example gradients."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model, self.device, self.num_models = model.eval().to(device), device, 1
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (1, B, C)
+        return self.model(x.to(self.device))[None]
+
+    def predict_each(self, x: torch.Tensor) -> torch.Tensor:  # (1, B, ...) -> (1, B)
+        return self.model(x[0].to(self.device)).argmax(-1)[None]
+
+    def functional(self, k: int):
+        def call(params, buffers, x):
+            return functional_call(self.model, (params, buffers), (x,))
+
+        return call, dict(self.model.named_parameters()), dict(self.model.named_buffers())
+
+
+class StackedAccess:
+    """`ModelAccess` for K stacked models (`ccl.stacked.StackedModels`)."""
+
+    def __init__(self, stack, device: torch.device) -> None:
+        self.stack, self.device, self.num_models = stack.train(False), device, stack.k
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (K, B, C)
+        return self.stack.forward(x.to(self.device), shared_input=True)
+
+    def predict_each(self, x: torch.Tensor) -> torch.Tensor:  # (K, B, ...) -> (K, B)
+        return self.stack.forward(x.to(self.device)).argmax(-1)
+
+    def functional(self, k: int):
+        params = {n: p[k] for n, p in self.stack.params.items()}
+        return self.stack._call, params, {n: b[k] for n, b in self.stack.buffers.items()}
+
+
+def _extras(access, ctx: ExecutionContext, x_pool: torch.Tensor, y_pool: torch.Tensor) -> dict[str, np.ndarray]:
+    """What each model stores beside its logits, `(K, ...)` per name: its labels on the label-only attacks'
+    perturbed queries, and the statistics the audit's attacks need (`ccl.audit.statistics`)."""
+    if not ctx.num_pool:
+        return {}
+    extras = perturbed_labels(access.forward_all, x_pool) if ctx.label_only else {}
+    if ctx.statistics:
+        extras |= model_statistics(
+            ctx.statistics,
+            num_models=access.num_models,
+            predict_each=torch.no_grad()(access.predict_each),
+            functional=access.functional,
+            x=x_pool,
+            y=y_pool,
+        )
+    return extras
+
+
 def _build(job: ModelJob, dataset: Dataset) -> torch.nn.Module:
     return create_model(
         job.model, num_classes=dataset.num_classes, input_shape=dataset.input_shape, seed=job.seed, **job.model_options
@@ -226,11 +296,7 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
             logits = [predict_logits(result.model, data.x[query], device=runtime.device, flip_queries=ctx.flip_queries)]
             epsilons = [result.epsilon]
             accountings = [None if result.dp_accounting is None else result.dp_accounting.to_dict()]
-            device = resolve_device(runtime.device)
-            model = result.model.eval().to(device)
-
-            def forward_all(x: torch.Tensor) -> torch.Tensor:
-                return model(x.to(device))[None]
+            access = ModelAccess(result.model, resolve_device(runtime.device))
         else:
             name = hashlib.sha256("-".join(j.key for j in jobs).encode()).hexdigest()[:20]
             stack = fit_stacked(
@@ -248,17 +314,14 @@ def train_group(jobs: list[ModelJob], ctx: ExecutionContext) -> list[np.ndarray]
             device = resolve_device(runtime.device)
             logits = list(predict_stacked(stack, data.x[query], flip_queries=ctx.flip_queries, device=device))
             epsilons = accountings = [None] * len(jobs)
-
-            def forward_all(x: torch.Tensor) -> torch.Tensor:
-                return stack.forward(x.to(device), shared_input=True)
-
-        extras = perturbed_labels(forward_all, data.x[query[: ctx.num_pool]]) if ctx.label_only and ctx.num_pool else {}
+            access = StackedAccess(stack, device)
+        extras = _extras(access, ctx, data.x[query[: ctx.num_pool]], data.y[query[: ctx.num_pool]])
         if ctx.validation_index is not None:  # a candidate of a recipe choice: its answers on the reserve
             val = torch.as_tensor(ctx.validation_index)
-            extras["validation_logits"] = forward_all_numpy(forward_all, data.x[val])
+            extras["validation_logits"] = forward_all_numpy(access.forward_all, data.x[val])
             extras["validation_index"] = np.broadcast_to(ctx.validation_index, (len(jobs), val.numel()))
         # queries see the released outputs (HAMP modifies them)
-        logits = jobs[0].defense.procedure().query_transform(forward_all, logits, data.x, seed=jobs[0].seed)
+        logits = jobs[0].defense.procedure().query_transform(access.forward_all, logits, data.x, seed=jobs[0].seed)
         for k, (job, lg, eps, spent) in enumerate(zip(jobs, logits, epsilons, accountings, strict=True)):
             extra = {n: v[k] for n, v in extras.items()}
             ctx.cache.save(job, lg, ctx.query_index, epsilon=eps, dp_accounting=spent, extras=extra)

@@ -33,7 +33,8 @@ from .execute import ExecutionContext, Executor, LocalExecutor, ModelCache
 from .plan import model_seed, plan_jobs, result_key
 from .preflight import preflight
 from .score import score_defense
-from .supplied import load_members, supplied_notes, supplied_split, supplied_target_logits
+from .statistics import needed_statistics
+from .supplied import load_members, supplied_notes, supplied_split, supplied_target_logits, supplied_target_statistics
 
 __all__ = ["choose_threads", "run_audit", "run_train"]
 
@@ -103,6 +104,7 @@ def run_audit(
                     keep_checkpoints,
                     num_pool=prepared.split.pool.size,
                     label_only=label_only,
+                    statistics=needed_statistics(config.attacks),
                 )
                 for defense in config.defenses:
                     results.append(_audit_defense(config, defense, prepared, rd, ctx, executor, tick))
@@ -179,7 +181,8 @@ def _audit_defense(config, defense, s: _Seed, rd: RunDirectory, ctx, executor: E
     outputs = [cache.outputs(j, s.query_index) for j in trained]
     extras = [cache.extras(j) for j in trained]
     if config.supplied_target:  # no perturbed queries of a supplied target: label-only attacks skip it
-        extras.insert(0, {})
+        pool = s.query_index[: s.split.pool.size]  # a checkpoint's statistics are measured; logits have none
+        extras.insert(0, supplied_target_statistics(config, s.data, pool, ctx.runtime, ctx.statistics))
         outputs.insert(0, supplied_target_logits(config, s.data, s.query_index, ctx.runtime))
     logits = np.stack(outputs)  # (1 + K, Q, [A,] C)
     result, arrays = score_defense(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,21 +22,35 @@ from ..data import MembershipSplit
 from ..errors import ConfigError
 from ..results import DefenseResult
 from ..theory import gaussian_best_advantage
+from .statistics import STATISTIC_ATTACKS
 
 __all__ = ["attack_names", "score_defense"]
 
 
-def attack_names(config: ExperimentConfig, inputs: attacks.AttackInputs) -> list[str]:
-    """The configured attacks, or every attack the inputs support."""
+def attack_names(config: ExperimentConfig, inputs: attacks.AttackInputs, *, skip: Collection[str] = ()) -> list[str]:
+    """The configured attacks but those in `skip`, or every attack the inputs support."""
     if config.attacks is None:
         return [n for n in attacks.available() if attacks.runnable(attacks.create(n), inputs)]
-    for name in config.attacks:
+    for name in [n for n in config.attacks if n not in skip]:
         if not attacks.runnable(attacks.create(name), inputs):
             raise ConfigError(
                 f"Attack {name!r} needs inputs this setup lacks (reference models, a population, the records' "
                 f"features or perturbed-query labels; num_references={inputs.num_references})."
             )
-    return list(config.attacks)
+    return [n for n in config.attacks if n not in skip]
+
+
+def _skipped_without_weights(config: ExperimentConfig, extras: list[dict[str, np.ndarray]] | None) -> dict[str, str]:
+    """The statistic attacks named in --attacks that a supplied target's logits cannot serve (only its checkpoint
+    can be queried and differentiated): attack -> the note that says so."""
+    if not config.supplied_target or not config.attacks or not extras:
+        return {}
+    return {
+        name: f"The {name} attack was skipped: it measures the target's {stat.replace('_', ' ')}, which needs its "
+        "weights (--target-checkpoint), not its outputs (--target-logits)."
+        for name, stat in STATISTIC_ATTACKS.items()
+        if name in config.attacks and stat not in extras[0]
+    }
 
 
 def _history(log_file: Path) -> list[dict]:
@@ -144,11 +160,12 @@ def _pooled_evaluations(
     is_canary: np.ndarray,
     seed: int,
     pool: np.ndarray,
-    perturbed: dict[str, np.ndarray] | None = None,
+    model_inputs: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, dict]], dict[str, np.ndarray], list[dict], dict[str, np.ndarray]]:
     """Leave-one-out scores of every pooled attack, and the pooled metrics on random records, canaries and the
-    most vulnerable records. Returns (evaluation -> attack -> metrics, attack -> (M, P) scores, the table of the
-    most vulnerable records, {"vulnerable_records": their pool indices, "vulnerable_models": the models that
+    most vulnerable records; `model_inputs`: the models' label-only inputs and statistics (`_every_model`). Returns
+    (evaluation -> attack -> metrics, attack -> (M, P) scores, the table of the most vulnerable records,
+    {"vulnerable_records": their pool indices, "vulnerable_models": the models that
     measure them})."""
     p = masks.shape[1]
     has_pop = logits.shape[1] > p
@@ -164,7 +181,7 @@ def _pooled_evaluations(
                 masks,
                 population_logits=logits[:, p:] if has_pop else None,
                 population_labels=pop_labels if has_pop else None,
-                perturbed_labels=perturbed,
+                **(model_inputs or {}),
             )
         except attacks.NotEnoughReferencesError:
             continue
@@ -213,25 +230,36 @@ def _pooled_evaluations(
     return evals, loo, table, chosen_arrays
 
 
-def _every_model(label_only: dict) -> dict[str, np.ndarray] | None:
-    """(M, P, Q) predicted labels of every model, target first, per kind; None without them."""
-    out = {}
-    for field in ("perturbed", "noise"):
-        target, refs = label_only.get(f"target_{field}_labels"), label_only.get(f"reference_{field}_labels")
-        if target is not None and refs is not None:
-            out[field] = np.concatenate([target[None], refs])
-    return out or None
+def _every_model(label_only: dict) -> dict[str, Any]:
+    """Every model's inputs for the leave-one-out evaluation (target first): `perturbed_labels`, kind -> (M, P, Q)
+    predicted labels; `statistics`, statistic -> (M, P); each left out without them."""
+    out: dict[str, Any] = {}
+    for group, names, key in (
+        ("perturbed_labels", ("perturbed", "noise"), "{}_{}_labels"),
+        ("statistics", tuple(STATISTIC_ATTACKS.values()), "{}_{}"),
+    ):
+        for name in names:
+            target, refs = label_only.get(key.format("target", name)), label_only.get(key.format("reference", name))
+            if target is not None and refs is not None:
+                out.setdefault(group, {})[name] = np.concatenate([target[None], refs])
+    return out
 
 
 def _label_only_inputs(extras: list[dict[str, np.ndarray]] | None, has_refs: bool) -> dict[str, np.ndarray]:
     """The label-only attacks' `AttackInputs` fields from every model's stored labels on the perturbed queries
-    (`<kind>_labels`, kinds "augment" and "noise"); empty when the models were not asked."""
+    (`<kind>_labels`, kinds "augment" and "noise") and the statistic attacks' fields from every model's stored
+    statistics (`ccl.audit.statistics`); empty when the models were not asked."""
     label_only: dict[str, np.ndarray] = {}
     if extras and all("augment_labels" in e for e in extras):
         for kind, field in (("augment", "perturbed"), ("noise", "noise")):
             label_only[f"target_{field}_labels"] = extras[0][f"{kind}_labels"]
             if has_refs:
                 label_only[f"reference_{field}_labels"] = np.stack([e[f"{kind}_labels"] for e in extras[1:]])
+    for stat in STATISTIC_ATTACKS.values():  # the statistic attacks' (N,) and (K, N)
+        if extras and all(stat in e for e in extras):
+            label_only[f"target_{stat}"] = extras[0][stat]
+            if has_refs:
+                label_only[f"reference_{stat}"] = np.stack([e[stat] for e in extras[1:]])
     return label_only
 
 
@@ -311,9 +339,9 @@ def score_defense(
     has_pop = split.population.size > 0 and has_refs
     label_only = _label_only_inputs(extras, has_refs)
     inputs = _attack_inputs(logits, labels_all, split, label_only, features, population_features)
-    is_member, names = split.target_in, attack_names(config, inputs)
+    skipped, is_member, random_records = _skipped_without_weights(config, extras), split.target_in, ~is_canary
+    names = attack_names(config, inputs, skip=skipped)
     scores = attacks.score_all(inputs, names=names)
-    random_records = ~is_canary
     results = _single_target_metrics(config, scores, is_member[random_records], random_records, seed)
     evals, loo, vulnerable, chosen = {}, {}, [], {}
     if config.uses_leave_one_out:
@@ -327,7 +355,7 @@ def score_defense(
     members = is_member & random_records
     member_loss, nonmember_loss = target_loss[:p][members], target_loss[:p][nonmembers]
     test_acc = float(predicted[held_out].mean())
-    notes = _notes(config, test_acc, labels_all[held_out], split.population.size, scores)
+    notes = _notes(config, test_acc, labels_all[held_out], split.population.size, scores) + list(skipped.values())
     gauss = gaussian_fits(member_loss, nonmember_loss)
     result = DefenseResult(
         defense=defense.label,

@@ -36,12 +36,14 @@ from ..training import predict_logits
 __all__ = [
     "MEMBER_ACCURACY_Z",
     "load_members",
+    "load_supplied_model",
     "member_accuracy_z",
     "supplied_identity",
     "supplied_note",
     "supplied_notes",
     "supplied_split",
     "supplied_target_logits",
+    "supplied_target_statistics",
     "target_fit_note",
 ]
 
@@ -128,6 +130,14 @@ def supplied_target_logits(config: ExperimentConfig, dataset: Dataset, query_ind
                 expected("target_logits", f"an array of shape ({len(dataset)}, {dataset.num_classes})", logits.shape)
             )
         return logits[query_index].astype(np.float32)
+    model = load_supplied_model(config, dataset)
+    return predict_logits(
+        model, dataset.x[torch.as_tensor(query_index)], device=runtime.device, flip_queries=config.flip_queries
+    )
+
+
+def load_supplied_model(config: ExperimentConfig, dataset: Dataset) -> torch.nn.Module:
+    """The `--target-checkpoint` loaded safely (`weights_only`) into the configured model."""
     path = config.target_checkpoint
     try:
         if path.endswith(".safetensors"):
@@ -149,9 +159,31 @@ def supplied_target_logits(config: ExperimentConfig, dataset: Dataset, query_ind
         raise DataError(
             f"--target-checkpoint {path} does not fit the model {config.model!r}: {str(err).splitlines()[0]}"
         ) from None
-    return predict_logits(
-        model, dataset.x[torch.as_tensor(query_index)], device=runtime.device, flip_queries=config.flip_queries
+    return model
+
+
+def supplied_target_statistics(
+    config: ExperimentConfig, dataset: Dataset, pool_index: np.ndarray, runtime, needs: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """The statistics `needs` (`ccl.audit.statistics`) of a supplied checkpoint on the pool records; none for
+    supplied logits (the attacks that read them are then skipped with a note)."""
+    if not needs or not config.target_checkpoint:
+        return {}
+    from ..training import resolve_device
+    from .execute import ModelAccess
+    from .statistics import model_statistics
+
+    access = ModelAccess(load_supplied_model(config, dataset), resolve_device(runtime.device))
+    index = torch.as_tensor(pool_index)
+    stats = model_statistics(
+        needs,
+        num_models=1,
+        predict_each=torch.no_grad()(access.predict_each),
+        functional=access.functional,
+        x=dataset.x[index],
+        y=dataset.y[index],
     )
+    return {k: v[0] for k, v in stats.items()}
 
 
 def supplied_identity(config: ExperimentConfig) -> dict:
