@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,28 @@ def _plt():
     return plt
 
 
+#: One hue per family (the first is the baseline's), its settings as shades from light to dark.
+_FAMILY_MAPS = ("Blues", "Greens", "Reds", "Purples", "Oranges", "Greys", "YlOrBr", "BuGn", "RdPu", "PuBu")
+
+
+def _family_of(defense: str) -> str:
+    """`ccel(alpha=0.5)` and `dpsgd(epsilon=8)@lr=0.5` to `ccel` and `dpsgd`."""
+    return re.split(r"[(@]", defense, maxsplit=1)[0]
+
+
 def _colors(agg: Aggregate) -> dict[str, Any]:
+    """One colour per defense, the same in every plot: a hue per family and a shade per setting, so the
+    frontier's family legend and each point's colour agree."""
     plt = _plt()
-    cmap = plt.get_cmap("tab10" if len(agg.rows) <= 10 else "tab20")
-    return {r.defense: cmap(i % cmap.N) for i, r in enumerate(agg.rows)}
+    families: dict[str, list[str]] = {}
+    for r in agg.rows:
+        families.setdefault(_family_of(r.defense), []).append(r.defense)
+    colors = {}
+    for i, members in enumerate(families.values()):
+        cmap = plt.get_cmap(_FAMILY_MAPS[i % len(_FAMILY_MAPS)])
+        shades = np.linspace(0.75, 0.45, len(members)) if len(members) > 1 else [0.65]
+        colors |= {d: cmap(0.25 + float(t)) for d, t in zip(members, shades, strict=True)}
+    return colors
 
 
 def _scores_of(run_dir: Path):
@@ -206,7 +225,7 @@ def plot_frontier(points, label: str, colors: dict, optimal: set[str], muted: fr
     floor = min(positive) / 3 if positive else 1e-3
     for fam in dict.fromkeys(p.family for p in points):
         mine = sorted((p for p in points if p.family == fam), key=lambda p: p.leakage)
-        line = colors[mine[0].defense]  # the family's line; each point in its defense's colour, as elsewhere
+        line = colors[mine[len(mine) // 2].defense]  # the family's hue; each point in its defense's shade, as elsewhere
         xs = [max(p.leakage, floor) for p in mine]
         ax.plot(xs, [p.accuracy for p in mine], "-", color=line, lw=1, alpha=0.4)
         for k, (p, x) in enumerate(zip(mine, xs, strict=True)):
@@ -228,8 +247,9 @@ def plot_frontier(points, label: str, colors: dict, optimal: set[str], muted: fr
                 zorder=1 if faint else 3,
             )
             if not faint:  # settings of one family alternate above and below their point
+                own = " (own recipe)" if "@" in p.defense else ""  # the recipe is in the tables, not on the plot
                 ax.annotate(
-                    p.defense.replace(fam, "", 1).strip("()") or fam,
+                    (p.defense.split("@", 1)[0].replace(fam, "", 1).strip("()") or fam) + own,
                     (x, p.accuracy),
                     fontsize=6,
                     xytext=(3, 3 if k % 2 == 0 else -9),
