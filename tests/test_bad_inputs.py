@@ -494,6 +494,17 @@ def train(*extra: str) -> list[str]:
     return ["train", *TINY, *extra]
 
 
+def tune(target: str, *extra: str) -> list[str]:
+    """`ccl tune` of ccel's alpha toward `target`."""
+    return ["tune", *AUDIT, "--defense", "ccel", "--param", "alpha", "--range", "0.1..0.9", "--target", target, *extra]
+
+
+def supplied(kind: str, path: str) -> list[str]:
+    """`ccl audit` of a supplied target: its members (50 of the 160 synthetic records) and `kind` (logits or
+    checkpoint) at `path`."""
+    return audit("--target-members", "{tmp}/members.npy", f"--target-{kind}", path)
+
+
 def audit_file(path: str) -> list[str]:
     """`ccl audit` of a user's .npz file (which takes no --data-option of the synthetic data)."""
     return ["audit", "--dataset", path, *RECIPE, "--bootstrap", "5", "--num-references", "2"]
@@ -533,6 +544,20 @@ def npz(name: str, x, y):
 
 RNG = np.random.default_rng(0)
 XS = RNG.normal(size=(40, 4)).astype(np.float32)
+
+
+def members_and(name: str, content: bytes | np.ndarray):
+    """The supplied target's members (`members.npy`: 50 indices) and the file `name` holding `content`."""
+
+    def setup(tmp: Path) -> None:
+        np.save(tmp / "members.npy", np.arange(50))
+        if isinstance(content, np.ndarray):
+            np.save(tmp / name, content, allow_pickle=True)
+        else:
+            (tmp / name).write_bytes(content)
+
+    return setup
+
 
 
 @dataclass
@@ -652,6 +677,20 @@ CLI_CASES = [
     cli_case("loss-twice", audit("--loss", "ce", "--loss", "focal"), "give one --loss"),
     cli_case("defense-param-twice", compare("--defenses", "ccel:alpha=0.1,alpha=0.2"), "'alpha' is given twice"),
     cli_case("defense-sweep-param-twice", compare("--defenses", "ccel:alpha=[0.1,0.2],alpha=0.3"), "given twice"),
+    cli_case("defense-yaml-scanner-error", compare("--defenses", "ccel:alpha=["), r"ccel\(alpha=\[\).*`alpha`.*'\['"),
+    cli_case("model-option-num-classes", audit("--model-option", "num_classes=3"), "`model_options`.*num_classes"),
+    cli_case(
+        "config-nested-deeply",
+        audit("--config", "{tmp}/deep.yaml"),
+        r"{tmp}/deep\.yaml.*nested too deeply",
+        text("deep.yaml", "[" * 5000 + "]" * 5000 + "\n"),
+    ),
+    cli_case(
+        "config-num-references-huge",
+        ["audit", *TINY, "--config", "{tmp}/big.yaml"],
+        r"`num_references`.*<= 10,000",
+        text("big.yaml", "num_references: 100000000000000000000\n"),
+    ),
     cli_case(
         "config-top-level-list",
         audit("--config", "{tmp}/list.yaml"),
@@ -696,6 +735,51 @@ CLI_CASES = [
     ),
     cli_case("config-seeds-strings", compare("--config", "{tmp}/c.yaml"), "`seeds`", text("c.yaml", "seeds: [a, b]\n")),
     cli_case("config-fprs-range", audit("--config", "{tmp}/c.yaml"), "`fprs`", text("c.yaml", "fprs: [0.5, 2]\n")),
+    # ---- ccl tune's target: checked before any model trains -------------------------------------------------
+    cli_case("tune-target-fpr-not-a-number", tune("tpr@..<=0.1"), r"`target`.*'\.\.'"),
+    cli_case("tune-target-bound-not-a-number", tune("auc<=1e"), r"`target`.*'1e'"),
+    cli_case("tune-target-unknown-attack", tune("nope:auc<=0.6"), r"--target.*Unknown attack 'nope'"),
+    cli_case("tune-target-fpr-above-1", tune("tpr@2<=0.6"), r"`target`.*false-positive rate in \(0, 1\)"),
+    cli_case("tune-target-fpr-not-reported", tune("tpr@0.3<=0.6"), r"--target.*tpr@0\.3.*does not report"),
+    cli_case("tune-target-attack-needs-references", tune("lira:auc<=0.6"), r"--target.*'lira'.*--num-references is 2"),
+    cli_case("tune-target-attack-left-out", tune("lira:auc<=0.6", "--attacks", "loss"), r"'lira'.*--attacks"),
+    # ---- a supplied target: its files are read before the run directory exists ------------------------------
+    cli_case(
+        "target-logits-random-bytes",
+        supplied("logits", "{tmp}/t.npy"),
+        r"--target-logits {tmp}/t\.npy",
+        members_and("t.npy", np.random.default_rng(0).bytes(1000)),
+    ),
+    cli_case(
+        "target-logits-object-array",
+        supplied("logits", "{tmp}/t.npy"),
+        r"--target-logits {tmp}/t\.npy.*Object arrays",
+        members_and("t.npy", np.array([{"a": 1}] * 160, dtype=object)),
+    ),
+    cli_case(
+        "target-logits-wrong-shape",
+        supplied("logits", "{tmp}/t.npy"),
+        r"`target_logits`.*\(160, 5\)",
+        members_and("t.npy", np.zeros((160, 3))),
+    ),
+    cli_case(
+        "target-logits-nan",
+        supplied("logits", "{tmp}/t.npy"),
+        r"`target_logits`.*finite",
+        members_and("t.npy", np.full((160, 5), np.nan)),
+    ),
+    cli_case(
+        "target-checkpoint-random-bytes",
+        supplied("checkpoint", "{tmp}/t.pt"),
+        r"--target-checkpoint {tmp}/t\.pt",
+        members_and("t.pt", np.random.default_rng(0).bytes(1000)),
+    ),
+    cli_case(
+        "target-members-random-bytes",
+        supplied("logits", "{tmp}/t.npy"),
+        r"--target-members {tmp}/members\.npy",
+        lambda t: [members_and("t.npy", np.zeros((160, 5)))(t), (t / "members.npy").write_bytes(b"\x93NUMPY garbage")],
+    ),
     # ---- --out and --cache-dir -------------------------------------------------------------------------------
     cli_case("out-is-file", ["audit", *AUDIT, "--out", "{tmp}/afile"], r"{tmp}/afile.*is a file", text("afile", "x")),
     cli_case(
@@ -741,6 +825,74 @@ def test_cli_bad_input(case: Cli, tmp_path, monkeypatch, capsys):
     assert_one_line_error(rc, err, case.match.replace("{tmp}", re.escape(str(tmp_path))))
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert after == before, "left behind: " + ", ".join(str(p) for p in sorted(set(after) - set(before)))
+
+
+USER_MODELS = """
+import torch
+
+
+def raises_key_error(num_classes, input_shape, **options):
+    raise KeyError("oops")
+
+
+class Slice(torch.nn.Module):  # outputs of the right shape, but nothing to train
+    def forward(self, x):
+        return x[:, :5] * 1.0
+
+
+def no_parameters(num_classes, input_shape, **options):
+    return Slice()
+
+
+class FailsInTraining(torch.nn.Module):
+    def __init__(self, features, classes):
+        super().__init__()
+        self.fc = torch.nn.Linear(features, classes)
+
+    def forward(self, x):
+        if self.training:
+            raise IndexError("only in training")
+        return self.fc(x)
+
+
+def fails_in_training(num_classes, input_shape, **options):
+    return FailsInTraining(input_shape[0], num_classes)
+"""
+
+
+@pytest.mark.parametrize(
+    "factory, match",
+    [
+        pytest.param("raises_key_error", r"Cannot build model '\w+:raises_key_error'.*KeyError: 'oops'", id="raises"),
+        pytest.param("no_parameters", r"'\w+:no_parameters' has no trainable parameters", id="no-parameters"),
+        pytest.param("fails_in_training", r"'\w+:fails_in_training'.*training mode.*IndexError", id="fails-in-training"),
+    ],
+)
+@pytest.mark.parametrize("command", ["audit", "train"])
+def test_cli_user_model_fails(factory, match, command, tmp_path, monkeypatch, capsys):
+    """Your own model's code may raise anything: the error is one line naming the model, before any run
+    directory exists (a model that fails only in training mode is caught by preflight's training step)."""
+    name = f"bad_models_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / f"{name}.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    monkeypatch.chdir(tmp_path)
+    argv = (audit if command == "audit" else train)("--model", f"{name}:{factory}", "--out", str(tmp_path / "out"))
+    rc, err = run_cli(argv, capsys)
+    assert_one_line_error(rc, err, match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_exponent_floats_are_numbers():
+    """YAML 1.1 (PyYAML) reads `1e-6` as a string; defense parameters, flags and config files read it as YAML 1.2
+    does, a number."""
+    from ccl.config import expand_defense, yaml_value
+
+    assert expand_defense("ccel:alpha=5e-1")[0].params == {"alpha": 0.5}
+    assert expand_defense("dpsgd:epsilon=1e-6")[0].params["epsilon"] == 1e-6
+    assert [d.params["alpha"] for d in expand_defense("ccel:alpha=[1e-1,5E-1]")] == [0.1, 0.5]
+    assert yaml_value("1e3") == 1000.0 and yaml_value("-2.5e-2") == -0.025 and yaml_value("1e") == "1e"
+    assert yaml_value("12") == 12 and isinstance(yaml_value("12"), int)
 
 
 ARGPARSE_CASES = [

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import ConfigError, ExperimentConfig, load_config, merge, parse_runtime
+from .config import ConfigError, ExperimentConfig, load_config, merge, parse_runtime, yaml_value
 from .errors import CclError
 from .layout import RunLayout
 from .results import EVALUATIONS
@@ -106,8 +106,8 @@ def _key_value(text: str) -> tuple[str, Any]:
     if not eq or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
+        return key.strip(), yaml_value(value)
+    except (yaml.YAMLError, RecursionError):
         raise argparse.ArgumentTypeError(f"cannot read the value of {text!r} (YAML syntax)") from None
 
 
@@ -612,7 +612,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from .config import parse_defense
     from .report import render_report
     from .summary import load_summary, summary_lines
-    from .tune import parse_target, point_from_aggregate, search
+    from .tune import check_target, parse_target, point_from_aggregate, search
 
     target = parse_target(args.target)
     low_v, high_v = _tune_range(args.range)
@@ -625,6 +625,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         parse_defense(spec(v))  # a bad family, parameter or range end fails now, before any training
     args.defenses = None if args.resume else [spec(low_v)]
     config, runtime, out = _resolve(args, "runs/tune")
+    check_target(target, config)  # an attack or FPR the run cannot measure fails before any training
     check_dependencies("report")
     executor = build_executor(args)
     resume = args.resume

@@ -30,7 +30,7 @@ from .execute import ExecutionContext, Executor, LocalExecutor, ModelCache
 from .plan import model_seed, plan_jobs, result_key
 from .preflight import preflight
 from .score import score_defense
-from .supplied import load_members, supplied_notes, supplied_split, supplied_target_logits
+from .supplied import check_supplied_target, load_members, supplied_notes, supplied_split, supplied_target_logits
 
 __all__ = ["choose_threads", "run_audit", "run_train"]
 
@@ -78,7 +78,10 @@ def run_audit(
     executor = executor or LocalExecutor()
     per_model = 1 + config.num_references
     bar = None
-    members = load_members(config.target_members, len(dataset)) if config.supplied_target else None
+    members = None
+    if config.supplied_target:  # its files are read now: a bad one fails before the run directory exists
+        members = load_members(config.target_members, len(dataset))
+        check_supplied_target(config, dataset)
     # the models answer perturbed queries only when a label-only attack may run
     label_only = config.attacks is None or any(a.startswith("label_only") for a in config.attacks)
     with rd.open(config, resume=resume, runtime=runtime, command=command), torch_threads(runtime.threads):
