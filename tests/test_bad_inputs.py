@@ -559,7 +559,6 @@ def members_and(name: str, content: bytes | np.ndarray):
     return setup
 
 
-
 @dataclass
 class Cli:
     """One bad command line. `{tmp}` in `argv` is the test's tmp_path; in `match`, its regex-escaped form."""
@@ -865,7 +864,9 @@ def fails_in_training(num_classes, input_shape, **options):
     [
         pytest.param("raises_key_error", r"Cannot build model '\w+:raises_key_error'.*KeyError: 'oops'", id="raises"),
         pytest.param("no_parameters", r"'\w+:no_parameters' has no trainable parameters", id="no-parameters"),
-        pytest.param("fails_in_training", r"'\w+:fails_in_training'.*training mode.*IndexError", id="fails-in-training"),
+        pytest.param(
+            "fails_in_training", r"'\w+:fails_in_training'.*training mode.*IndexError", id="fails-in-training"
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["audit", "train"])
