@@ -1071,3 +1071,28 @@ def test_resume_with_a_truncated_stacked_checkpoint(run_copy, capsys):
     rc, err = run_cli(["audit", "--resume", "--quiet", "--out", str(run_copy)], capsys)
     assert_one_line_error(rc, err, re.escape(str(checkpoint)) + ".*truncated")
     assert (run_copy / "config.yaml").read_bytes() == config
+
+
+# ==========================================================================================================
+# Ray: resources the cluster does not have
+# ==========================================================================================================
+@pytest.mark.parametrize(
+    "asks, match",
+    [
+        pytest.param({"gpus_per_model": 1}, r"--gpus-per-model 1: .*1 GPU.*has 0 GPU", id="gpu-on-a-cpu-cluster"),
+        pytest.param({"cpus_per_model": 64}, r"--cpus-per-model 64: .*64 CPU.*has 2 CPU", id="more-cpus-than-cluster"),
+    ],
+)
+def test_ray_refuses_resources_the_cluster_lacks(asks, match):
+    """A task asking for a GPU on a cluster without one waited forever; the executor refuses it when it connects
+    (here against a stand-in for `ray` that reports a 2-CPU cluster)."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from ccl.audit.ray_executor import RayExecutor
+    from ccl.errors import ConfigError
+
+    executor = RayExecutor(**asks)
+    executor._ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0}, is_initialized=lambda: True)
+    with pytest.raises(ConfigError, match=match):
+        executor.check_resources()
