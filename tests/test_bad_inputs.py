@@ -447,6 +447,20 @@ API_CASES = [
     api(
         "attack-score-all-unknown", lambda t: attacks.score_all(inputs(), names=["nope"]), IAE, "Unknown attack 'nope'"
     ),
+    api(
+        "attack-qmia-tiny-population",
+        lambda t: attacks.create("qmia").score(
+            inputs(
+                features=logits(6, 2),
+                population_features=logits(2, 2),
+                population_target_logits=logits(2, 3),
+                population_labels=labels(2),
+                population_reference_logits=logits(4, 2, 3),
+            )
+        ),
+        IAE,
+        "`calibration_fraction`.*2 population records",
+    ),
     # ---- audit internals ----------------------------------------------------------------------------------
     api("cache-dir-is-file", lambda t: ModelCache(a_file(t)), RunDirectoryError, "--cache-dir.*is a file"),
     api("cache-dir-below-file", lambda t: ModelCache(a_file(t) / "sub"), RunDirectoryError, "--cache-dir.*is a file"),
@@ -544,6 +558,22 @@ def npz(name: str, x, y):
 
 RNG = np.random.default_rng(0)
 XS = RNG.normal(size=(40, 4)).astype(np.float32)
+
+
+def image_folder(name: str, per_class: int = 12):
+    """An image folder of two classes, `per_class` random 8x8 PNGs each."""
+
+    def setup(tmp: Path) -> None:
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        for c in range(2):
+            (tmp / name / f"c{c}").mkdir(parents=True)
+            for i in range(per_class):
+                pixels = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp / name / f"c{c}" / f"{i}.png")
+
+    return setup
 
 
 def members_and(name: str, content: bytes | np.ndarray):
@@ -734,6 +764,12 @@ CLI_CASES = [
     ),
     cli_case("config-seeds-strings", compare("--config", "{tmp}/c.yaml"), "`seeds`", text("c.yaml", "seeds: [a, b]\n")),
     cli_case("config-fprs-range", audit("--config", "{tmp}/c.yaml"), "`fprs`", text("c.yaml", "fprs: [0.5, 2]\n")),
+    cli_case(
+        "qmia-population-too-small",
+        ["audit", "--dataset", "{tmp}/imgs/", "--model", "cnn", *RECIPE[2:], "--attacks", "qmia"],
+        r"'qmia' needs at least 3 population records; --population-fraction 0\.1 .* leaves 2",
+        image_folder("imgs"),
+    ),
     # ---- ccl tune's target: checked before any model trains -------------------------------------------------
     cli_case("tune-target-fpr-not-a-number", tune("tpr@..<=0.1"), r"`target`.*'\.\.'"),
     cli_case("tune-target-bound-not-a-number", tune("auc<=1e"), r"`target`.*'1e'"),
@@ -1096,3 +1132,20 @@ def test_ray_refuses_resources_the_cluster_lacks(asks, match):
     executor._ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0}, is_initialized=lambda: True)
     with pytest.raises(ConfigError, match=match):
         executor.check_resources()
+
+
+def test_qmia_is_skipped_by_default_with_a_tiny_population():
+    """A 24-image folder leaves 2 population records: too few for QMIA's calibration. Named, it is refused before
+    training (`qmia-population-too-small`); left to the default, it is not run (it failed after training)."""
+    qmia = attacks.create("qmia")
+    assert qmia.min_population == 3
+    assert attacks.create("qmia", calibration_fraction=0).min_population == 2
+    tiny = inputs(
+        features=logits(6, 2),
+        population_features=logits(2, 2),
+        population_target_logits=logits(2, 3),
+        population_labels=labels(2),
+        population_reference_logits=logits(4, 2, 3),
+    )
+    assert not attacks.runnable(qmia, tiny)
+    assert attacks.runnable(attacks.create("loss"), tiny)

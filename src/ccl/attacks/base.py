@@ -17,6 +17,8 @@ class Attack(abc.ABC):
     min_references: int = 0
     #: whether the attack compares records with a population sample (RMIA)
     needs_population: bool = False
+    #: the fewest population records it can work with (when it needs a population)
+    min_population: int = 1
 
     @abc.abstractmethod
     def score(self, inputs: AttackInputs) -> np.ndarray:

@@ -118,5 +118,20 @@ def preflight(config: ExperimentConfig, runtime: Runtime, *, data_dir: str | os.
     check_dependencies(*sorted({d.loss for d in config.defenses if d.loss in EXTRAS}))  # dpsgd: Opacus
     dataset = load_dataset(config, data_dir=data_dir)
     check_data(config, dataset)
-    data.membership_split(len(dataset), num_references=0, seed=0, population_fraction=config.population_fraction)
+    split = data.membership_split(
+        len(dataset), num_references=0, seed=0, population_fraction=config.population_fraction
+    )
+    check_population(config, split.population.size)
     return dataset
+
+
+def check_population(config: ExperimentConfig, size: int) -> None:
+    """A named attack that needs more population records than the data leaves fails now, not after training
+    (an attack left to the default is skipped instead)."""
+    for name in config.attacks or []:
+        attack = attacks.create(name)
+        if attack.needs_population and size < attack.min_population:
+            raise ConfigError(
+                f"Attack {name!r} needs at least {attack.min_population} population records; --population-fraction "
+                f"{config.population_fraction:g} of {config.dataset!r} leaves {size}: raise it or use more data."
+            )
