@@ -676,6 +676,12 @@ CLI_CASES = [
         r"'num_samples'.*ok\.npz",
         npz("ok.npz", XS, np.arange(40) % 2),
     ),
+    cli_case(
+        "csv-column-twice",
+        ["audit", "--dataset", "{tmp}/dup.csv", "--data-option", "label=y", *RECIPE, "--num-references", "0"],
+        r"dup\.csv has more than one column named 'a'",
+        text("dup.csv", "a,b,a,y\n" + "".join(f"{i},{2 * i},{i % 3},{i % 2}\n" for i in range(40))),
+    ),
     # ---- --config files --------------------------------------------------------------------------------------
     cli_case("config-missing", audit("--config", "{tmp}/absent.yaml"), r"{tmp}/absent\.yaml"),
     cli_case("config-is-directory", audit("--config", "{tmp}/confdir"), r"{tmp}/confdir.*directory", folder("confdir")),
