@@ -712,6 +712,11 @@ CLI_CASES = [
     cli_case("loss-twice", audit("--loss", "ce", "--loss", "focal"), "give one --loss"),
     cli_case("defense-param-twice", compare("--defenses", "ccel:alpha=0.1,alpha=0.2"), "'alpha' is given twice"),
     cli_case("defense-sweep-param-twice", compare("--defenses", "ccel:alpha=[0.1,0.2],alpha=0.3"), "given twice"),
+    cli_case(
+        "early-stop-after-the-recipe",
+        compare("--defenses", "ce", "early_stop:epochs=100"),
+        r"early_stop\(epochs=100\).*`epochs`.*fewer epochs than the recipe's 2",
+    ),
     cli_case("defense-yaml-scanner-error", compare("--defenses", "ccel:alpha=["), r"ccel\(alpha=\[\).*`alpha`.*'\['"),
     cli_case("model-option-num-classes", audit("--model-option", "num_classes=3"), "`model_options`.*num_classes"),
     cli_case(
