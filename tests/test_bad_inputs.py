@@ -1160,3 +1160,20 @@ def test_qmia_is_skipped_by_default_with_a_tiny_population():
     )
     assert not attacks.runnable(qmia, tiny)
     assert attacks.runnable(attacks.create("loss"), tiny)
+
+
+def test_report_of_an_unfinished_run_says_so(run_copy, capsys):
+    """A run killed before its second seed (config.yaml asks for seeds 0 and 1; only seed 0's result exists): the
+    report renders the complete results and says, on stderr and at the top of the page, what is missing."""
+    import yaml
+
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    (run_copy / "config.yaml").write_text(yaml.safe_dump({**config, "seeds": [0, 1]}, sort_keys=False))
+    (run_copy / "metrics.json").unlink()  # the aggregate is written at the very end
+    rc, err = run_cli(["report", str(run_copy)], capsys)
+    assert rc == 0, err
+    assert re.search(r"warning: This run is unfinished: 1 of 2 results .* missing: ce seed 1\..*--resume", err), err
+    assert "This run is unfinished" in (run_copy / "report.html").read_text()
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    rc, err = run_cli(["report", str(run_copy)], capsys)
+    assert rc == 0 and "unfinished" not in err

@@ -688,7 +688,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import render_report
+    from .report import render_report, unfinished_note
     from .results import load_aggregate, table_lines
 
     if args.list:
@@ -702,6 +702,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     path = render_report(args.run_dir, leakage=args.leakage)
     if RunLayout(args.run_dir).aggregate.exists():
         print("\n".join(table_lines(load_aggregate(args.run_dir))))
+    unfinished = unfinished_note(args.run_dir)
+    if unfinished is not None:  # the page says it too, at its top
+        print(f"ccl report: warning: {unfinished}", file=sys.stderr)
     print(f"\nReport: {path}")
     return 0
 
