@@ -717,6 +717,16 @@ CLI_CASES = [
         compare("--defenses", "ce", "early_stop:epochs=100"),
         r"early_stop\(epochs=100\).*`epochs`.*fewer epochs than the recipe's 2",
     ),
+    cli_case(
+        "sweep-too-large-without-yes",
+        compare("--defenses", "ccel:alpha=0.01..0.99/400"),
+        r"would train up to 1,200 models \(400 defense setting\(s\) x 1 seed\(s\) x 3 model\(s\)\).*--yes",
+    ),
+    cli_case(
+        "tune-too-large-without-yes",
+        tune("auc<=0.6", "--grid", "400"),
+        r"would train up to 1,200 models.*--yes",
+    ),
     cli_case("defense-yaml-scanner-error", compare("--defenses", "ccel:alpha=["), r"ccel\(alpha=\[\).*`alpha`.*'\['"),
     cli_case("model-option-num-classes", audit("--model-option", "num_classes=3"), "`model_options`.*num_classes"),
     cli_case(
@@ -1177,3 +1187,14 @@ def test_report_of_an_unfinished_run_says_so(run_copy, capsys):
     (run_copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     rc, err = run_cli(["report", str(run_copy)], capsys)
     assert rc == 0 and "unfinished" not in err
+
+
+def test_a_large_run_starts_with_yes_and_prints_its_plan(capsys):
+    import argparse
+
+    from ccl.config import ExperimentConfig
+
+    config = ExperimentConfig.from_dict({"dataset": "synthetic", "defenses": ["ccel:alpha=0.01..0.99/400"]})
+    cli._confirm_size(argparse.Namespace(yes=True, quiet=False), config)  # 400 x 1 x 9 models: no error
+    out = capsys.readouterr().out
+    assert out.startswith("Plan: up to 3,600 models (400 defense setting(s) x 1 seed(s) x 9 model(s)), 30 epochs")

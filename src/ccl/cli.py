@@ -365,6 +365,11 @@ def _output_options(p: argparse.ArgumentParser, *, kind: str) -> None:
         "models and attacks, or change runtime options",
     )
     if kind != "train":
+        o.add_argument(
+            "--yes",
+            action="store_true",
+            help=f"start a run of more than {CONFIRM_MODELS:,} models (without it, such a run is refused)",
+        )
         o.add_argument("--cache-dir", type=Path, help="trained-model cache shared across runs (default: OUT/models)")
         x = p.add_argument_group("executor (YAML: runtime:)")
         x.add_argument("--executor", choices=["local", "ray"], help="where the models train (default: local)")
@@ -495,6 +500,29 @@ def _interrupted(command: str, out: Path) -> int:
     return 130
 
 
+#: A run that would train more models than this needs --yes (a 10,000-point sweep is ~30,000 models).
+CONFIRM_MODELS = 1_000
+
+
+def _confirm_size(args: argparse.Namespace, config: ExperimentConfig, *, settings: int | None = None) -> None:
+    """Prints how many models the run trains (at most: cached ones are reused) and refuses more than
+    `CONFIRM_MODELS` without --yes. `settings`: the defense settings (default: the config's)."""
+    settings = len(config.defenses) if settings is None else settings
+    per = 1 + config.num_references - (1 if config.supplied_target else 0)
+    models = settings * len(config.seeds) * per
+    plan = (
+        f"{models:,} models ({settings} defense setting(s) x {len(config.seeds)} seed(s) x {per} model(s)), "
+        f"{config.train.epochs} epochs each: {models * config.train.epochs:,} model-epochs of training"
+    )
+    if models > CONFIRM_MODELS and not getattr(args, "yes", False):
+        raise ConfigError(
+            f"This run would train up to {plan}; above {CONFIRM_MODELS:,} models add --yes to start it (or sweep "
+            "fewer points, seeds or reference models)."
+        )
+    if not getattr(args, "quiet", False):
+        print(f"Plan: up to {plan} (cached models are reused).")
+
+
 def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] | None = None) -> int:
     from .audit import run_audit
     from .audit.preflight import check_dependencies
@@ -505,6 +533,7 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
     config, runtime, out = _resolve(args, default_out, base)
     if args.command == "audit" and len(config.defenses) != 1:
         raise ConfigError("`ccl audit` audits one training recipe: give one --loss (use `ccl compare` for more).")
+    _confirm_size(args, config)
     check_dependencies("report")  # the report is drawn at the end: fail now, not after training
     executor = build_executor(args)
     try:
@@ -626,6 +655,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     args.defenses = None if args.resume else [spec(low_v)]
     config, runtime, out = _resolve(args, "runs/tune")
     check_target(target, config)  # an attack or FPR the run cannot measure fails before any training
+    _confirm_size(args, config, settings=max(2 + args.steps, args.grid))  # the most settings the search tries
     check_dependencies("report")
     executor = build_executor(args)
     resume = args.resume
