@@ -1198,3 +1198,59 @@ def test_a_large_run_starts_with_yes_and_prints_its_plan(capsys):
     cli._confirm_size(argparse.Namespace(yes=True, quiet=False), config)  # 400 x 1 x 9 models: no error
     out = capsys.readouterr().out
     assert out.startswith("Plan: up to 3,600 models (400 defense setting(s) x 1 seed(s) x 9 model(s)), 30 epochs")
+
+
+# ==========================================================================================================
+# Faults: a full disk, truncated or edited files of a run
+# ==========================================================================================================
+def full_disk_at(monkeypatch, name: str) -> None:
+    """Every atomic write of a file called `name` fails as on a full disk (ENOSPC at its fsync)."""
+    import errno
+    import os
+
+    from ccl import _io
+
+    fsync = os.fsync
+
+    def failing(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(fd)
+
+    monkeypatch.setattr(_io.os, "fsync", failing)
+
+
+def test_full_disk_at_start_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A disk full when config.yaml is written: one line naming it, and no directory holding only .lock."""
+    monkeypatch.chdir(tmp_path)
+    full_disk_at(monkeypatch, "config.yaml")
+    rc, err = run_cli(audit("--out", str(tmp_path / "out")), capsys)
+    assert_one_line_error(rc, err, r"No space left on device writing .*out/config\.yaml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_disk_mid_run_is_resumable(tmp_path, monkeypatch, capsys):
+    """A disk full when a model's outputs are stored: one line naming the file; once space is back, --resume
+    finishes the run."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    argv = audit("--num-references", "0", "--epochs", "1", "--out", str(out))
+    with monkeypatch.context() as m:
+        full_disk_at(m, "outputs.npz")
+        rc, err = run_cli(argv, capsys)
+    assert_one_line_error(rc, err, r"No space left on device writing .*outputs\.npz.*--resume")
+    assert (out / "config.yaml").exists() and not (out / "metrics.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["audit", "--resume", "--quiet", "--out", str(out)]) == 0
+    assert (out / "metrics.json").exists()
+
+
+def test_torch_write_failure_is_named():
+    """torch.save on a full disk raises RuntimeError ("file write failed"), not OSError: named the same way."""
+    from ccl._io import atomic_path
+
+    with pytest.raises(RunDirectoryError, match=r"No space left on device writing .*model\.pt"):
+        with atomic_path(Path("/tmp") / "ccl-test-model.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
+    assert not list(Path("/tmp").glob(".ccl-test-model.pt.*"))
