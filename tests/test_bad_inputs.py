@@ -1107,6 +1107,18 @@ def test_resume_of_a_corrupt_config(run_copy, capsys):
     assert (run_copy / "config.yaml").read_bytes() == spoiled
 
 
+@pytest.mark.parametrize("cut", [0, 0.5, 0.9], ids=["empty", "half", "last-key-cut"])
+def test_resume_of_a_truncated_config(run_copy, cut, capsys):
+    """An empty or cut config.yaml is refused, not filled with defaults, rewritten and retrained."""
+    raw = (run_copy / "config.yaml").read_bytes()
+    text = raw.decode()
+    cut_at = text.rindex("\n", 0, int(len(text) * cut)) + 1 if cut else 0  # at a line end: still valid YAML
+    (run_copy / "config.yaml").write_bytes(raw[:cut_at])
+    rc, err = run_cli(["audit", "--resume", "--quiet", "--out", str(run_copy)], capsys)
+    assert_one_line_error(rc, err, r"run/config\.yaml is truncated or incomplete \(no \w+")
+    assert (run_copy / "config.yaml").read_bytes() == raw[:cut_at]
+
+
 def test_resume_with_a_truncated_stacked_checkpoint(run_copy, capsys):
     """The reference models' outputs are gone, so a resume retrains their stacked group, from the group's
     checkpoint (`cache/stacked/<hash of the jobs' keys>.pt`, see `ccl.audit.execute.train_group`), which is

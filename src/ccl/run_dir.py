@@ -187,9 +187,20 @@ class RunDirectory:
         if not self.config_file.is_file():
             raise RunDirectoryError(f"{self.path} is not a ccl run directory (no config.yaml).")
         try:
-            return load_config(self.config_file)
+            raw = load_config(self.config_file)
         except ConfigError as err:
             raise RunDirectoryError(f"The run's {self.config_file} is corrupt: {err}") from None
+        complete = ExperimentConfig().to_dict()  # ccl writes every key: a missing one means a cut file
+        missing = [k for k in complete if k not in raw]
+        if not missing and isinstance(raw.get("train"), dict):
+            missing = [f"train.{k}" for k in complete["train"] if k not in raw["train"]]
+        if missing:
+            raise RunDirectoryError(
+                f"The run's {self.config_file} is truncated or incomplete (no {', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}); it will not be rewritten with defaults. Restore it, or "
+                "start a new run in another --out."
+            )
+        return raw
 
     def stored_config(self) -> ExperimentConfig:
         try:
