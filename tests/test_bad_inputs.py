@@ -1266,3 +1266,23 @@ def test_torch_write_failure_is_named():
         with atomic_path(Path("/tmp") / "ccl-test-model.pt"):
             raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
     assert not list(Path("/tmp").glob(".ccl-test-model.pt.*"))
+
+
+def test_sigterm_stops_like_sigint_with_the_resume_hint(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop) mid-run: the resume hint SIGINT prints, and exit status 143."""
+    import os
+    import signal
+
+    import ccl.audit
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ccl.audit, "run_audit", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, err = run_cli(audit("--out", str(tmp_path / "out")), capsys)
+    assert rc == 143, err
+    assert "Terminated. Completed models and results are kept" in err and "ccl audit --resume --out" in err
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is ccl.cli.main's only while it runs

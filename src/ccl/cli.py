@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import textwrap
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -491,13 +493,26 @@ def _resolve(args: argparse.Namespace, default_out: str, base: dict[str, Any] | 
     return config, runtime, out
 
 
-def _interrupted(command: str, out: Path) -> int:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`), raised where SIGINT raises KeyboardInterrupt: the same clean stop and
+    resume hint, and exit status 143 (128 + 15)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _exit_status(err: KeyboardInterrupt) -> int:
+    return 143 if isinstance(err, Terminated) else 130
+
+
+def _interrupted(command: str, out: Path, err: KeyboardInterrupt) -> int:
     print(
-        f"\nInterrupted. Completed models and results are kept in {out}; continue with:\n"
-        f"  ccl {command} --resume --out {out}",
+        f"\n{'Terminated' if isinstance(err, Terminated) else 'Interrupted'}. Completed models and results are kept "
+        f"in {out}; continue with:\n  ccl {command} --resume --out {out}",
         file=sys.stderr,
     )
-    return 130
+    return _exit_status(err)
 
 
 #: A run that would train more models than this needs --yes (a 10,000-point sweep is ~30,000 models).
@@ -548,8 +563,8 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
             executor=executor,
             command=["ccl", *sys.argv[1:]],
         )
-    except KeyboardInterrupt:
-        return _interrupted(args.command, out)
+    except KeyboardInterrupt as err:
+        return _interrupted(args.command, out, err)
     finally:
         if executor is not None:
             executor.close()
@@ -576,12 +591,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = run_train(
             config, out, runtime=runtime, resume=args.resume, data_dir=args.data_dir, command=["ccl", *sys.argv[1:]]
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(
-            f"\nInterrupted; the last epoch's checkpoint is kept. Continue with: ccl train --resume --out {out}",
+            f"\n{'Terminated' if isinstance(err, Terminated) else 'Interrupted'}; the last epoch's checkpoint is "
+            f"kept. Continue with: ccl train --resume --out {out}",
             file=sys.stderr,
         )
-        return 130
+        return _exit_status(err)
     last = result.history[-1]
     print(
         f"train acc {100 * last['member_acc']:.1f}%  held-out acc {100 * last.get('heldout_acc', float('nan')):.1f}%"
@@ -682,8 +698,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     try:
         integer = isinstance(low_v, int)
         chosen, points = search(evaluate, low_v, high_v, target, steps=args.steps, grid=args.grid, integer=integer)
-    except KeyboardInterrupt:
-        return _interrupted("tune", out)
+    except KeyboardInterrupt as err:
+        return _interrupted("tune", out, err)
     models = len(points) * len(config.seeds) * (1 + config.num_references)
     _print_tune(args, target, (low_v, high_v), chosen, points, config)
     write_json(
@@ -864,6 +880,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     formatwarning = warnings.formatwarning
+    on_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
     if not args.debug:  # one line per warning, no source excerpt, never glued to a progress bar
         warnings.formatwarning = _format_warning
     try:
@@ -873,8 +891,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ccl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:  # before any work was kept (the commands catch it once the run directory exists)
+        print(f"ccl {args.command}: terminated.", file=sys.stderr)
+        return 143
     finally:
         warnings.formatwarning = formatwarning
+        if on_main:
+            signal.signal(signal.SIGTERM, sigterm if sigterm is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":
