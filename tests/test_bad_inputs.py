@@ -1286,3 +1286,39 @@ def test_sigterm_stops_like_sigint_with_the_resume_hint(tmp_path, monkeypatch, c
     assert rc == 143, err
     assert "Terminated. Completed models and results are kept" in err and "ccl audit --resume --out" in err
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is ccl.cli.main's only while it runs
+
+
+def target_folder(run: Path) -> Path:
+    return next(j.parent for j in (run / "models").glob("*/job.json") if json.loads(j.read_text())["role"] == "target")
+
+
+def flip_a_bit(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def edit_a_logit(path: Path) -> None:
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["logits"] = arrays["logits"].copy()
+    arrays["logits"].flat[0] += 1.0
+    np.savez(path, **arrays)
+
+
+CACHED_FILE_CASES = [
+    pytest.param("outputs.npz", flip_a_bit, r"outputs\.npz does not match the SHA-256", id="outputs-bit-flip"),
+    pytest.param("outputs.npz", edit_a_logit, r"outputs\.npz does not match the SHA-256", id="outputs-edited"),
+    pytest.param("log.jsonl", truncated, r"log\.jsonl does not match the SHA-256", id="log-truncated"),
+    pytest.param("job.json", truncated, r"job\.json is corrupt or truncated", id="job-record-truncated"),
+]
+
+
+@pytest.mark.parametrize("name, spoil, match", CACHED_FILE_CASES)
+def test_resume_checks_cached_files(run_copy, name, spoil, match, capsys):
+    """A cached model's files are checked against the digests its job.json recorded: a resume that scores the
+    model again names the spoiled file (a truncated job.json would have dropped DP's epsilon silently)."""
+    spoil(target_folder(run_copy) / name)
+    (run_copy / "results" / "ce" / "seed-0" / "metrics.json").unlink()  # the result is computed again
+    rc, err = run_cli(["audit", "--resume", "--quiet", "--out", str(run_copy)], capsys)
+    assert_one_line_error(rc, err, match)
