@@ -1322,3 +1322,14 @@ def test_resume_checks_cached_files(run_copy, name, spoil, match, capsys):
     (run_copy / "results" / "ce" / "seed-0" / "metrics.json").unlink()  # the result is computed again
     rc, err = run_cli(["audit", "--resume", "--quiet", "--out", str(run_copy)], capsys)
     assert_one_line_error(rc, err, match)
+
+
+def test_resume_keeps_the_thread_count(run_copy, capsys):
+    """On a CPU the thread count changes results (~1e-7 in logits): run.json records the number that ran (not
+    null), and a resume with another is refused."""
+    runs = json.loads((run_copy / "run.json").read_text())["invocations"]
+    assert runs[-1]["runtime"]["threads"] == 1  # a small model on a CPU trains with one thread
+    history = (run_copy / "run.json").read_bytes()
+    rc, err = run_cli(["audit", "--resume", "--quiet", "--threads", "2", "--out", str(run_copy)], capsys)
+    assert_one_line_error(rc, err, r"--threads 2: this run's models were trained with 1 CPU thread")
+    assert (run_copy / "run.json").read_bytes() == history

@@ -224,6 +224,27 @@ class RunDirectory:
         except (ValueError, KeyError, TypeError):
             return []  # an unreadable history is not worth stopping a run for; the new entry starts a new one
 
+    def recorded_threads(self) -> int | None:
+        """The CPU threads the run's last recorded invocation trained with (run.json; None: not recorded)."""
+        used = [
+            r["runtime"].get("threads")
+            for r in self.invocations()
+            if isinstance(r, dict) and isinstance(r.get("runtime"), dict)
+        ]
+        used = [t for t in used if t is not None]
+        return used[-1] if used else None
+
+    def check_threads(self, runtime: Runtime) -> None:
+        """On a CPU the number of torch threads changes results (sums in another order: ~1e-7 in logits, enough to
+        move a metric), so a resume must run with the threads the run's models were trained with (run.json)."""
+        used = self.recorded_threads()
+        if used is not None and runtime.threads is not None and runtime.threads != used:
+            raise RunDirectoryError(
+                f"--threads {runtime.threads}: this run's models were trained with {used} CPU thread(s), and the "
+                f"thread count changes results on a CPU; resume with --threads {used} (the default), or start a "
+                "new run."
+            )
+
     @contextlib.contextmanager
     def open(
         self,
@@ -236,6 +257,8 @@ class RunDirectory:
         """Creates the directory (or checks it for `resume`), holds its lock, removes temporary files of dead
         writers, writes config.yaml and appends this invocation to run.json; yields self."""
         self.check(config, resume=resume)
+        if resume:
+            self.check_threads(runtime or Runtime())
         created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
