@@ -5,8 +5,9 @@ Its layout (which file lives where) is `ccl.layout.RunLayout`'s: `config.yaml` h
 directory (command, ccl version, git commit, library versions, UTC time, runtime options), `.lock` is held
 (flock) by the process working in the directory and names its pid.
 
-What `--resume` may change (`check_resume`): runtime options (device, progress, threads, ...), and it may add
-seeds, defenses, reference models and attacks; the work already done is reused and only the new work runs.
+What `--resume` may change (`check_resume`): runtime options (device, progress, ...; not the CPU threads:
+`check_threads`), and it may add seeds, defenses, reference models and attacks; the work already done is
+reused and only the new work runs.
 Anything else (the dataset, the model, the recipe, the population, bootstrap, FPRs, query augmentation,
 stacking, standardisation) would change the recipe of finished work, and is refused with a message that says
 how to start a new run instead. A resume starts from the stored `config.yaml`, never from the defaults.
