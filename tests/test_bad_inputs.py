@@ -715,7 +715,7 @@ CLI_CASES = [
     cli_case(
         "early-stop-after-the-recipe",
         compare("--defenses", "ce", "early_stop:epochs=100"),
-        r"early_stop\(epochs=100\).*`epochs`.*fewer epochs than the recipe's 2",
+        r"early_stop\(epochs=100\).*`epochs`.*at most the recipe's 2 epochs",
     ),
     cli_case(
         "sweep-too-large-without-yes",

@@ -383,10 +383,10 @@ class ExperimentConfig:
         labels = [d.label for d in self.defenses]
         if len(set(labels)) != len(labels):
             raise ConfigError(expected("defenses", "distinct defenses", labels))
-        for d in self.defenses:  # stopping at or after the recipe's last epoch is ce under another name
+        for d in self.defenses:  # stopping after the recipe's last epoch is ce under another name
             stop = d.params.get("epochs") if d.loss == "early_stop" else None
-            if stop is not None and stop >= self.train.epochs:
-                what = f"fewer epochs than the recipe's {self.train.epochs} (it would release the ce model)"
+            if stop is not None and stop > self.train.epochs:  # equal: a sweep's "no early stopping" end
+                what = f"at most the recipe's {self.train.epochs} epochs (more would release the ce model)"
                 raise ConfigError(f"Defense {d.label}: " + expected("epochs", what, stop))
         if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
             self._set("seeds", [self.seeds])
