@@ -805,12 +805,14 @@ def _load_run(run_dir: Path) -> tuple[dict, list[DefenseResult], Aggregate]:
 def unfinished_note(run_dir: str | os.PathLike) -> str | None:
     """None for a finished run; for a run stopped mid-way (killed, interrupted, or resumed with more work), which
     (defense, seed) results its config.yaml asks for and are missing, and how to finish it."""
-    from .config import DefenseSpec
-
     config, results, _ = _load_run(Path(run_dir))
+
+    def label(loss: str, params: dict) -> str:  # `ccl.config.DefenseSpec.label` (the report reads no config code)
+        return loss + ("(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")" if params else "")
+
     try:
         wanted = [
-            (DefenseSpec(d["loss"], dict(d.get("params") or {})).label, int(s))
+            (label(d["loss"], dict(d.get("params") or {})), int(s))
             for d in config.get("defenses") or []
             for s in config.get("seeds") or []
         ]
