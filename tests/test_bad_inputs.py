@@ -447,6 +447,20 @@ API_CASES = [
     api(
         "attack-score-all-unknown", lambda t: attacks.score_all(inputs(), names=["nope"]), IAE, "Unknown attack 'nope'"
     ),
+    api(
+        "attack-qmia-tiny-population",
+        lambda t: attacks.create("qmia").score(
+            inputs(
+                features=logits(6, 2),
+                population_features=logits(2, 2),
+                population_target_logits=logits(2, 3),
+                population_labels=labels(2),
+                population_reference_logits=logits(4, 2, 3),
+            )
+        ),
+        IAE,
+        "`calibration_fraction`.*2 population records",
+    ),
     # ---- audit internals ----------------------------------------------------------------------------------
     api("cache-dir-is-file", lambda t: ModelCache(a_file(t)), RunDirectoryError, "--cache-dir.*is a file"),
     api("cache-dir-below-file", lambda t: ModelCache(a_file(t) / "sub"), RunDirectoryError, "--cache-dir.*is a file"),
@@ -494,6 +508,17 @@ def train(*extra: str) -> list[str]:
     return ["train", *TINY, *extra]
 
 
+def tune(target: str, *extra: str) -> list[str]:
+    """`ccl tune` of ccel's alpha toward `target`."""
+    return ["tune", *AUDIT, "--defense", "ccel", "--param", "alpha", "--range", "0.1..0.9", "--target", target, *extra]
+
+
+def supplied(kind: str, path: str) -> list[str]:
+    """`ccl audit` of a supplied target: its members (50 of the 160 synthetic records) and `kind` (logits or
+    checkpoint) at `path`."""
+    return audit("--target-members", "{tmp}/members.npy", f"--target-{kind}", path)
+
+
 def audit_file(path: str) -> list[str]:
     """`ccl audit` of a user's .npz file (which takes no --data-option of the synthetic data)."""
     return ["audit", "--dataset", path, *RECIPE, "--bootstrap", "5", "--num-references", "2"]
@@ -533,6 +558,35 @@ def npz(name: str, x, y):
 
 RNG = np.random.default_rng(0)
 XS = RNG.normal(size=(40, 4)).astype(np.float32)
+
+
+def image_folder(name: str, per_class: int = 12):
+    """An image folder of two classes, `per_class` random 8x8 PNGs each."""
+
+    def setup(tmp: Path) -> None:
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        for c in range(2):
+            (tmp / name / f"c{c}").mkdir(parents=True)
+            for i in range(per_class):
+                pixels = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp / name / f"c{c}" / f"{i}.png")
+
+    return setup
+
+
+def members_and(name: str, content: bytes | np.ndarray):
+    """The supplied target's members (`members.npy`: 50 indices) and the file `name` holding `content`."""
+
+    def setup(tmp: Path) -> None:
+        np.save(tmp / "members.npy", np.arange(50))
+        if isinstance(content, np.ndarray):
+            np.save(tmp / name, content, allow_pickle=True)
+        else:
+            (tmp / name).write_bytes(content)
+
+    return setup
 
 
 @dataclass
@@ -622,6 +676,12 @@ CLI_CASES = [
         r"'num_samples'.*ok\.npz",
         npz("ok.npz", XS, np.arange(40) % 2),
     ),
+    cli_case(
+        "csv-column-twice",
+        ["audit", "--dataset", "{tmp}/dup.csv", "--data-option", "label=y", *RECIPE, "--num-references", "0"],
+        r"dup\.csv has more than one column named 'a'",
+        text("dup.csv", "a,b,a,y\n" + "".join(f"{i},{2 * i},{i % 3},{i % 2}\n" for i in range(40))),
+    ),
     # ---- --config files --------------------------------------------------------------------------------------
     cli_case("config-missing", audit("--config", "{tmp}/absent.yaml"), r"{tmp}/absent\.yaml"),
     cli_case("config-is-directory", audit("--config", "{tmp}/confdir"), r"{tmp}/confdir.*directory", folder("confdir")),
@@ -652,6 +712,35 @@ CLI_CASES = [
     cli_case("loss-twice", audit("--loss", "ce", "--loss", "focal"), "give one --loss"),
     cli_case("defense-param-twice", compare("--defenses", "ccel:alpha=0.1,alpha=0.2"), "'alpha' is given twice"),
     cli_case("defense-sweep-param-twice", compare("--defenses", "ccel:alpha=[0.1,0.2],alpha=0.3"), "given twice"),
+    cli_case(
+        "early-stop-after-the-recipe",
+        compare("--defenses", "ce", "early_stop:epochs=100"),
+        r"early_stop\(epochs=100\).*`epochs`.*at most the recipe's 2 epochs",
+    ),
+    cli_case(
+        "sweep-too-large-without-yes",
+        compare("--defenses", "ccel:alpha=0.01..0.99/400"),
+        r"would train up to 1,200 models \(400 defense setting\(s\) x 1 seed\(s\) x 3 model\(s\)\).*--yes",
+    ),
+    cli_case(
+        "tune-too-large-without-yes",
+        tune("auc<=0.6", "--grid", "400"),
+        r"would train up to 1,200 models.*--yes",
+    ),
+    cli_case("defense-yaml-scanner-error", compare("--defenses", "ccel:alpha=["), r"ccel\(alpha=\[\).*`alpha`.*'\['"),
+    cli_case("model-option-num-classes", audit("--model-option", "num_classes=3"), "`model_options`.*num_classes"),
+    cli_case(
+        "config-nested-deeply",
+        audit("--config", "{tmp}/deep.yaml"),
+        r"{tmp}/deep\.yaml.*nested too deeply",
+        text("deep.yaml", "[" * 5000 + "]" * 5000 + "\n"),
+    ),
+    cli_case(
+        "config-num-references-huge",
+        ["audit", *TINY, "--config", "{tmp}/big.yaml"],
+        r"`num_references`.*<= 10,000",
+        text("big.yaml", "num_references: 100000000000000000000\n"),
+    ),
     cli_case(
         "config-top-level-list",
         audit("--config", "{tmp}/list.yaml"),
@@ -696,6 +785,57 @@ CLI_CASES = [
     ),
     cli_case("config-seeds-strings", compare("--config", "{tmp}/c.yaml"), "`seeds`", text("c.yaml", "seeds: [a, b]\n")),
     cli_case("config-fprs-range", audit("--config", "{tmp}/c.yaml"), "`fprs`", text("c.yaml", "fprs: [0.5, 2]\n")),
+    cli_case(
+        "qmia-population-too-small",
+        ["audit", "--dataset", "{tmp}/imgs/", "--model", "cnn", *RECIPE[2:], "--attacks", "qmia"],
+        r"'qmia' needs at least 3 population records; --population-fraction 0\.1 .* leaves 2",
+        image_folder("imgs"),
+    ),
+    # ---- ccl tune's target: checked before any model trains -------------------------------------------------
+    cli_case("tune-target-fpr-not-a-number", tune("tpr@..<=0.1"), r"`target`.*'\.\.'"),
+    cli_case("tune-target-bound-not-a-number", tune("auc<=1e"), r"`target`.*'1e'"),
+    cli_case("tune-target-unknown-attack", tune("nope:auc<=0.6"), r"--target.*Unknown attack 'nope'"),
+    cli_case("tune-target-fpr-above-1", tune("tpr@2<=0.6"), r"`target`.*false-positive rate in \(0, 1\)"),
+    cli_case("tune-target-fpr-not-reported", tune("tpr@0.3<=0.6"), r"--target.*tpr@0\.3.*does not report"),
+    cli_case("tune-target-attack-needs-references", tune("lira:auc<=0.6"), r"--target.*'lira'.*--num-references is 2"),
+    cli_case("tune-target-attack-left-out", tune("lira:auc<=0.6", "--attacks", "loss"), r"'lira'.*--attacks"),
+    # ---- a supplied target: its files are read before the run directory exists ------------------------------
+    cli_case(
+        "target-logits-random-bytes",
+        supplied("logits", "{tmp}/t.npy"),
+        r"--target-logits {tmp}/t\.npy",
+        members_and("t.npy", np.random.default_rng(0).bytes(1000)),
+    ),
+    cli_case(
+        "target-logits-object-array",
+        supplied("logits", "{tmp}/t.npy"),
+        r"--target-logits {tmp}/t\.npy.*Object arrays",
+        members_and("t.npy", np.array([{"a": 1}] * 160, dtype=object)),
+    ),
+    cli_case(
+        "target-logits-wrong-shape",
+        supplied("logits", "{tmp}/t.npy"),
+        r"`target_logits`.*\(160, 5\)",
+        members_and("t.npy", np.zeros((160, 3))),
+    ),
+    cli_case(
+        "target-logits-nan",
+        supplied("logits", "{tmp}/t.npy"),
+        r"`target_logits`.*finite",
+        members_and("t.npy", np.full((160, 5), np.nan)),
+    ),
+    cli_case(
+        "target-checkpoint-random-bytes",
+        supplied("checkpoint", "{tmp}/t.pt"),
+        r"--target-checkpoint {tmp}/t\.pt",
+        members_and("t.pt", np.random.default_rng(0).bytes(1000)),
+    ),
+    cli_case(
+        "target-members-random-bytes",
+        supplied("logits", "{tmp}/t.npy"),
+        r"--target-members {tmp}/members\.npy",
+        lambda t: [members_and("t.npy", np.zeros((160, 5)))(t), (t / "members.npy").write_bytes(b"\x93NUMPY garbage")],
+    ),
     # ---- --out and --cache-dir -------------------------------------------------------------------------------
     cli_case("out-is-file", ["audit", *AUDIT, "--out", "{tmp}/afile"], r"{tmp}/afile.*is a file", text("afile", "x")),
     cli_case(
@@ -741,6 +881,76 @@ def test_cli_bad_input(case: Cli, tmp_path, monkeypatch, capsys):
     assert_one_line_error(rc, err, case.match.replace("{tmp}", re.escape(str(tmp_path))))
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert after == before, "left behind: " + ", ".join(str(p) for p in sorted(set(after) - set(before)))
+
+
+USER_MODELS = """
+import torch
+
+
+def raises_key_error(num_classes, input_shape, **options):
+    raise KeyError("oops")
+
+
+class Slice(torch.nn.Module):  # outputs of the right shape, but nothing to train
+    def forward(self, x):
+        return x[:, :5] * 1.0
+
+
+def no_parameters(num_classes, input_shape, **options):
+    return Slice()
+
+
+class FailsInTraining(torch.nn.Module):
+    def __init__(self, features, classes):
+        super().__init__()
+        self.fc = torch.nn.Linear(features, classes)
+
+    def forward(self, x):
+        if self.training:
+            raise IndexError("only in training")
+        return self.fc(x)
+
+
+def fails_in_training(num_classes, input_shape, **options):
+    return FailsInTraining(input_shape[0], num_classes)
+"""
+
+
+@pytest.mark.parametrize(
+    "factory, match",
+    [
+        pytest.param("raises_key_error", r"Cannot build model '\w+:raises_key_error'.*KeyError: 'oops'", id="raises"),
+        pytest.param("no_parameters", r"'\w+:no_parameters' has no trainable parameters", id="no-parameters"),
+        pytest.param(
+            "fails_in_training", r"'\w+:fails_in_training'.*training mode.*IndexError", id="fails-in-training"
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["audit", "train"])
+def test_cli_user_model_fails(factory, match, command, tmp_path, monkeypatch, capsys):
+    """Your own model's code may raise anything: the error is one line naming the model, before any run
+    directory exists (a model that fails only in training mode is caught by preflight's training step)."""
+    name = f"bad_models_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / f"{name}.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    monkeypatch.chdir(tmp_path)
+    argv = (audit if command == "audit" else train)("--model", f"{name}:{factory}", "--out", str(tmp_path / "out"))
+    rc, err = run_cli(argv, capsys)
+    assert_one_line_error(rc, err, match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_exponent_floats_are_numbers():
+    """YAML 1.1 (PyYAML) reads `1e-6` as a string; defense parameters, flags and config files read it as YAML 1.2
+    does, a number."""
+    from ccl.config import expand_defense, yaml_value
+
+    assert expand_defense("ccel:alpha=5e-1")[0].params == {"alpha": 0.5}
+    assert expand_defense("dpsgd:epsilon=1e-6")[0].params["epsilon"] == 1e-6
+    assert [d.params["alpha"] for d in expand_defense("ccel:alpha=[1e-1,5E-1]")] == [0.1, 0.5]
+    assert yaml_value("1e3") == 1000.0 and yaml_value("-2.5e-2") == -0.025 and yaml_value("1e") == "1e"
+    assert yaml_value("12") == 12 and isinstance(yaml_value("12"), int)
 
 
 ARGPARSE_CASES = [
@@ -897,6 +1107,18 @@ def test_resume_of_a_corrupt_config(run_copy, capsys):
     assert (run_copy / "config.yaml").read_bytes() == spoiled
 
 
+@pytest.mark.parametrize("cut", [0, 0.5, 0.9], ids=["empty", "half", "last-key-cut"])
+def test_resume_of_a_truncated_config(run_copy, cut, capsys):
+    """An empty or cut config.yaml is refused, not filled with defaults, rewritten and retrained."""
+    raw = (run_copy / "config.yaml").read_bytes()
+    text = raw.decode()
+    cut_at = text.rindex("\n", 0, int(len(text) * cut)) + 1 if cut else 0  # at a line end: still valid YAML
+    (run_copy / "config.yaml").write_bytes(raw[:cut_at])
+    rc, err = run_cli(["audit", "--resume", "--quiet", "--out", str(run_copy)], capsys)
+    assert_one_line_error(rc, err, r"run/config\.yaml is truncated or incomplete \(no \w+")
+    assert (run_copy / "config.yaml").read_bytes() == raw[:cut_at]
+
+
 def test_resume_with_a_truncated_stacked_checkpoint(run_copy, capsys):
     """The reference models' outputs are gone, so a resume retrains their stacked group, from the group's
     checkpoint (`cache/stacked/<hash of the jobs' keys>.pt`, see `ccl.audit.execute.train_group`), which is
@@ -918,3 +1140,196 @@ def test_resume_with_a_truncated_stacked_checkpoint(run_copy, capsys):
     rc, err = run_cli(["audit", "--resume", "--quiet", "--out", str(run_copy)], capsys)
     assert_one_line_error(rc, err, re.escape(str(checkpoint)) + ".*truncated")
     assert (run_copy / "config.yaml").read_bytes() == config
+
+
+# ==========================================================================================================
+# Ray: resources the cluster does not have
+# ==========================================================================================================
+@pytest.mark.parametrize(
+    "asks, match",
+    [
+        pytest.param({"gpus_per_model": 1}, r"--gpus-per-model 1: .*1 GPU.*has 0 GPU", id="gpu-on-a-cpu-cluster"),
+        pytest.param({"cpus_per_model": 64}, r"--cpus-per-model 64: .*64 CPU.*has 2 CPU", id="more-cpus-than-cluster"),
+    ],
+)
+def test_ray_refuses_resources_the_cluster_lacks(asks, match):
+    """A task asking for a GPU on a cluster without one waited forever; the executor refuses it when it connects
+    (here against a stand-in for `ray` that reports a 2-CPU cluster)."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from ccl.audit.ray_executor import RayExecutor
+    from ccl.errors import ConfigError
+
+    executor = RayExecutor(**asks)
+    executor._ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0}, is_initialized=lambda: True)
+    with pytest.raises(ConfigError, match=match):
+        executor.check_resources()
+
+
+def test_qmia_is_skipped_by_default_with_a_tiny_population():
+    """A 24-image folder leaves 2 population records: too few for QMIA's calibration. Named, it is refused before
+    training (`qmia-population-too-small`); left to the default, it is not run (it failed after training)."""
+    qmia = attacks.create("qmia")
+    assert qmia.min_population == 3
+    assert attacks.create("qmia", calibration_fraction=0).min_population == 2
+    tiny = inputs(
+        features=logits(6, 2),
+        population_features=logits(2, 2),
+        population_target_logits=logits(2, 3),
+        population_labels=labels(2),
+        population_reference_logits=logits(4, 2, 3),
+    )
+    assert not attacks.runnable(qmia, tiny)
+    assert attacks.runnable(attacks.create("loss"), tiny)
+
+
+def test_report_of_an_unfinished_run_says_so(run_copy, capsys):
+    """A run killed before its second seed (config.yaml asks for seeds 0 and 1; only seed 0's result exists): the
+    report renders the complete results and says, on stderr and at the top of the page, what is missing."""
+    import yaml
+
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    (run_copy / "config.yaml").write_text(yaml.safe_dump({**config, "seeds": [0, 1]}, sort_keys=False))
+    (run_copy / "metrics.json").unlink()  # the aggregate is written at the very end
+    rc, err = run_cli(["report", str(run_copy)], capsys)
+    assert rc == 0, err
+    assert re.search(r"warning: This run is unfinished: 1 of 2 results .* missing: ce seed 1\..*--resume", err), err
+    assert "This run is unfinished" in (run_copy / "report.html").read_text()
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    rc, err = run_cli(["report", str(run_copy)], capsys)
+    assert rc == 0 and "unfinished" not in err
+
+
+def test_a_large_run_starts_with_yes_and_prints_its_plan(capsys):
+    import argparse
+
+    from ccl.config import ExperimentConfig
+
+    config = ExperimentConfig.from_dict({"dataset": "synthetic", "defenses": ["ccel:alpha=0.01..0.99/400"]})
+    cli._confirm_size(argparse.Namespace(yes=True, quiet=False), config)  # 400 x 1 x 9 models: no error
+    out = capsys.readouterr().out
+    assert out.startswith("Plan: up to 3,600 models (400 defense setting(s) x 1 seed(s) x 9 model(s)), 30 epochs")
+
+
+# ==========================================================================================================
+# Faults: a full disk, truncated or edited files of a run
+# ==========================================================================================================
+def full_disk_at(monkeypatch, name: str) -> None:
+    """Every atomic write of a file called `name` fails as on a full disk (ENOSPC at its fsync)."""
+    import errno
+    import os
+
+    from ccl import _io
+
+    fsync = os.fsync
+
+    def failing(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(fd)
+
+    monkeypatch.setattr(_io.os, "fsync", failing)
+
+
+def test_full_disk_at_start_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A disk full when config.yaml is written: one line naming it, and no directory holding only .lock."""
+    monkeypatch.chdir(tmp_path)
+    full_disk_at(monkeypatch, "config.yaml")
+    rc, err = run_cli(audit("--out", str(tmp_path / "out")), capsys)
+    assert_one_line_error(rc, err, r"No space left on device writing .*out/config\.yaml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_disk_mid_run_is_resumable(tmp_path, monkeypatch, capsys):
+    """A disk full when a model's outputs are stored: one line naming the file; once space is back, --resume
+    finishes the run."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    argv = audit("--num-references", "0", "--epochs", "1", "--out", str(out))
+    with monkeypatch.context() as m:
+        full_disk_at(m, "outputs.npz")
+        rc, err = run_cli(argv, capsys)
+    assert_one_line_error(rc, err, r"No space left on device writing .*outputs\.npz.*--resume")
+    assert (out / "config.yaml").exists() and not (out / "metrics.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["audit", "--resume", "--quiet", "--out", str(out)]) == 0
+    assert (out / "metrics.json").exists()
+
+
+def test_torch_write_failure_is_named():
+    """torch.save on a full disk raises RuntimeError ("file write failed"), not OSError: named the same way."""
+    from ccl._io import atomic_path
+
+    with pytest.raises(RunDirectoryError, match=r"No space left on device writing .*model\.pt"):
+        with atomic_path(Path("/tmp") / "ccl-test-model.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
+    assert not list(Path("/tmp").glob(".ccl-test-model.pt.*"))
+
+
+def test_sigterm_stops_like_sigint_with_the_resume_hint(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop) mid-run: the resume hint SIGINT prints, and exit status 143."""
+    import os
+    import signal
+
+    import ccl.audit
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ccl.audit, "run_audit", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, err = run_cli(audit("--out", str(tmp_path / "out")), capsys)
+    assert rc == 143, err
+    assert "Terminated. Completed models and results are kept" in err and "ccl audit --resume --out" in err
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is ccl.cli.main's only while it runs
+
+
+def target_folder(run: Path) -> Path:
+    return next(j.parent for j in (run / "models").glob("*/job.json") if json.loads(j.read_text())["role"] == "target")
+
+
+def flip_a_bit(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def edit_a_logit(path: Path) -> None:
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["logits"] = arrays["logits"].copy()
+    arrays["logits"].flat[0] += 1.0
+    np.savez(path, **arrays)
+
+
+CACHED_FILE_CASES = [
+    pytest.param("outputs.npz", flip_a_bit, r"outputs\.npz does not match the SHA-256", id="outputs-bit-flip"),
+    pytest.param("outputs.npz", edit_a_logit, r"outputs\.npz does not match the SHA-256", id="outputs-edited"),
+    pytest.param("log.jsonl", truncated, r"log\.jsonl does not match the SHA-256", id="log-truncated"),
+    pytest.param("job.json", truncated, r"job\.json is corrupt or truncated", id="job-record-truncated"),
+]
+
+
+@pytest.mark.parametrize("name, spoil, match", CACHED_FILE_CASES)
+def test_resume_checks_cached_files(run_copy, name, spoil, match, capsys):
+    """A cached model's files are checked against the digests its job.json recorded: a resume that scores the
+    model again names the spoiled file (a truncated job.json would have dropped DP's epsilon silently)."""
+    spoil(target_folder(run_copy) / name)
+    (run_copy / "results" / "ce" / "seed-0" / "metrics.json").unlink()  # the result is computed again
+    rc, err = run_cli(["audit", "--resume", "--quiet", "--out", str(run_copy)], capsys)
+    assert_one_line_error(rc, err, match)
+
+
+def test_resume_keeps_the_thread_count(run_copy, capsys):
+    """On a CPU the thread count changes results (~1e-7 in logits): run.json records the number that ran (not
+    null), and a resume with another is refused."""
+    runs = json.loads((run_copy / "run.json").read_text())["invocations"]
+    assert runs[-1]["runtime"]["threads"] == 1  # a small model on a CPU trains with one thread
+    history = (run_copy / "run.json").read_bytes()
+    rc, err = run_cli(["audit", "--resume", "--quiet", "--threads", "2", "--out", str(run_copy)], capsys)
+    assert_one_line_error(rc, err, r"--threads 2: this run's models were trained with 1 CPU thread")
+    assert (run_copy / "run.json").read_bytes() == history

@@ -136,6 +136,9 @@ def test_the_choice_is_the_most_accurate_candidate_on_the_reserve_computed_indep
     assert f"ce@lr=[0.002,0.2]: seed 0: lr={best['train']['lr']}" in printed
     report = (out / "report.html").read_text()
     assert "Recipes of their own" in report and "ce@lr=[0.002,0.2]" in report
+    from ccl.report import unfinished_note
+
+    assert unfinished_note(out) is None  # the defense's label read back from config.yaml, recipe included
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     assert summary["choices"]["ce@lr=[0.002,0.2]"][0].startswith(f"seed 0: lr={best['train']['lr']}")
 

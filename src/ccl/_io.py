@@ -22,12 +22,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import RunLockedError
+from .errors import RunDirectoryError, RunLockedError
 
 __all__ = [
     "atomic_path",
     "exclusive_lock",
     "json_safe",
+    "out_of_space",
     "remove_stale_temporaries",
     "write_bytes",
     "write_json",
@@ -41,22 +42,43 @@ def _umask() -> int:
     return mask
 
 
+#: How torch's writer reports a failed write (it raises RuntimeError, not OSError, on a full disk).
+_TORCH_WRITE_FAILED = ("file write failed", "failed writing file", "unexpected pos")
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether `err` is a write that failed for want of space (a full disk or an exhausted quota)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _TORCH_WRITE_FAILED)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path next to `path`; on success it is renamed to `path`, on failure removed."""
+    """Yields a temporary path next to `path`; on success it is renamed to `path`, on failure removed. A write that
+    fails for want of space raises `RunDirectoryError` naming `path`: the old file (if any) is intact, so a run
+    can be resumed once space is freed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as err:
+        if not out_of_space(err):
+            raise
+        raise RunDirectoryError(
+            f"No space left on device writing {path}; free some space, then run the command again (with --resume "
+            "for a run directory that holds finished work: it is kept)."
+        ) from err
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
@@ -161,7 +183,12 @@ def exclusive_lock(path: str | os.PathLike, *, what: str) -> Iterator[None]:
                 "or stop it; two processes must not write the same run."
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.pwrite(fd, str(os.getpid()).encode(), 0)  # the holder's name, for the message above
+        except OSError as err:
+            if not out_of_space(err):
+                raise
+            raise RunDirectoryError(f"No space left on device writing {path}; free some space and try again.") from None
         try:
             yield
         finally:

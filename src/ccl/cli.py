@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import textwrap
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import ConfigError, ExperimentConfig, load_config, merge, parse_runtime
+from .config import ConfigError, ExperimentConfig, load_config, merge, parse_runtime, yaml_value
 from .errors import CclError
 from .layout import RunLayout
 from .results import EVALUATIONS
@@ -109,8 +111,8 @@ def _key_value(text: str) -> tuple[str, Any]:
     if not eq or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
+        return key.strip(), yaml_value(value)
+    except (yaml.YAMLError, RecursionError):
         raise argparse.ArgumentTypeError(f"cannot read the value of {text!r} (YAML syntax)") from None
 
 
@@ -368,6 +370,11 @@ def _output_options(p: argparse.ArgumentParser, *, kind: str) -> None:
         "models and attacks, or change runtime options",
     )
     if kind != "train":
+        o.add_argument(
+            "--yes",
+            action="store_true",
+            help=f"start a run of more than {CONFIRM_MODELS:,} models (without it, such a run is refused)",
+        )
         o.add_argument("--cache-dir", type=Path, help="trained-model cache shared across runs (default: OUT/models)")
         x = p.add_argument_group("executor (YAML: runtime:)")
         x.add_argument("--executor", choices=["local", "ray"], help="where the models train (default: local)")
@@ -489,13 +496,49 @@ def _resolve(args: argparse.Namespace, default_out: str, base: dict[str, Any] | 
     return config, runtime, out
 
 
-def _interrupted(command: str, out: Path) -> int:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`), raised where SIGINT raises KeyboardInterrupt: the same clean stop and
+    resume hint, and exit status 143 (128 + 15)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _exit_status(err: KeyboardInterrupt) -> int:
+    return 143 if isinstance(err, Terminated) else 130
+
+
+def _interrupted(command: str, out: Path, err: KeyboardInterrupt) -> int:
     print(
-        f"\nInterrupted. Completed models and results are kept in {out}; continue with:\n"
-        f"  ccl {command} --resume --out {out}",
+        f"\n{'Terminated' if isinstance(err, Terminated) else 'Interrupted'}. Completed models and results are kept "
+        f"in {out}; continue with:\n  ccl {command} --resume --out {out}",
         file=sys.stderr,
     )
-    return 130
+    return _exit_status(err)
+
+
+#: A run that would train more models than this needs --yes (a 10,000-point sweep is ~30,000 models).
+CONFIRM_MODELS = 1_000
+
+
+def _confirm_size(args: argparse.Namespace, config: ExperimentConfig, *, settings: int | None = None) -> None:
+    """Prints how many models the run trains (at most: cached ones are reused) and refuses more than
+    `CONFIRM_MODELS` without --yes. `settings`: the defense settings (default: the config's)."""
+    settings = len(config.defenses) if settings is None else settings
+    per = 1 + config.num_references - (1 if config.supplied_target else 0)
+    models = settings * len(config.seeds) * per
+    plan = (
+        f"{models:,} models ({settings} defense setting(s) x {len(config.seeds)} seed(s) x {per} model(s)), "
+        f"{config.train.epochs} epochs each: {models * config.train.epochs:,} model-epochs of training"
+    )
+    if models > CONFIRM_MODELS and not getattr(args, "yes", False):
+        raise ConfigError(
+            f"This run would train up to {plan}; above {CONFIRM_MODELS:,} models add --yes to start it (or sweep "
+            "fewer points, seeds or reference models)."
+        )
+    if not getattr(args, "quiet", False):
+        print(f"Plan: up to {plan} (cached models are reused).")
 
 
 def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] | None = None) -> int:
@@ -508,6 +551,7 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
     config, runtime, out = _resolve(args, default_out, base)
     if args.command == "audit" and len(config.defenses) != 1:
         raise ConfigError("`ccl audit` audits one training recipe: give one --loss (use `ccl compare` for more).")
+    _confirm_size(args, config)
     check_dependencies("report")  # the report is drawn at the end: fail now, not after training
     executor = build_executor(args)
     try:
@@ -522,8 +566,8 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
             executor=executor,
             command=["ccl", *sys.argv[1:]],
         )
-    except KeyboardInterrupt:
-        return _interrupted(args.command, out)
+    except KeyboardInterrupt as err:
+        return _interrupted(args.command, out, err)
     finally:
         if executor is not None:
             executor.close()
@@ -550,12 +594,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = run_train(
             config, out, runtime=runtime, resume=args.resume, data_dir=args.data_dir, command=["ccl", *sys.argv[1:]]
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(
-            f"\nInterrupted; the last epoch's checkpoint is kept. Continue with: ccl train --resume --out {out}",
+            f"\n{'Terminated' if isinstance(err, Terminated) else 'Interrupted'}; the last epoch's checkpoint is "
+            f"kept. Continue with: ccl train --resume --out {out}",
             file=sys.stderr,
         )
-        return 130
+        return _exit_status(err)
     last = result.history[-1]
     print(
         f"train acc {100 * last['member_acc']:.1f}%  held-out acc {100 * last.get('heldout_acc', float('nan')):.1f}%"
@@ -615,7 +660,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from .config import parse_defense
     from .report import render_report
     from .summary import load_summary, summary_lines
-    from .tune import parse_target, point_from_aggregate, search
+    from .tune import check_target, parse_target, point_from_aggregate, search
 
     target = parse_target(args.target)
     low_v, high_v = _tune_range(args.range)
@@ -628,6 +673,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         parse_defense(spec(v))  # a bad family, parameter or range end fails now, before any training
     args.defenses = None if args.resume else [spec(low_v)]
     config, runtime, out = _resolve(args, "runs/tune")
+    check_target(target, config)  # an attack or FPR the run cannot measure fails before any training
+    _confirm_size(args, config, settings=max(2 + args.steps, args.grid))  # the most settings the search tries
     check_dependencies("report")
     executor = build_executor(args)
     resume = args.resume
@@ -654,8 +701,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     try:
         integer = isinstance(low_v, int)
         chosen, points = search(evaluate, low_v, high_v, target, steps=args.steps, grid=args.grid, integer=integer)
-    except KeyboardInterrupt:
-        return _interrupted("tune", out)
+    except KeyboardInterrupt as err:
+        return _interrupted("tune", out, err)
     models = len(points) * len(config.seeds) * (1 + config.num_references)
     _print_tune(args, target, (low_v, high_v), chosen, points, config)
     write_json(
@@ -690,7 +737,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import render_report
+    from .report import render_report, unfinished_note
     from .results import load_aggregate, table_lines
 
     if args.list:
@@ -704,6 +751,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     path = render_report(args.run_dir, leakage=args.leakage)
     if RunLayout(args.run_dir).aggregate.exists():
         print("\n".join(table_lines(load_aggregate(args.run_dir))))
+    unfinished = unfinished_note(args.run_dir)
+    if unfinished is not None:  # the page says it too, at its top
+        print(f"ccl report: warning: {unfinished}", file=sys.stderr)
     print(f"\nReport: {path}")
     return 0
 
@@ -841,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     formatwarning = warnings.formatwarning
+    on_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
     if not args.debug:  # one line per warning, no source excerpt, never glued to a progress bar
         warnings.formatwarning = _format_warning
     try:
@@ -850,8 +902,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ccl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:  # before any work was kept (the commands catch it once the run directory exists)
+        print(f"ccl {args.command}: terminated.", file=sys.stderr)
+        return 143
     finally:
         warnings.formatwarning = formatwarning
+        if on_main:
+            signal.signal(signal.SIGTERM, sigterm if sigterm is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

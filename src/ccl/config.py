@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "merge",
     "parse_defense",
     "parse_runtime",
+    "yaml_value",
 ]
 
 
@@ -119,8 +121,39 @@ class DefenseSpec:
         return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping with a key twice (YAML's loaders keep the last one silently) and
+    reads `1e-6` and `5e-1` as numbers, as YAML 1.2 does (PyYAML follows YAML 1.1, which wants a dot: `1.0e-6`)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_value(text: str) -> Any:
+    """One YAML value (a flag's `KEY=VALUE`, a defense parameter) read as a config file's values are."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # SafeLoader: no code runs
+
+
 def _scalar(text: str) -> Any:
-    value = yaml.safe_load(text)
+    try:
+        value = yaml_value(text)
+    except yaml.YAMLError:  # e.g. `alpha=[`: the text itself, which the defense's check then names
+        return text
     return value if isinstance(value, (int, float, str, bool)) else text
 
 
@@ -140,7 +173,10 @@ def _split_params(text: str) -> list[str]:
 
 
 def _number(text: str, spec: str) -> float | int:
-    value = yaml.safe_load(text)
+    try:
+        value = yaml_value(text)
+    except yaml.YAMLError:
+        value = text
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(expected("defense", f"numbers in a sweep, in {spec!r}", text))
     return value
@@ -307,6 +343,10 @@ RESERVE_FRACTION = 0.2
 #: The fewest reference models for the leave-one-out evaluation (LiRA needs 2 IN and 2 OUT per record).
 LEAVE_ONE_OUT_MIN = 4
 _RUNTIME_KEYS = {f.name for f in dataclasses.fields(Runtime)}
+#: The most reference models per (defense, seed) and bootstrap resamples a configuration may ask for: far above
+#: what any audit uses (LiRA's papers train up to 256), far below what would overflow an array's size.
+MAX_REFERENCES = 10_000
+MAX_BOOTSTRAP = 1_000_000
 
 
 def _placement_hint(section: str, key: str) -> str:
@@ -440,6 +480,9 @@ class ExperimentConfig:
         for name in ("dataset_options", "model_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(expected(name, "a mapping of option names to values", getattr(self, name)))
+        reserved = sorted({"num_classes", "input_shape", "seed"} & set(self.model_options))
+        if reserved:  # they come from the data and the seed rule
+            raise ConfigError(expected("model_options", "options other than those ccl sets from the data", reserved))
         if isinstance(self.model, str) and models.is_user_model(self.model):
             try:
                 models.describe(self.model)  # imports it now: a bad path fails before any work
@@ -462,6 +505,11 @@ class ExperimentConfig:
         labels = [d.label for d in self.defenses]
         if len(set(labels)) != len(labels):
             raise ConfigError(expected("defenses", "distinct defenses", labels))
+        for d in self.defenses:  # stopping after the recipe's last epoch is ce under another name
+            stop = d.params.get("epochs") if d.loss == "early_stop" else None
+            if stop is not None and stop > self.train.epochs:  # equal: a sweep's "no early stopping" end
+                what = f"at most the recipe's {self.train.epochs} epochs (more would release the ce model)"
+                raise ConfigError(f"Defense {d.label}: " + expected("epochs", what, stop))
         if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
             self._set("seeds", [self.seeds])
         if not isinstance(self.seeds, Sequence) or not self.seeds or not all(_is_int(s) for s in self.seeds):
@@ -480,6 +528,9 @@ class ExperimentConfig:
             check_positive_int("canaries", self.canaries, minimum=0)
         except CclError as err:
             raise ConfigError(str(err)) from None
+        for key, most in (("num_references", MAX_REFERENCES), ("bootstrap", MAX_BOOTSTRAP)):
+            if getattr(self, key) > most:  # e.g. 10^20 from YAML: numpy cannot even allocate its masks
+                raise ConfigError(expected(key, f"an integer <= {most:,}", getattr(self, key)))
         self._resolve_reserve()
         if self.stacked not in ("auto", "on", "off"):
             raise ConfigError(expected("stacked", "one of 'auto', 'on', 'off'", self.stacked))
@@ -672,21 +723,6 @@ def merge(*layers: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses a mapping with a key twice (YAML's loaders keep the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a YAML config file with a safe loader (no code runs from it) as a plain mapping; a key given twice
     in one mapping is an error, not the last value kept."""
@@ -701,6 +737,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"The config file {path} is not UTF-8 text; give a YAML file.") from None
     except OSError as err:
         raise ConfigError(f"Cannot read the config file {path}: {err.strerror}.") from None
+    except RecursionError:
+        raise ConfigError(f"Cannot parse {path} as YAML: it is nested too deeply for a configuration.") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

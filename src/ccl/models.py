@@ -353,6 +353,9 @@ def create(
     if not input_shape or not all(_positive_int(s) for s in input_shape):
         raise InvalidArgumentError(expected("input_shape", "a non-empty tuple of positive ints", input_shape))
     shape = tuple(int(s) for s in input_shape)
+    reserved = sorted({"num_classes", "input_shape", "seed"} & set(params))
+    if reserved:  # ccl passes them itself, from the data and the seed rule
+        raise InvalidArgumentError(expected("model_options", "options other than those ccl passes itself", reserved))
     if is_user_model(name):
         return _create_user_model(name, num_classes=num_classes, input_shape=shape, seed=seed, params=params)
     if name in _IMAGE_MODELS and len(shape) != 3:
@@ -387,9 +390,6 @@ def _create_user_model(
     name: str, *, num_classes: int, input_shape: tuple[int, ...], seed: int | None, params: dict[str, Any]
 ) -> nn.Module:
     factory, _ = _resolve_user_model(name)
-    reserved = sorted({"num_classes", "input_shape", "seed"} & set(params))
-    if reserved:
-        raise InvalidArgumentError(expected("model_options", "options other than those ccl passes itself", reserved))
     kwargs = _user_kwargs(
         name, factory, {"num_classes": num_classes, "input_shape": input_shape, "seed": seed, **params}
     )
@@ -398,12 +398,12 @@ def _create_user_model(
             if seed is not None:
                 torch.manual_seed(int(seed))
             model = factory(**kwargs)
-    except (TypeError, ValueError, RuntimeError) as err:
+    except Exception as err:  # the user's code may raise anything (KeyError, AssertionError, ...)
         if isinstance(err, CclError):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise InvalidArgumentError(
-            f"Cannot build model {name!r} with options {params} for inputs {input_shape}: {first}"
+            f"Cannot build model {name!r} with options {params} for inputs {input_shape}: {type(err).__name__}: {first}"
         ) from err
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(

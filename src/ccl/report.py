@@ -29,7 +29,7 @@ from .results import EVALUATIONS, Aggregate, DefenseResult, aggregate, load_aggr
 from .summary import ACCESS_WORDS, Headline, choice_text, load_summary, strongest_attack, summarize
 from .training import recipe_text
 
-__all__ = ["render_report"]
+__all__ = ["render_report", "unfinished_note"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -822,6 +822,9 @@ def _html(
         for n, t, c, b in images
     )
     notes_html, protocol = _notes_html(results), _protocol_html(config, results, seeds)
+    unfinished = unfinished_note(run_dir)
+    if unfinished is not None:
+        notes_html = f"<div class=notes><b>{html.escape(unfinished)}</b></div>" + notes_html
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>ccl report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1300px;color:#222}}table{{border-collapse:collapse;
 font-size:13px;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}}
@@ -878,6 +881,36 @@ def _load_run(run_dir: Path) -> tuple[dict, list[DefenseResult], Aggregate]:
     except RunDirectoryError:  # an unfinished run: its completed results, aggregated here (nothing is written)
         agg = aggregate(results, fprs=results[0].fprs)
     return config, results, agg
+
+
+def unfinished_note(run_dir: str | os.PathLike) -> str | None:
+    """None for a finished run; for a run stopped mid-way (killed, interrupted, or resumed with more work), which
+    (defense, seed) results its config.yaml asks for and are missing, and how to finish it."""
+    config, results, _ = _load_run(Path(run_dir))
+
+    def label(d: dict) -> str:  # `ccl.config.DefenseSpec.label` (the report reads no config code)
+        params, train = dict(d.get("params") or {}), dict(d.get("train") or {})
+        text = d.get("name", d.get("loss"))
+        text += "(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")" if params else ""
+        return text + ("@" + recipe_text(train) if train else "")
+
+    try:
+        wanted = [
+            (label(d), int(s))
+            for d in config.get("defenses") or []
+            for s in config.get("seeds") or []
+        ]
+    except (TypeError, KeyError, ValueError):  # a config.yaml from another version: nothing to compare
+        return None
+    done = {(r.defense, r.seed) for r in results}
+    missing = [w for w in wanted if w not in done]
+    if not missing:
+        return None
+    shown = ", ".join(f"{d} seed {s}" for d, s in missing[:4]) + (", ..." if len(missing) > 4 else "")
+    return (
+        f"This run is unfinished: {len(wanted) - len(missing)} of {len(wanted)} results (defense x seed) are complete; "
+        f"missing: {shown}. The report shows only the complete ones; finish the run with --resume --out {run_dir}."
+    )
 
 
 def render_report(run_dir: str | os.PathLike, *, leakage: str = "tpr") -> Path:

@@ -5,8 +5,9 @@ Its layout (which file lives where) is `ccl.layout.RunLayout`'s: `config.yaml` h
 directory (command, ccl version, git commit, library versions, UTC time, runtime options), `.lock` is held
 (flock) by the process working in the directory and names its pid.
 
-What `--resume` may change (`check_resume`): runtime options (device, progress, threads, ...), and it may add
-seeds, defenses, reference models and attacks; the work already done is reused and only the new work runs.
+What `--resume` may change (`check_resume`): runtime options (device, progress, ...; not the CPU threads:
+`check_threads`), and it may add seeds, defenses, reference models and attacks; the work already done is
+reused and only the new work runs.
 Anything else (the dataset, the model, the recipe, the population, bootstrap, FPRs, query augmentation,
 stacking, standardisation) would change the recipe of finished work, and is refused with a message that says
 how to start a new run instead. A resume starts from the stored `config.yaml`, never from the defaults.
@@ -187,9 +188,20 @@ class RunDirectory:
         if not self.config_file.is_file():
             raise RunDirectoryError(f"{self.path} is not a ccl run directory (no config.yaml).")
         try:
-            return load_config(self.config_file)
+            raw = load_config(self.config_file)
         except ConfigError as err:
             raise RunDirectoryError(f"The run's {self.config_file} is corrupt: {err}") from None
+        complete = ExperimentConfig().to_dict()  # ccl writes every key: a missing one means a cut file
+        missing = [k for k in complete if k not in raw]
+        if not missing and isinstance(raw.get("train"), dict):
+            missing = [f"train.{k}" for k in complete["train"] if k not in raw["train"]]
+        if missing:
+            raise RunDirectoryError(
+                f"The run's {self.config_file} is truncated or incomplete (no {', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}); it will not be rewritten with defaults. Restore it, or "
+                "start a new run in another --out."
+            )
+        return raw
 
     def stored_config(self) -> ExperimentConfig:
         try:
@@ -213,6 +225,27 @@ class RunDirectory:
         except (ValueError, KeyError, TypeError):
             return []  # an unreadable history is not worth stopping a run for; the new entry starts a new one
 
+    def recorded_threads(self) -> int | None:
+        """The CPU threads the run's last recorded invocation trained with (run.json; None: not recorded)."""
+        used = [
+            r["runtime"].get("threads")
+            for r in self.invocations()
+            if isinstance(r, dict) and isinstance(r.get("runtime"), dict)
+        ]
+        used = [t for t in used if t is not None]
+        return used[-1] if used else None
+
+    def check_threads(self, runtime: Runtime) -> None:
+        """On a CPU the number of torch threads changes results (sums in another order: ~1e-7 in logits, enough to
+        move a metric), so a resume must run with the threads the run's models were trained with (run.json)."""
+        used = self.recorded_threads()
+        if used is not None and runtime.threads is not None and runtime.threads != used:
+            raise RunDirectoryError(
+                f"--threads {runtime.threads}: this run's models were trained with {used} CPU thread(s), and the "
+                f"thread count changes results on a CPU; resume with --threads {used} (the default), or start a "
+                "new run."
+            )
+
     @contextlib.contextmanager
     def open(
         self,
@@ -225,6 +258,8 @@ class RunDirectory:
         """Creates the directory (or checks it for `resume`), holds its lock, removes temporary files of dead
         writers, writes config.yaml and appends this invocation to run.json; yields self."""
         self.check(config, resume=resume)
+        if resume:
+            self.check_threads(runtime or Runtime())
         created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)

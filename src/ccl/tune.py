@@ -21,12 +21,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._checks import expected
+from . import attacks
+from ._checks import expected, unknown_name
+from .config import ExperimentConfig
 from .errors import ConfigError
 from .metrics import tpr_key
 from .results import Aggregate
 
-__all__ = ["Target", "TunePoint", "parse_target", "point_from_aggregate", "search"]
+__all__ = ["Target", "TunePoint", "check_target", "parse_target", "point_from_aggregate", "search"]
 
 _T95_ONE_SIDED = [6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812]
 
@@ -62,10 +64,48 @@ def parse_target(text: str) -> Target:
                 text,
             )
         )
-    attack, metric, bound = m.group(1), m.group(2), float(m.group(3))
+    attack, metric = m.group(1), m.group(2)
+    bound = _number("target", text, m.group(3))
+    if attack is not None and attack not in attacks.available():
+        raise ConfigError(f"--target {text!r}: " + unknown_name("attack", attack, attacks.available()))
     if metric.startswith("tpr@"):
-        metric = tpr_key(float(metric[4:]))
+        fpr = _number("target", text, metric[4:])
+        if not 0 < fpr < 1:
+            raise ConfigError(expected("target", "a TPR at a false-positive rate in (0, 1), e.g. tpr@0.01", text))
+        metric = tpr_key(fpr)
     return Target(attack, metric, bound)
+
+
+def _number(name: str, text: str, part: str) -> float:
+    """`part` of the target `text` as a finite number, or the one error naming the target."""
+    try:
+        value = float(part)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        what = f"[ATTACK:]METRIC<=VALUE with a finite number where {part!r} stands"
+        raise ConfigError(expected(name, what, text))
+    return value
+
+
+def check_target(target: Target, config: ExperimentConfig) -> None:
+    """A target that the run cannot measure fails before any model trains: an attack the run leaves out or
+    that needs more reference models than it has, a TPR at a false-positive rate it does not report."""
+    if target.attack is not None:
+        if config.attacks is not None and target.attack not in config.attacks:
+            raise ConfigError(f"--target names the attack {target.attack!r}, which --attacks leaves out.")
+        needed = attacks.create(target.attack).min_references
+        if config.num_references < needed:
+            raise ConfigError(
+                f"--target names the attack {target.attack!r}, which needs at least {needed} reference models; "
+                f"--num-references is {config.num_references}."
+            )
+    reported = [tpr_key(f) for f in config.fprs]
+    if target.metric.startswith("tpr@") and target.metric not in reported:
+        raise ConfigError(
+            f"--target asks for {target.metric}, a false-positive rate the run does not report: "
+            f"the run reports {', '.join(reported)} (add it to fprs: in --config)."
+        )
 
 
 def point_from_aggregate(agg: Aggregate, defense: str, value: float, target: Target) -> TunePoint:

@@ -116,6 +116,8 @@ def runnable(attack: Attack, inputs: AttackInputs) -> bool:
     if attack.needs_population:
         if inputs.population_target_logits is None:
             return False
+        if len(inputs.population_target_logits) < attack.min_population:
+            return False
         if attack.min_references > 0 and inputs.population_reference_logits is None:
             return False
     return all(getattr(inputs, name) is not None for name in getattr(attack, "needs_inputs", ()))

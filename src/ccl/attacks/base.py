@@ -20,6 +20,8 @@ class Attack(abc.ABC):
     #: what the auditor must be able to do with the target: "scores" (its released outputs), "labels" (its
     #: predicted labels only) or "weights" (white box); the summary names the strongest attack at each level
     access: str = "scores"
+    #: the fewest population records it can work with (when it needs a population)
+    min_population: int = 1
 
     @abc.abstractmethod
     def score(self, inputs: AttackInputs) -> np.ndarray:

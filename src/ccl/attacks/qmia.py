@@ -146,6 +146,16 @@ class QMIA(Attack):
         self.calibration_fraction = check_in_range("calibration_fraction", calibration_fraction, low=0.0, high=0.5)
         self.seed = check_seed(seed)
 
+    @property
+    def min_population(self) -> int:
+        """The fewest population records that leave at least 2 to fit the regressor and, with a calibration
+        fraction, at least 1 to calibrate it."""
+        return next(z for z in range(2, 1_000) if self._splits(z))
+
+    def _splits(self, z: int) -> bool:
+        m = int(round(self.calibration_fraction * z))
+        return z >= 2 and (self.calibration_fraction == 0 or (m >= 1 and z - m >= 2))
+
     def score(self, inputs: AttackInputs) -> np.ndarray:
         hint = (
             "pass the records' flattened inputs as `features` (N, d) and `population_features` (Z, d), with the "
@@ -168,7 +178,7 @@ class QMIA(Attack):
                 expected("population_target_logits", "outputs on at least 2 population records", f"{z} record(s)")
             )
         m = int(round(self.calibration_fraction * z))
-        if self.calibration_fraction > 0 and (m < 1 or z - m < 2):
+        if not self._splits(z):
             raise InvalidArgumentError(
                 expected(
                     "calibration_fraction",

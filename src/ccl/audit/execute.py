@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from .._io import atomic_path, exclusive_lock, write_json
+from .._io import exclusive_lock, write_bytes, write_json
 from ..data import Dataset
 from ..errors import RunDirectoryError
 from ..models import create as create_model
@@ -65,12 +66,15 @@ class ModelCache:
 
     def outputs(self, job: ModelJob, query_index: np.ndarray, *, needs: tuple[str, ...] = ()) -> np.ndarray | None:
         """The cached logits of `job` on `query_index`, or None when it has not been trained (for them), or
-        was trained without the statistics `needs` (`ccl.audit.statistics`)."""
+        was trained without the statistics `needs` (`ccl.audit.statistics`). The files are checked against the
+        SHA-256 digests in job.json first (`verify`)."""
         path = self.folder(job) / "outputs.npz"
         if not path.exists():
             return None
+        raw = path.read_bytes()
+        self.verify(job, raw)
         try:
-            with np.load(path, allow_pickle=False) as f:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as f:
                 stale = "augment_labels" in f.files and (  # labels on other queries: train again
                     "label_only_format" not in f.files or int(f["label_only_format"]) != LABEL_ONLY_FORMAT
                 )
@@ -84,6 +88,22 @@ class ModelCache:
             ) from None
         return None
 
+    def verify(self, job: ModelJob, outputs: bytes) -> None:
+        """Checks the cached files of `job` (`outputs`: the bytes of its outputs.npz) against the digests its
+        job.json recorded when they were stored: a bit flip, a truncation or an edited value is named, never
+        used. (A cache written before ccl stored digests is not checked.)"""
+        digests = self.info(job).get("sha256")
+        if not isinstance(digests, dict):
+            return
+        for name, digest in sorted(digests.items()):
+            path = self.folder(job) / name
+            data = outputs if name == "outputs.npz" else (path.read_bytes() if path.exists() else b"")
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise RunDirectoryError(
+                    f"The cached file {path} does not match the SHA-256 digest its job.json recorded (edited, "
+                    f"truncated or corrupt); delete the folder {path.parent} and resume to train the model again."
+                )
+
     def save(
         self,
         job: ModelJob,
@@ -94,8 +114,18 @@ class ModelCache:
         dp_accounting: dict | None = None,
         extras: dict[str, np.ndarray] | None = None,
     ) -> None:
+        """Stores the outputs and job.json, which records the SHA-256 of outputs.npz and of the training log
+        (checked on load); outputs.npz is written last: its presence marks the model complete."""
         folder = self.folder(job)
         folder.mkdir(parents=True, exist_ok=True)
+        extras = dict(extras or {})
+        if "augment_labels" in extras:  # how the label-only queries were drawn (`outputs` checks it)
+            extras["label_only_format"] = np.asarray(LABEL_ONLY_FORMAT)
+        buffer = io.BytesIO()
+        np.savez(buffer, logits=logits, query_index=query_index, **extras)
+        digests = {"outputs.npz": hashlib.sha256(buffer.getvalue()).hexdigest()}
+        if (folder / "log.jsonl").exists():
+            digests["log.jsonl"] = hashlib.sha256((folder / "log.jsonl").read_bytes()).hexdigest()
         write_json(
             folder / "job.json",
             {
@@ -107,13 +137,10 @@ class ModelCache:
                 "epsilon": epsilon,  # DP-SGD: the epsilon this model spent; None otherwise
                 # DP-SGD: noise_multiplier, sample_rate, steps, accountant, delta, epsilon (ccl.dp.DPAccounting)
                 "dp_accounting": dp_accounting,
+                "sha256": digests,  # of the files stored with it, checked on load (`verify`)
             },
         )
-        extras = dict(extras or {})
-        if "augment_labels" in extras:  # how the label-only queries were drawn (`outputs` checks it)
-            extras["label_only_format"] = np.asarray(LABEL_ONLY_FORMAT)
-        with atomic_path(folder / "outputs.npz") as tmp, open(tmp, "wb") as fh:  # written last: marks completion
-            np.savez(fh, logits=logits, query_index=query_index, **extras)
+        write_bytes(folder / "outputs.npz", buffer.getvalue())  # written last: marks completion
 
     def extras(self, job: ModelJob) -> dict[str, np.ndarray]:
         """The arrays stored with a model's logits (the label-only attacks' predicted labels)."""
@@ -132,12 +159,22 @@ class ModelCache:
         return None
 
     def info(self, job: ModelJob) -> dict:
-        """What job.json records of a trained model (epsilon spent and its accounting, trainer, ...)."""
+        """What job.json records of a trained model (epsilon spent and its accounting, trainer, digests, ...); {}
+        for a model that has none (a supplied target). A truncated or corrupt job.json is named: its epsilon
+        must not silently vanish from the results."""
         path = self.folder(job) / "job.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
+        if not path.exists():
             return {}
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise RunDirectoryError(
+                f"The cached model record {path} is corrupt or truncated ({type(err).__name__}); delete the folder "
+                f"{path.parent} and resume to train the model again."
+            ) from None
+        if not isinstance(record, dict):
+            raise RunDirectoryError(f"The cached model record {path} is not a JSON object; delete {path.parent}.")
+        return record
 
     @contextlib.contextmanager
     def locked(self, jobs: list[ModelJob]) -> Iterator[None]:

@@ -34,7 +34,14 @@ from .plan import model_seed, plan_jobs, result_key
 from .preflight import preflight
 from .score import score_defense
 from .statistics import needed_statistics
-from .supplied import load_members, supplied_notes, supplied_split, supplied_target_logits, supplied_target_statistics
+from .supplied import (
+    check_supplied_target,
+    load_members,
+    supplied_notes,
+    supplied_split,
+    supplied_target_logits,
+    supplied_target_statistics,
+)
 
 __all__ = ["choose_threads", "run_audit", "run_train"]
 
@@ -44,13 +51,21 @@ __all__ = ["choose_threads", "run_audit", "run_train"]
 SMALL_MODEL = 1_000_000
 
 
-def choose_threads(config: ExperimentConfig, dataset, runtime: Runtime) -> Runtime:
-    """The runtime with `threads` set when the user left it open: 1 for a small model on a CPU, else torch's
-    default. Recorded in run.json with the other runtime options."""
+def choose_threads(
+    config: ExperimentConfig, dataset, runtime: Runtime, *, recorded: int | None = None, local: bool = True
+) -> Runtime:
+    """The runtime with `threads` set when the user left it open on a CPU: the number a resumed run `recorded`,
+    else 1 for a small model, else (training here, `local`) torch's current default; a Ray executor sets its
+    tasks' own. Recorded in run.json with the other runtime options: on a CPU the thread count changes
+    floating-point sums, hence results (by ~1e-7 in logits), so a resume keeps it (`RunDirectory.check_threads`)."""
     if runtime.threads is not None or resolve_device(runtime.device).type != "cpu":
         return runtime
+    if recorded is not None:
+        return runtime.replace(threads=recorded)
     params = sum(p.numel() for p in config.build_model(dataset, seed=0).parameters())
-    return runtime.replace(threads=1) if params < SMALL_MODEL else runtime
+    if params < SMALL_MODEL:
+        return runtime.replace(threads=1)
+    return runtime.replace(threads=torch.get_num_threads()) if local else runtime
 
 
 def run_audit(
@@ -78,10 +93,14 @@ def run_audit(
     rd.check(config, resume=resume)  # before the dataset loads: a bad --out or resume fails at once
     cache = ModelCache(cache_dir if cache_dir is not None else rd.layout.models)
     dataset = preflight(config, runtime, data_dir=data_dir)  # before the run directory exists
-    runtime = choose_threads(config, dataset, runtime)
+    recorded = rd.recorded_threads() if resume else None
+    runtime = choose_threads(config, dataset, runtime, recorded=recorded, local=executor is None)
     executor = executor or LocalExecutor()
     bar = None
-    members = load_members(config.target_members, len(dataset)) if config.supplied_target else None
+    members = None
+    if config.supplied_target:  # its files are read now: a bad one fails before the run directory exists
+        members = load_members(config.target_members, len(dataset))
+        check_supplied_target(config, dataset)
     # the models answer perturbed queries only when a label-only attack may run
     label_only = config.attacks is None or any(a.startswith("label_only") for a in config.attacks)
     with rd.open(config, resume=resume, runtime=runtime, command=command), torch_threads(runtime.threads):
@@ -259,7 +278,7 @@ def run_train(
     rd = RunDirectory(run_dir)
     rd.check(config, resume=resume)  # before the dataset loads: a bad --out or resume fails at once
     dataset = preflight(config, runtime, data_dir=data_dir)
-    runtime = choose_threads(config, dataset, runtime)
+    runtime = choose_threads(config, dataset, runtime, recorded=rd.recorded_threads() if resume else None)
     seed = config.seeds[0]
     with rd.open(config, resume=resume, runtime=runtime, command=command), torch_threads(runtime.threads):
         split = data.membership_split(

@@ -79,19 +79,36 @@ def check_data(config: ExperimentConfig, dataset: Dataset) -> None:
             )
         )
     model = config.build_model(dataset, seed=0)
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(dataset.x[:2])
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+    if not any(p.requires_grad for p in model.parameters()):
         raise InvalidArgumentError(
-            f"The model {config.model!r} cannot take the records of {config.dataset!r} (shape "
-            f"{tuple(dataset.input_shape)}): {str(err).splitlines()[0]}"
-        ) from None
+            f"The model {config.model!r} has no trainable parameters: there is nothing to train (does it register "
+            "its layers as attributes of an nn.Module?)."
+        )
+    out = _probe(config, model, dataset, training=False)
     if out.ndim != 2 or out.shape[1] != dataset.num_classes:
         raise InvalidArgumentError(
             f"The model {config.model!r} returns shape {tuple(out.shape)}; expected (N, {dataset.num_classes})."
         )
+    _probe(config, model, dataset, training=True)
+
+
+def _probe(config: ExperimentConfig, model: torch.nn.Module, dataset: Dataset, *, training: bool) -> torch.Tensor:
+    """The model's outputs on two records, in eval mode or as a training step computes them (with a backward
+    pass); an error of the model's own code (of any type: it may be the user's) is one line naming the model."""
+    model.train(training)
+    try:
+        with torch.set_grad_enabled(training):
+            out = model(dataset.x[:2])
+            if training:
+                out.float().sum().backward()
+    except Exception as err:
+        when = "in training mode (forward and backward)" if training else ""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InvalidArgumentError(
+            f"The model {config.model!r} cannot take the records of {config.dataset!r} (shape "
+            f"{tuple(dataset.input_shape)}){' ' + when if when else ''}: {type(err).__name__}: {first}"
+        ) from None
+    return out.detach()
 
 
 def preflight(config: ExperimentConfig, runtime: Runtime, *, data_dir: str | os.PathLike | None = None) -> Dataset:
@@ -101,5 +118,20 @@ def preflight(config: ExperimentConfig, runtime: Runtime, *, data_dir: str | os.
     check_dependencies(*sorted({d.loss for d in config.defenses if d.loss in EXTRAS}))  # dpsgd: Opacus
     dataset = load_dataset(config, data_dir=data_dir)
     check_data(config, dataset)
-    data.membership_split(len(dataset), num_references=0, seed=0, population_fraction=config.population_fraction)
+    split = data.membership_split(
+        len(dataset), num_references=0, seed=0, population_fraction=config.population_fraction
+    )
+    check_population(config, split.population.size)
     return dataset
+
+
+def check_population(config: ExperimentConfig, size: int) -> None:
+    """A named attack that needs more population records than the data leaves fails now, not after training
+    (an attack left to the default is skipped instead)."""
+    for name in config.attacks or []:
+        attack = attacks.create(name)
+        if attack.needs_population and size < attack.min_population:
+            raise ConfigError(
+                f"Attack {name!r} needs at least {attack.min_population} population records; --population-fraction "
+                f"{config.population_fraction:g} of {config.dataset!r} leaves {size}: raise it or use more data."
+            )

@@ -49,7 +49,7 @@ import numpy as np
 
 from .._checks import check_in_range, check_positive_int, expected
 from .._io import remove_stale_temporaries
-from ..errors import CclError, InvalidArgumentTypeError, MissingDependencyError, RunDirectoryError
+from ..errors import CclError, ConfigError, InvalidArgumentTypeError, MissingDependencyError, RunDirectoryError
 from .execute import ExecutionContext, group_jobs, train_group
 from .plan import ModelJob
 
@@ -251,6 +251,7 @@ class RayExecutor:
             _probe(self.address, self.connect_timeout_s)
         self._connected = ray.is_initialized()
         if self._connected:
+            self.check_resources()
             return
         options: dict[str, Any] = {
             "include_dashboard": False,
@@ -277,6 +278,24 @@ class RayExecutor:
             where = "a local Ray instance" if self.address is None else f"the Ray cluster at {self.address!r}"
             raise RayConnectionError(f"Cannot connect to {where}: {err or type(err).__name__}") from None
         self._started = self._connected = True
+        self.check_resources()
+
+    def check_resources(self) -> None:
+        """A task that asks for more CPUs or GPUs than the whole cluster has would wait forever: refuse it now,
+        naming what it asks for and what the cluster has (`ray.cluster_resources()`, at connection time)."""
+        have = self._ray.cluster_resources()
+        for key, flag, asked in (
+            ("CPU", "--cpus-per-model", self.cpus_per_model),
+            ("GPU", "--gpus-per-model", self.gpus_per_model),
+        ):
+            need = _task_resources(self.cpus_per_model, self.gpus_per_model, 1)[key == "GPU"]
+            if need > have.get(key, 0.0):
+                self.close()
+                raise ConfigError(
+                    f"{flag} {asked:g}: each Ray task asks for {need:g} {key}(s), but the Ray cluster has "
+                    f"{have.get(key, 0.0):g} {key}(s) in all, so it would wait forever; lower {flag} or add "
+                    f"{key} nodes."
+                )
 
     def close(self) -> None:
         """Shuts Ray down if this executor started it (else leaves the connection to its owner)."""

@@ -35,6 +35,7 @@ from ..training import predict_logits
 
 __all__ = [
     "MEMBER_ACCURACY_Z",
+    "check_supplied_target",
     "load_members",
     "load_supplied_model",
     "member_accuracy_z",
@@ -120,24 +121,36 @@ def supplied_split(
     return MembershipSplit(pool, target_in, reference_in, population, num_records, seed, reserve)
 
 
-def supplied_target_logits(config: ExperimentConfig, dataset: Dataset, query_index: np.ndarray, runtime) -> np.ndarray:
-    """The supplied target's logits on `query_index`: from its checkpoint (loaded safely into `config.model`)
-    or from the supplied outputs."""
+def check_supplied_target(config: ExperimentConfig, dataset: Dataset) -> None:
+    """Loads the supplied target's outputs or weights once, before the run directory exists: a file that cannot be
+    read or does not fit the data fails now, not after every reference model has trained."""
     if config.target_logits:
-        logits = np.load(config.target_logits, allow_pickle=False)
-        if logits.ndim != 2 or logits.shape[0] != len(dataset) or logits.shape[1] != dataset.num_classes:
-            raise DataError(
-                expected("target_logits", f"an array of shape ({len(dataset)}, {dataset.num_classes})", logits.shape)
-            )
-        return logits[query_index].astype(np.float32)
-    model = load_supplied_model(config, dataset)
-    return predict_logits(
-        model, dataset.x[torch.as_tensor(query_index)], device=runtime.device, flip_queries=config.flip_queries
-    )
+        _load_logits(config.target_logits, dataset)
+    elif config.target_checkpoint:
+        load_supplied_model(config, dataset)
+
+
+def _load_logits(path: str, dataset: Dataset) -> np.ndarray:
+    """The supplied `(N, C)` outputs, checked: a real-valued, finite array of one row per record."""
+    try:
+        logits = np.load(path, allow_pickle=False)
+    except Exception as err:  # random bytes, a pickled object array, a missing file: numpy raises many types
+        why = str(err).strip().split(". ")[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"Cannot read --target-logits {path} as a .npy array of numbers: {why}.") from None
+    if not isinstance(logits, np.ndarray) or not np.issubdtype(logits.dtype, np.number):
+        what = f"{logits.dtype} {logits.shape}" if isinstance(logits, np.ndarray) else type(logits).__name__
+        raise DataError(expected("target_logits", "a .npy array of real numbers", what))
+    if logits.ndim != 2 or logits.shape[0] != len(dataset) or logits.shape[1] != dataset.num_classes:
+        raise DataError(
+            expected("target_logits", f"an array of shape ({len(dataset)}, {dataset.num_classes})", logits.shape)
+        )
+    if np.iscomplexobj(logits) or not np.isfinite(logits).all():
+        raise DataError(expected("target_logits", "finite real numbers", f"{path} with NaN, inf or complex values"))
+    return logits
 
 
 def load_supplied_model(config: ExperimentConfig, dataset: Dataset) -> torch.nn.Module:
-    """The `--target-checkpoint` loaded safely (`weights_only`) into the configured model."""
+    """`config.model` with the supplied checkpoint's weights (loaded safely)."""
     path = config.target_checkpoint
     try:
         if path.endswith(".safetensors"):
@@ -149,17 +162,33 @@ def load_supplied_model(config: ExperimentConfig, dataset: Dataset) -> torch.nn.
     except ImportError:
         raise ConfigError("A .safetensors checkpoint needs safetensors: pip install safetensors.") from None
     except Exception as err:
-        raise DataError(f"Cannot load --target-checkpoint {path} ({type(err).__name__}: {err}).") from None
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+        raise DataError(f"Cannot load --target-checkpoint {path} ({type(err).__name__}: {first}).") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a ccl checkpoint
+    if not isinstance(state, dict):
+        raise DataError(
+            expected("target_checkpoint", "a state dict (a mapping of names to tensors)", type(state).__name__)
+        )
     model = config.build_model(dataset, seed=0)
     try:
         model.load_state_dict(state)
-    except (RuntimeError, TypeError) as err:
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as err:
         raise DataError(
-            f"--target-checkpoint {path} does not fit the model {config.model!r}: {str(err).splitlines()[0]}"
+            f"--target-checkpoint {path} does not fit the model {config.model!r}: {str(err).strip().splitlines()[0]}"
         ) from None
     return model
+
+
+def supplied_target_logits(config: ExperimentConfig, dataset: Dataset, query_index: np.ndarray, runtime) -> np.ndarray:
+    """The supplied target's logits on `query_index`: from its checkpoint (loaded safely into `config.model`)
+    or from the supplied outputs."""
+    if config.target_logits:
+        return _load_logits(config.target_logits, dataset)[query_index].astype(np.float32)
+    model = load_supplied_model(config, dataset)
+    return predict_logits(
+        model, dataset.x[torch.as_tensor(query_index)], device=runtime.device, flip_queries=config.flip_queries
+    )
 
 
 def supplied_target_statistics(

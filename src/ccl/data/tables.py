@@ -21,6 +21,7 @@ pandas (and pyarrow for Parquet) are optional: `pip install 'ccl[tables]'`.
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,10 +123,17 @@ def _read(path: Path, fmt: str) -> tuple[Any, Any]:
         kind = "CSV" if fmt == "csv" else "Parquet"
         raise DataError(f"Cannot read {path} as a {kind} file ({first}); is it corrupt or truncated?") from None
     frame.columns = [str(c) for c in frame.columns]
-    duplicated = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    header = _csv_header(path) if fmt == "csv" else list(frame.columns)  # pandas renames a CSV's "a, a" "a, a.1"
+    duplicated = sorted({c for c in header if header.count(c) > 1})
     if duplicated:
         raise DataError(f"{path} has more than one column named {_names(duplicated)}; rename them.")
     return pd, frame
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The column names of a CSV file's header row, as written (pandas has read the file already)."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        return next(csv.reader(fh), [])
 
 
 def _check_columns(path: Path, columns: list, label: str, categorical: list, drop: list) -> None:
