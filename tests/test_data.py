@@ -231,12 +231,31 @@ def test_purchase_texas_location_parsers(tmp_path, monkeypatch):
         assert loaded.preprocessing == ccl.data.preprocessing(name)
         assert "not scaled" in loaded.preprocessing and "--standardize on" in loaded.preprocessing
 
-    # a second load reads the parsed cache; a corrupted one is refused with its path
+    # a second load reads the parsed cache, keyed by the archive's digest; a corrupted one is refused with its path
     assert torch.equal(ccl.data.load("purchase100", cache=cache).x, p.x)
-    parsed = cache / "purchase100.parsed.npz"
-    parsed.write_bytes(parsed.read_bytes()[:50])
-    with pytest.raises(ccl.data.DataError, match="purchase100.parsed.npz.*corrupt"):
+    (parsed,) = cache.glob("purchase100.*.parsed.npz")
+    digest = ccl.data.download.file_digest(cache / "dataset_purchase.tgz", "sha256")
+    assert parsed.name == f"purchase100.{digest[:16]}.parsed.npz"
+    good = parsed.read_bytes()
+    parsed.write_bytes(good[:50])
+    with pytest.raises(ccl.data.DataError, match="purchase100.*parsed.npz.*corrupt"):
         ccl.data.load("purchase100", cache=cache)
+    # an edited value in the cache is refused, never used
+    with np.load(io.BytesIO(good)) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["X"][0, 0] = 1 - arrays["X"][0, 0]
+    with open(parsed, "wb") as fh:
+        np.savez(fh, **arrays)
+    with pytest.raises(ccl.data.DataError, match="does not match the digest"):
+        ccl.data.load("purchase100", cache=cache)
+    # a location30 archive replaced by another verified one is parsed again, not read from the old cache
+    loc2 = np.c_[rng.integers(1, 31, 6), rng.integers(0, 2, (6, 446))]
+    csv2 = "\n".join(f'"{r[0]}",' + ",".join(map(str, r[1:])) for r in loc2) + "\n"
+    (src / "v2").mkdir()
+    new = _tgz(src / "v2" / "dataset_location.tgz", {"bangkok": csv2.encode()})
+    _point_at(monkeypatch, "location30", new, "sha256")  # the loader pins the new archive's digest
+    (cache / "dataset_location.tgz").write_bytes(new.read_bytes())
+    np.testing.assert_array_equal(ccl.data.load("location30", cache=cache).y.numpy(), loc2[:, 0] - 1)
     # the pinned digest now guards the archive: a changed archive is refused
     (cache / "dataset_purchase.tgz").write_bytes(b"something else")
     with pytest.raises(ChecksumError, match="dataset_purchase.tgz"):

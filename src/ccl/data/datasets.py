@@ -14,6 +14,7 @@ without a word. The texts below are read from the code they sit next to; keep th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import pickle
@@ -28,7 +29,7 @@ import torch
 from .._checks import check_in_range, check_positive_int, expected
 from .._io import atomic_path
 from ..errors import DataError
-from .download import RemoteFile, fetch
+from .download import RemoteFile, fetch, file_digest
 
 __all__ = ["PREPROCESSING", "DataError", "Dataset", "from_arrays", "load_npz", "make_synthetic"]
 
@@ -328,18 +329,31 @@ def _parse_csv(raw: bytes, path: Path, member: str, *, expected_columns: int | N
 
 
 def _cached_parse(name: str, path: Path, parse) -> tuple[np.ndarray, np.ndarray]:
-    """Parses an archive once and caches the arrays next to it (`<name>.npz`, written atomically)."""
-    cached = path.with_name(f"{name}.parsed.npz")
+    """Parses an archive once and caches the arrays next to it (written atomically), keyed by the archive's
+    SHA-256 (`<name>.<digest[:16]>.parsed.npz`: a replaced archive never reuses an old parse) and holding the
+    SHA-256 of its own arrays (an edited or damaged cache is refused with its path, never used)."""
+    cached = path.with_name(f"{name}.{file_digest(path, 'sha256')[:16]}.parsed.npz")
     if cached.exists():
         try:
             with np.load(cached, allow_pickle=False) as f:
-                return f["X"], f["y"]
+                x, y, stored = f["X"], f["y"], str(f["content_sha256"])
         except Exception as err:
             raise DataError(f"The parsed cache {cached} is corrupt or truncated ({err}); delete it.") from err
+        if _arrays_digest(x, y) != stored:
+            raise DataError(f"The parsed cache {cached} does not match the digest it was written with; delete it.")
+        return x, y
     x, y = parse()
     with atomic_path(cached) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, X=x, y=y)
+        np.savez(fh, X=x, y=y, content_sha256=np.asarray(_arrays_digest(x, y)))
     return x, y
+
+
+def _arrays_digest(x: np.ndarray, y: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for a in (x, y):
+        digest.update(f"{a.dtype}{a.shape}".encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
 
 
 def _labels_from_one(y: np.ndarray, path: Path, num_classes: int) -> np.ndarray:
