@@ -1333,3 +1333,17 @@ def test_resume_keeps_the_thread_count(run_copy, capsys):
     rc, err = run_cli(["audit", "--resume", "--quiet", "--threads", "2", "--out", str(run_copy)], capsys)
     assert_one_line_error(rc, err, r"--threads 2: this run's models were trained with 1 CPU thread")
     assert (run_copy / "run.json").read_bytes() == history
+
+
+def test_the_thread_count_is_in_a_cpu_models_key_unless_it_is_one():
+    """Two thread counts give weights ~1e-7 apart: a shared --cache-dir never hands one count's model to a run
+    with another; one thread (small models' default) keeps the keys older runs wrote."""
+    from ccl.audit.plan import plan_jobs
+    from ccl.config import ExperimentConfig
+    from ccl.data import membership_split
+
+    config = ExperimentConfig(num_references=2)
+    split = membership_split(1797, seed=0, num_references=2, population_fraction=0.1)
+    keys = {t: [j.key for j in plan_jobs(config, config.defenses[0], 0, split, threads=t)] for t in (None, 1, 2, 4)}
+    assert keys[None] == keys[1]
+    assert len({tuple(k) for k in keys.values()}) == 3 and set(keys[2]).isdisjoint(keys[4])

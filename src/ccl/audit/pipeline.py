@@ -68,6 +68,11 @@ def choose_threads(
     return runtime.replace(threads=torch.get_num_threads()) if local else runtime
 
 
+def _cpu_threads(runtime: Runtime) -> int | None:
+    """The thread count that determines a CPU model's weights (`plan_jobs`); None on an accelerator."""
+    return runtime.threads if resolve_device(runtime.device).type == "cpu" else None
+
+
 def run_audit(
     config: ExperimentConfig,
     run_dir: str | os.PathLike,
@@ -95,6 +100,8 @@ def run_audit(
     dataset = preflight(config, runtime, data_dir=data_dir)  # before the run directory exists
     recorded = rd.recorded_threads() if resume else None
     runtime = choose_threads(config, dataset, runtime, recorded=recorded, local=executor is None)
+    if runtime.threads is None and resolve_device(runtime.device).type == "cpu" and executor is not None:
+        runtime = runtime.replace(threads=getattr(executor, "task_threads", None))  # Ray: each task's own count
     executor = executor or LocalExecutor()
     bar = None
     members = None
@@ -192,7 +199,7 @@ def _audit_defense(config, defense, s: _Seed, rd: RunDirectory, ctx, executor: E
     chosen, selection = defense, None
     if defense.selects:  # the defense's recipe is chosen first, on the reserve; its models train with the choice
         chosen, selection = select_recipe(config, defense, s, ctx, executor, tick)
-    jobs = plan_jobs(config, chosen, s.seed, s.split)
+    jobs = plan_jobs(config, chosen, s.seed, s.split, threads=_cpu_threads(ctx.runtime))
     trained = jobs[1:] if config.supplied_target else jobs  # a supplied target is not trained
     if config.supplied_target and tick:
         tick(1)
@@ -242,7 +249,7 @@ def select_recipe(config: ExperimentConfig, defense, s: _Seed, ctx, executor: Ex
     chosen from what: one candidate target per point, trained on the target's members with the target's seed
     and scored on the reserve, records no audited model trains on (the first best wins a tie)."""
     candidates = defense.candidates()
-    jobs = [plan_jobs(config, c, s.seed, s.split)[0] for c in candidates]
+    jobs = [plan_jobs(config, c, s.seed, s.split, threads=_cpu_threads(ctx.runtime))[0] for c in candidates]
     reserve = s.split.reserve
     executor.run(jobs, dataclasses.replace(ctx, validation_index=reserve), on_done=tick)
     labels = s.data.y[torch.as_tensor(reserve)].numpy()

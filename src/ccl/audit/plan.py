@@ -121,9 +121,13 @@ def _members_hash(members: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(members, dtype=np.int64).tobytes()).hexdigest()
 
 
-def plan_jobs(config: ExperimentConfig, defense: DefenseSpec, seed: int, split: MembershipSplit) -> list[ModelJob]:
+def plan_jobs(
+    config: ExperimentConfig, defense: DefenseSpec, seed: int, split: MembershipSplit, *, threads: int | None = None
+) -> list[ModelJob]:
     """The target (trained alone: its per-epoch log feeds the report) and the reference models of one
-    (defense, seed)."""
+    (defense, seed). `threads`: the CPU threads that train them; a count other than 1 is part of each key, since
+    it changes floating-point sums and so the weights (by ~1e-7): a shared cache never mixes two counts' models
+    (one thread, the default for small models, keeps the keys of older runs)."""
     data_id = dataset_identity(config)
     stacked = stacking(config) and split.num_references > 1 and defense.procedure().stackable
     base = defense.recipe(config.train)  # the experiment's recipe with the defense's own keys
@@ -146,6 +150,8 @@ def plan_jobs(config: ExperimentConfig, defense: DefenseSpec, seed: int, split: 
         }
         if reserve is not None:  # only for the defenses that use it: the others' keys are unchanged
             content["reserve"] = _members_hash(reserve)
+        if threads is not None and threads != 1:
+            content["threads"] = int(threads)
         key = digest(content)[:20]
         role = "target" if index == 0 else f"reference-{index - 1}"
         jobs.append(

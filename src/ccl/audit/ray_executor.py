@@ -318,13 +318,18 @@ class RayExecutor:
             return self._context[1], self._context[2]
         runtime = ctx.runtime.replace(progress=False)
         if runtime.threads is None:
-            runtime = runtime.replace(threads=max(1, math.floor(self.cpus_per_model)))
+            runtime = runtime.replace(threads=self.task_threads)
         cache = copy.copy(ctx.cache)
         cache.root = ctx.cache.root.absolute()
         shipped = dataclasses.replace(ctx, runtime=runtime, cache=cache)
         ref = self._ray.put(shipped)
         self._context = (ctx, shipped, ref)
         return shipped, ref
+
+    @property
+    def task_threads(self) -> int:
+        """The CPU threads each task trains with when the runtime leaves them open: floor(cpus_per_model)."""
+        return max(1, math.floor(self.cpus_per_model))
 
     def run(self, jobs: list[ModelJob], ctx: ExecutionContext, *, on_done: Callable[[int], None] | None = None) -> None:
         todo = []
