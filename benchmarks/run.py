@@ -5,6 +5,7 @@
     python benchmarks/run.py --only loss_overhead attack_scoring --out results.json
     python benchmarks/run.py --only dp_step    # DP-SGD step vs an ordinary one (about 30 s)
     python benchmarks/run.py --only lira_memory    # LiRA's peak memory and CPU vs TF Privacy's (about 2 min)
+    python benchmarks/run.py --only ccl_loss       # CCL's fused node vs F.cross_entropy, wall and CPU (about 15 s)
 
 Each figure is printed with its goal and whether the goal is met, and all are written to a JSON file
 (default benchmarks/results.json). Timings are medians over repeats; ratios cancel most of the machine's noise.
@@ -547,6 +548,14 @@ def leave_one_out(quick: bool) -> list[dict]:
     ]
 
 
+def ccl_loss(quick: bool) -> list[dict]:
+    """CCL's one fused node against F.cross_entropy, plain autograd and ccl's earlier three-node path, wall and
+    CPU seconds; the measurement lives in benchmarks/ccl_loss.py (beside this script, so importable)."""
+    import ccl_loss as bench
+
+    return bench.figures(quick)
+
+
 def lira_memory(quick: bool) -> list[dict]:
     """Single-target LiRA's peak extra memory and CPU time against ccl before chunking and a port of TF
     Privacy's; the measurement lives in benchmarks/lira_memory.py (beside this script, so importable)."""
@@ -655,6 +664,7 @@ def cuda_cifar(quick: bool) -> list[dict]:
 
 SECTIONS = {
     "loss_overhead": loss_overhead,
+    "ccl_loss": ccl_loss,
     "training_efficiency": training_efficiency,
     "stacked_training": stacked_training,
     "dp_step": dp_step,
