@@ -1,11 +1,15 @@
 """CCL's forward + backward against `F.cross_entropy`'s, side by side: wall and CPU seconds, and ratios.
 
-    python benchmarks/ccl_loss.py                    # (4096, 100) and (256, 10), 200 rounds (about a minute)
+    python benchmarks/ccl_loss.py                    # (4096, 100) and (256, 10), 200 rounds (about 30 s)
+    python benchmarks/ccl_loss.py --threads 1        # one torch thread: steadier on a shared machine
     python benchmarks/ccl_loss.py --quick            # 20 rounds: a smoke run
     python benchmarks/run.py --only ccl_loss         # the same figures inside the benchmark set
 
 What runs, on the same logits `(N, C)` (float32, requires grad) and targets:
 - `cross_entropy`: `F.cross_entropy(z, y)`, PyTorch's fused kernels, unvalidated: the reference of every ratio;
+- `validated_ce`: `ccl.losses.cross_entropy`: the same kernels after ccl's input checks (the checks' cost);
+- `floor`: `-log_softmax(z).gather(1, y).mean()` through autograd: cross-entropy again, with the few extra
+  operations any loss of `log p_y` adds (what is left of CCL's cost beyond its own arithmetic);
 - `autograd`: CCEL written as its plain formula (log_softmax, gather, exp, ...) and differentiated by autograd;
 - `before`: ccl's CCEL before the fused node (commit c0b52a4): `F.cross_entropy(reduction="none")` followed by
   a closed-form node on the per-sample CE, validated; three autograd nodes;
@@ -86,9 +90,15 @@ def ccel_before(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def floor(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -torch.log_softmax(z, 1).gather(1, y[:, None]).mean()
+
+
 def variants() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     return {
         "cross_entropy": F.cross_entropy,
+        "validated_ce": LF.cross_entropy,
+        "floor": floor,
         "autograd": ccel_autograd,
         "before": ccel_before,
         "ccel": ccl.losses.create("ccel", alpha=ALPHA),
