@@ -51,6 +51,7 @@ def model_folders(out: Path) -> set[str]:
 
 def test_compare_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
+    started = time.perf_counter()
     assert (
         run_cli(
             "compare",
@@ -67,8 +68,21 @@ def test_compare_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
         )
         == 0
     )
+    wall = time.perf_counter() - started
     printed = capsys.readouterr().out
     assert "ccel(alpha=0.5)" in printed and "Report:" in printed
+    # run.json: the seconds of each phase, within the command's own; the split is the last line printed
+    timing = json.loads((out / "run.json").read_text())["invocations"][-1]["timing"]
+    phases = timing["phases"]
+    top = {name: v for name, v in phases.items() if "/" not in name}
+    assert set(top) == {"preflight", "train", "score", "summary", "report"}
+    assert {"score/attack/lira", "score/leave_one_out/lira", "score/evaluation/pooled"} <= set(phases)
+    assert all(v["wall_s"] >= 0 and v["cpu_s"] >= 0 and v["calls"] >= 1 for v in phases.values())
+    assert phases["train"]["calls"] == phases["score/attack/lira"]["calls"] == 2  # one per defense
+    assert sum(v["wall_s"] for v in top.values()) <= timing["wall_s"] <= wall
+    assert sum(v["wall_s"] for k, v in phases.items() if k.startswith("score/")) <= phases["score"]["wall_s"]
+    last = printed.strip().splitlines()[-1]
+    assert re.fullmatch(r"time: preflight .* \| train .* \| score .* \| summary .* \| report .* \| total .*", last)
     for name in ("config.yaml", "run.json", "metrics.json", "table.csv", "report.html", "splits/seed-0.npz"):
         assert (out / name).exists(), name
     for plot in ("roc", "privacy_utility", "loss_histograms", "loss_variance", "gaussian_model"):

@@ -366,10 +366,72 @@ def test_fused_gradient_comes_back_in_the_logits_dtype(dtype):
     assert z.grad.dtype == dtype and torch.isfinite(z.grad).all()
 
 
-def test_closed_form_slopes_leave_the_cross_entropy_they_read_untouched():
-    ce = torch.rand(50) * 3
+def test_closed_form_slopes_leave_the_log_probabilities_they_read_untouched():
+    log_p_y = -torch.rand(50, 1) * 3
     for convex, gamma in (("ce", 2.0), ("focal", 0.0), ("focal", 2.0)):
         for concave in ("exp", "quadratic"):
-            before = ce.clone()
-            F._ccl_value_and_slope(ce, 0.3, concave, convex, gamma, 2.0)
-            assert torch.equal(ce, before), (convex, gamma, concave)
+            before = log_p_y.clone()
+            F._ccl_value_and_slope(log_p_y, 0.5, 0.3, concave, convex, gamma, 2.0)
+            assert torch.equal(log_p_y, before), (convex, gamma, concave)
+    before = log_p_y.clone()
+    F._focal_of_log_p(log_p_y, 1.0, 2.0)
+    assert torch.equal(log_p_y, before)
+
+
+# ------------------------------------------------------------------ the one fused node: closed form vs autograd
+def _fused_terms():
+    yield "ce", lambda lp, s: F._focal_of_log_p(lp, s, 0.0)
+    yield "focal", lambda lp, s: F._focal_of_log_p(lp, s, 1.5)
+    for alpha in (0.0, 0.3, 1.0):
+        for concave in ("exp", "quadratic"):
+            for convex, beta in (("ce", 1.0), ("focal", 0.2)):
+                term = lambda lp, s, a=alpha, f=concave, c=convex, b=beta: F._ccl_value_and_slope(  # noqa: E731
+                    lp, s, a, f, c, 1.0, b
+                )
+                yield f"ccl-{alpha}-{concave}-{convex}", term
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(("n", "c"), [(1, 2), (6, 3), (12, 10)])
+def test_fused_node_passes_gradcheck_in_float64(reduction, n, c):
+    logits, target = batch(n=n, c=c, seed=n)
+    z = logits.double().requires_grad_(True)
+    for name, term in _fused_terms():
+        fn = lambda z, t=term: F._LossOfLogits.apply(z, target[:, None], t, reduction)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-7, fast_mode=True), name
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(("n", "c"), [(1, 2), (64, 7), (300, 100)])
+@pytest.mark.parametrize(("name", "params"), FAST_CASES)
+def test_fused_loss_and_gradient_equal_autograd_for_every_reduction(name, params, n, c, reduction):
+    logits, target = batch(n=n, c=c, seed=c, scale=4.0)
+    z = logits.double().requires_grad_(True)  # the public function computes in float32: compare at its precision
+    got = ccl.losses.create(name, reduction=reduction, **params)(z, target)
+    (g_got,) = torch.autograd.grad(got.sum(), z)
+    z64 = logits.double().requires_grad_(True)
+    ref = F._reduce(_autograd_reference(name, z64, target, **params), reduction)
+    (g_ref,) = torch.autograd.grad(ref.sum(), z64)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["ccel", "ccql", "focal"])
+def test_fused_losses_are_one_autograd_node_on_the_logits(name):
+    logits, target = batch(n=8, c=4)
+    z = logits.requires_grad_(True)
+    loss = ccl.losses.create(name)(z, target)
+    assert type(loss.grad_fn).__name__ == "_LossOfLogitsBackward"
+    assert [type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None] == ["AccumulateGrad"]
+
+
+def test_fused_losses_of_an_empty_batch():
+    z = torch.zeros(0, 3, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    for reduction in ("none", "sum"):
+        loss = ccl.losses.create("ccel", reduction=reduction)(z, y)
+        (g,) = torch.autograd.grad(loss.sum(), z)
+        assert loss.shape == ((0,) if reduction == "none" else ()) and g.shape == (0, 3)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        ccl.losses.create("ccel")(z, y)

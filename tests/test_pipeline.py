@@ -216,6 +216,10 @@ def test_resume_with_only_runtime_changes_trains_nothing(tmp_path):
     assert (out / "metrics.json").read_bytes() == metrics
     history = json.loads((out / "run.json").read_text())["invocations"]
     assert len(history) == 2 and history[1]["resume"] and history[1]["runtime"]["threads"] == 1
+    # each invocation has its own seconds per phase; the resume found every result done: nothing trained
+    first, second = (h["timing"]["phases"] for h in history)
+    assert {"preflight", "train", "score", "summary", "report"} <= set(first)
+    assert "train" not in second and "score" not in second and "report" in second
 
 
 def test_resume_that_adds_a_seed_and_a_defense_runs_only_the_new_work(tmp_path, quiet):
@@ -225,6 +229,8 @@ def test_resume_that_adds_a_seed_and_a_defense_runs_only_the_new_work(tmp_path, 
     first = {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/outputs.npz")}
     first_result = (out / "results" / "ce" / "seed-0" / "metrics.json").read_bytes()
     more = ExperimentConfig.from_dict({**TINY_RAW, "seeds": [0, 1], "defenses": ["ce", "focal"]})
+    phases = json.loads((out / "run.json").read_text())["invocations"][0]["timing"]["phases"]
+    assert {"preflight", "train", "score", "summary"} <= set(phases) and "report" not in phases  # from Python
     agg = run_audit(more, out, runtime=quiet, resume=True)
     after = {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/outputs.npz")}
     assert all(after[p] == t for p, t in first.items())  # the old models untouched

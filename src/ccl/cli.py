@@ -546,8 +546,11 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
     from .audit.preflight import check_dependencies
     from .report import render_report
     from .results import table_lines
+    from .run_dir import RunDirectory
     from .summary import load_summary, summary_lines
+    from .timing import PhaseTimer, phase
 
+    timer = PhaseTimer()  # the command's phases, into run.json and the last line printed
     config, runtime, out = _resolve(args, default_out, base)
     if args.command == "audit" and len(config.defenses) != 1:
         raise ConfigError("`ccl audit` audits one training recipe: give one --loss (use `ccl compare` for more).")
@@ -555,28 +558,32 @@ def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] 
     check_dependencies("report")  # the report is drawn at the end: fail now, not after training
     executor = build_executor(args)
     try:
-        agg = run_audit(
-            config,
-            out,
-            runtime=runtime,
-            resume=args.resume,
-            cache_dir=args.cache_dir,
-            data_dir=args.data_dir,
-            keep_checkpoints=args.keep_checkpoints,
-            executor=executor,
-            command=["ccl", *sys.argv[1:]],
-        )
+        with timer.activate():
+            agg = run_audit(
+                config,
+                out,
+                runtime=runtime,
+                resume=args.resume,
+                cache_dir=args.cache_dir,
+                data_dir=args.data_dir,
+                keep_checkpoints=args.keep_checkpoints,
+                executor=executor,
+                command=["ccl", *sys.argv[1:]],
+            )
     except KeyboardInterrupt as err:
         return _interrupted(args.command, out, err)
     finally:
         if executor is not None:
             executor.close()
-    report = render_report(out, leakage=args.leakage or "tpr")
+    with timer.activate(), phase("report"):
+        report = render_report(out, leakage=args.leakage or "tpr")
+    RunDirectory(out).record_timing(timer)
     print("\n".join(table_lines(agg)))
     summary = load_summary(out)
     if summary is not None:
         print("\n" + "\n".join(summary_lines(summary)))
     print(f"\nReport: {report}")
+    print(timer.line())
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Its layout (which file lives where) is `ccl.layout.RunLayout`'s: `config.yaml` holds the resolved experiment
 (recipe, defenses, seeds, attacks; never a runtime option), `run.json` one entry per command run on the
-directory (command, ccl version, git commit, library versions, UTC time, runtime options), `.lock` is held
+directory (command, ccl version, git commit, library versions, UTC time, runtime options, and the wall and CPU
+seconds of each phase, `ccl.timing`), `.lock` is held
 (flock) by the process working in the directory and names its pid.
 
 What `--resume` may change (`check_resume`): runtime options (device, progress, ...; not the CPU threads:
@@ -31,8 +32,9 @@ import torch
 from . import __version__
 from ._io import dumps_json, exclusive_lock, remove_stale_temporaries, write_text
 from .config import ExperimentConfig, load_config, merge
-from .errors import CclError, ConfigError, RunDirectoryError
+from .errors import CclError, ConfigError, RunDirectoryError, RunLockedError
 from .layout import RunLayout
+from .timing import PhaseTimer, active_timer
 from .training import Runtime
 
 __all__ = ["RunDirectory", "RunDirectoryError", "check_resume", "invocation_record"]
@@ -273,11 +275,36 @@ class RunDirectory:
                     invocation_record(command=command, runtime=runtime or Runtime(), resume=resume)
                 ]
                 write_text(self.run_file, dumps_json({"invocations": history}))
-                yield self
+                timer = active_timer()
+                if timer is not None:
+                    timer.invocation = (str(self.path), len(history) - 1)
+                try:
+                    yield self
+                finally:
+                    if timer is not None:  # also after an error or Ctrl-C: the time spent so far
+                        self._write_timing(timer)
         except CclError:
             if created and not resume and self._only_bookkeeping():
                 self._remove_bookkeeping()
             raise
+
+    def record_timing(self, timer: PhaseTimer) -> None:
+        """Updates the seconds per phase of the invocation `timer` was active in (run.json's "timing") with
+        the phases since (the report, drawn after the lock is released); skipped when another process holds
+        the directory now."""
+        what = f"The run directory {self.path}"
+        with contextlib.suppress(RunLockedError), exclusive_lock(self.layout.lock, what=what):
+            self._write_timing(timer)
+
+    def _write_timing(self, timer: PhaseTimer) -> None:
+        """Writes `timer`'s phases into its invocation's entry of run.json (atomically; the lock held)."""
+        if timer.invocation is None or Path(timer.invocation[0]) != self.path:
+            return
+        history, index = self.invocations(), timer.invocation[1]
+        if index < len(history):
+            history[index]["timing"] = timer.to_dict()
+            with contextlib.suppress(OSError):  # never hide the run's own outcome behind a bookkeeping error
+                write_text(self.run_file, dumps_json({"invocations": history}))
 
     def _only_bookkeeping(self) -> bool:
         return {p.name for p in self.path.iterdir()} <= set(RunLayout.BOOKKEEPING)

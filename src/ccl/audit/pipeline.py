@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..results import Aggregate, DefenseResult, aggregate, save_scores, write_aggregate
 from ..run_dir import RunDirectory
 from ..summary import summarize
+from ..timing import phase, timed
 from ..training import FitResult, Runtime, fit, predict_logits, resolve_device, torch_threads
 from .execute import ExecutionContext, Executor, LocalExecutor, ModelCache
 from .plan import model_seed, plan_jobs, result_key
@@ -73,6 +74,7 @@ def _cpu_threads(runtime: Runtime) -> int | None:
     return runtime.threads if resolve_device(runtime.device).type == "cpu" else None
 
 
+@timed()
 def run_audit(
     config: ExperimentConfig,
     run_dir: str | os.PathLike,
@@ -97,7 +99,8 @@ def run_audit(
     rd = RunDirectory(run_dir)
     rd.check(config, resume=resume)  # before the dataset loads: a bad --out or resume fails at once
     cache = ModelCache(cache_dir if cache_dir is not None else rd.layout.models)
-    dataset = preflight(config, runtime, data_dir=data_dir)  # before the run directory exists
+    with phase("preflight"):
+        dataset = preflight(config, runtime, data_dir=data_dir)  # before the run directory exists
     recorded = rd.recorded_threads() if resume else None
     runtime = choose_threads(config, dataset, runtime, recorded=recorded, local=executor is None)
     if runtime.threads is None and resolve_device(runtime.device).type == "cpu" and executor is not None:
@@ -137,9 +140,10 @@ def run_audit(
         finally:
             if bar is not None:
                 bar.close()
-        agg = aggregate(results, order=[d.label for d in config.defenses], fprs=config.fprs)
-        summary = summarize(rd.path, agg, results, min_effect=config.min_effect)
-        write_aggregate(rd.path, agg, summary=summary.to_dict())
+        with phase("summary"):
+            agg = aggregate(results, order=[d.label for d in config.defenses], fprs=config.fprs)
+            summary = summarize(rd.path, agg, results, min_effect=config.min_effect)
+            write_aggregate(rd.path, agg, summary=summary.to_dict())
     return agg
 
 
@@ -203,7 +207,8 @@ def _audit_defense(config, defense, s: _Seed, rd: RunDirectory, ctx, executor: E
     trained = jobs[1:] if config.supplied_target else jobs  # a supplied target is not trained
     if config.supplied_target and tick:
         tick(1)
-    executor.run(trained, ctx, on_done=tick)
+    with phase("train"):  # training and querying the models, or finding them in the cache
+        executor.run(trained, ctx, on_done=tick)
     outputs = [cache.outputs(j, s.query_index) for j in trained]
     extras = [cache.extras(j) for j in trained]
     if config.supplied_target:  # no perturbed queries of a supplied target: label-only attacks skip it
@@ -211,21 +216,22 @@ def _audit_defense(config, defense, s: _Seed, rd: RunDirectory, ctx, executor: E
         extras.insert(0, supplied_target_statistics(config, s.data, pool, ctx.runtime, ctx.statistics))
         outputs.insert(0, supplied_target_logits(config, s.data, s.query_index, ctx.runtime))
     logits = np.stack(outputs)  # (1 + K, Q, [A,] C)
-    result, arrays = score_defense(
-        config,
-        s.labels,
-        s.split,
-        defense,
-        s.seed,
-        logits,
-        result_key=key,
-        target_log=cache.folder(jobs[0]) / "log.jsonl",
-        is_canary=s.is_canary,
-        dp_epsilon=cache.info(jobs[0]).get("epsilon"),
-        extras=extras,
-        features=s.features,
-        population_features=s.population_features,
-    )
+    with phase("score"):  # the attacks and their evaluations
+        result, arrays = score_defense(
+            config,
+            s.labels,
+            s.split,
+            defense,
+            s.seed,
+            logits,
+            result_key=key,
+            target_log=cache.folder(jobs[0]) / "log.jsonl",
+            is_canary=s.is_canary,
+            dp_epsilon=cache.info(jobs[0]).get("epsilon"),
+            extras=extras,
+            features=s.features,
+            population_features=s.population_features,
+        )
     # DP-SGD: the target's accounting, for an auditor to recompute its epsilon (None otherwise)
     result.dp_accounting = cache.info(jobs[0]).get("dp_accounting")
     result.recipe = {k: v for k, v in chosen.recipe(config.train).to_dict().items() if k != "seed"}
@@ -233,8 +239,9 @@ def _audit_defense(config, defense, s: _Seed, rd: RunDirectory, ctx, executor: E
     if config.supplied_target:  # what was supplied, and whether it looks trained on these records
         result.notes[:0] = supplied_notes(config, s.data, logits, s.labels, s.split)
     out_dir = rd.result_dir(defense.slug, s.seed)
-    save_scores(out_dir, arrays)
-    result.save(out_dir)  # written last: its presence marks the result complete
+    with phase("score"):  # the per-record arrays and the result: part of scoring
+        save_scores(out_dir, arrays)
+        result.save(out_dir)  # written last: its presence marks the result complete
     return result
 
 
@@ -268,6 +275,7 @@ def _chosen(candidates: list, accuracy: list[float], *, records: int) -> tuple:
     }
 
 
+@timed()
 def run_train(
     config: ExperimentConfig,
     run_dir: str | os.PathLike,

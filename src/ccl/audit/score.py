@@ -22,6 +22,7 @@ from ..data import MembershipSplit
 from ..errors import ConfigError
 from ..results import DefenseResult
 from ..theory import gaussian_best_advantage
+from ..timing import phase
 from .statistics import STATISTIC_ATTACKS
 
 __all__ = ["attack_names", "score_defense"]
@@ -174,60 +175,76 @@ def _pooled_evaluations(
         if name in NOT_POOLED:
             continue
         try:
-            loo[name] = evaluation.leave_one_out_scores(
-                attacks.create(name),
-                logits[:, :p],
-                labels,
-                masks,
-                population_logits=logits[:, p:] if has_pop else None,
-                population_labels=pop_labels if has_pop else None,
-                **(model_inputs or {}),
-            )
+            with phase(f"leave_one_out/{name}"):
+                loo[name] = evaluation.leave_one_out_scores(
+                    attacks.create(name),
+                    logits[:, :p],
+                    labels,
+                    masks,
+                    population_logits=logits[:, p:] if has_pop else None,
+                    population_labels=pop_labels if has_pop else None,
+                    **(model_inputs or {}),
+                )
         except attacks.NotEnoughReferencesError:
             continue
     random_records, canaries = np.nonzero(~is_canary)[0], np.nonzero(is_canary)[0]
     opts = {"fprs": config.fprs, "n_resamples": config.bootstrap, "seed": seed}
     quick = {**opts, "n_resamples": 0}  # point estimates only: intervals for the headline attacks (cost)
     evals: dict[str, dict[str, dict]] = {"pooled": {}}
-    chosen_arrays: dict[str, np.ndarray] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.DegenerateMetricWarning)
         for name, sc in loo.items():
             o = opts if name in BOOTSTRAPPED else quick
-            pooled = evaluation.pooled_metrics(sc, masks, records=random_records, **o)
-            pooled["epsilon_lb"] = _epsilon(sc[:, random_records].ravel(), masks[:, random_records].ravel(), seed)
-            evals["pooled"][name] = pooled
+            with phase("evaluation/pooled"):
+                pooled = evaluation.pooled_metrics(sc, masks, records=random_records, **o)
+                pooled["epsilon_lb"] = _epsilon(sc[:, random_records].ravel(), masks[:, random_records].ravel(), seed)
+                evals["pooled"][name] = pooled
             if canaries.size:
-                canary = evaluation.pooled_metrics(sc, masks, records=canaries, **o)
-                canary["epsilon_lb"] = _epsilon(sc[:, canaries].ravel(), masks[:, canaries].ravel(), seed)
-                if canaries.size >= ONE_RUN_MIN_CANARIES:  # the target's canaries: one training run
-                    k = max(1, canaries.size // 10)
-                    canary["one_run_epsilon_lb"] = bounds.one_run_audit_from_scores(
-                        sc[0, canaries], masks[0, canaries], k_pos=k, k_neg=k, delta=EPSILON_DELTA
-                    )
-                evals.setdefault("canaries", {})[name] = canary
-        table: list[dict] = []
-        chooser = next((a for a in ("lira", "rmia", "loss") if a in loo), next(iter(loo), None))
-        if chooser is not None:
-            ranked, gap, measure = evaluation.rank_by_leakage(
-                loo[chooser], masks, records=random_records, seed=np.random.SeedSequence([seed, 0x5EED])
-            )
-            for fraction in VULNERABLE_FRACTIONS:
-                top = evaluation.top_fraction(ranked, fraction)
-                evals[f"vulnerable_{100 * fraction:g}pct"] = {
-                    name: evaluation.pooled_metrics(
-                        sc, masks, records=top, models=measure, **(opts if name in BOOTSTRAPPED else quick)
-                    )
-                    for name, sc in loo.items()
-                }
-            listed = evaluation.top_fraction(ranked, max(VULNERABLE_FRACTIONS))
-            chosen_arrays["vulnerable_records"] = listed
-            chosen_arrays["vulnerable_models"] = measure
-            for i, leakage in zip(listed, gap, strict=False):
-                table.append(
-                    {"record": int(pool[i]), "label": int(labels[i]), "leakage": float(leakage), "attack": chooser}
-                )
+                with phase("evaluation/canaries"):
+                    evals.setdefault("canaries", {})[name] = _canary_metrics(sc, masks, canaries, seed, o)
+        with phase("evaluation/vulnerable"):
+            table, chosen_arrays = _vulnerable_evaluations(evals, loo, masks, random_records, labels, pool, seed, opts)
     return evals, loo, table, chosen_arrays
+
+
+def _canary_metrics(scores: np.ndarray, masks: np.ndarray, canaries: np.ndarray, seed: int, opts: dict) -> dict:
+    """One attack's pooled metrics on the canaries, with the one-run audit when there are enough of them."""
+    canary = evaluation.pooled_metrics(scores, masks, records=canaries, **opts)
+    canary["epsilon_lb"] = _epsilon(scores[:, canaries].ravel(), masks[:, canaries].ravel(), seed)
+    if canaries.size >= ONE_RUN_MIN_CANARIES:  # the target's canaries: one training run
+        k = max(1, canaries.size // 10)
+        canary["one_run_epsilon_lb"] = bounds.one_run_audit_from_scores(
+            scores[0, canaries], masks[0, canaries], k_pos=k, k_neg=k, delta=EPSILON_DELTA
+        )
+    return canary
+
+
+def _vulnerable_evaluations(evals, loo, masks, random_records, labels, pool, seed: int, opts: dict):
+    """Adds the pooled metrics on the most vulnerable records (ranked by the first of LiRA, RMIA, loss) to
+    `evals`; returns the table of those records and the arrays that name them and their measuring models."""
+    quick = {**opts, "n_resamples": 0}
+    table: list[dict] = []
+    chosen_arrays: dict[str, np.ndarray] = {}
+    chooser = next((a for a in ("lira", "rmia", "loss") if a in loo), next(iter(loo), None))
+    if chooser is None:
+        return table, chosen_arrays
+    ranked, gap, measure = evaluation.rank_by_leakage(
+        loo[chooser], masks, records=random_records, seed=np.random.SeedSequence([seed, 0x5EED])
+    )
+    for fraction in VULNERABLE_FRACTIONS:
+        top = evaluation.top_fraction(ranked, fraction)
+        evals[f"vulnerable_{100 * fraction:g}pct"] = {
+            name: evaluation.pooled_metrics(
+                sc, masks, records=top, models=measure, **(opts if name in BOOTSTRAPPED else quick)
+            )
+            for name, sc in loo.items()
+        }
+    listed = evaluation.top_fraction(ranked, max(VULNERABLE_FRACTIONS))
+    chosen_arrays["vulnerable_records"] = listed
+    chosen_arrays["vulnerable_models"] = measure
+    for i, leakage in zip(listed, gap, strict=False):
+        table.append({"record": int(pool[i]), "label": int(labels[i]), "leakage": float(leakage), "attack": chooser})
+    return table, chosen_arrays
 
 
 def _every_model(label_only: dict) -> dict[str, Any]:
@@ -269,7 +286,7 @@ def _single_target_metrics(
     """Each attack's metrics (with bootstrap intervals) and epsilon lower bound on the target's `records`;
     an unresolvable FPR (too few non-members) is NaN (null in JSON)."""
     results = {}
-    with warnings.catch_warnings():
+    with phase("evaluation/target"), warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.DegenerateMetricWarning)
         for name, sc in scores.items():
             results[name] = metrics.evaluate(
@@ -277,6 +294,15 @@ def _single_target_metrics(
             ).as_dict()
             results[name]["epsilon_lb"] = _epsilon(sc[records], truth, seed)
     return results
+
+
+def _attack_scores(inputs: attacks.AttackInputs, names: list[str]) -> dict[str, np.ndarray]:
+    """Each attack's scores of the target's records `(P,)`, one attack at a time (phase "attack/NAME")."""
+    scores: dict[str, np.ndarray] = {}
+    for name in names:
+        with phase(f"attack/{name}"):
+            scores |= attacks.score_all(inputs, names=[name])
+    return scores
 
 
 def _attack_inputs(logits, labels_all, split: MembershipSplit, label_only, features, population_features):
@@ -341,7 +367,7 @@ def score_defense(
     inputs = _attack_inputs(logits, labels_all, split, label_only, features, population_features)
     skipped, is_member, random_records = _skipped_without_weights(config, extras), split.target_in, ~is_canary
     names = attack_names(config, inputs, skip=skipped)
-    scores = attacks.score_all(inputs, names=names)
+    scores = _attack_scores(inputs, names)
     results = _single_target_metrics(config, scores, is_member[random_records], random_records, seed)
     evals, loo, vulnerable, chosen = {}, {}, [], {}
     if config.uses_leave_one_out:

@@ -66,46 +66,57 @@ def _focal(ce: Tensor, gamma: float) -> Tensor:
     return (-torch.expm1(-ce)).clamp_min(_TINY) ** gamma * ce
 
 
-class _LossOfCrossEntropy(torch.autograd.Function):
-    """A per-sample loss `l(ce)` of the per-sample cross-entropy `ce (N,)`, with `dl/dce` given in closed form.
+class _LossOfLogits(torch.autograd.Function):
+    """A per-sample loss `l(log p_y)` of the logits `(N, C)`, forward and backward in one autograd node, with the
+    slope `dl/dlog p_y` given in closed form by `value_and_slope`.
 
-    The heavy `(N, C)` work stays in PyTorch's fused cross-entropy kernels; this node replaces the chain of small
-    element-wise autograd nodes that the formula would otherwise build on `(N,)` vectors, which cost more than
-    the cross-entropy itself on a CPU (benchmarks/run.py). First derivatives only.
+    Forward: one `log_softmax` over `(N, C)`, a gather, and the `(N, 1)` value and slope. Backward:
+    `dl/dlogits = dl/dlog p_y * (onehot - softmax)`, through the kernel PyTorch's own cross-entropy backward uses
+    (`_log_softmax_backward_data` of a one-hot gradient), so the `(N, C)` work is that of `F.cross_entropy`,
+    and the reduction's factor is folded into the slope. First derivatives only.
+
+    Speed (benchmarks/ccl_loss.py, benchmarks/RESULTS.md): on a CPU this one node measured the same as the
+    three-node form it replaced (`F.cross_entropy(reduction="none")` and a closed-form node on `(N,)`) and as
+    plain autograd of the formula, 1.18-1.25x `F.cross_entropy` at (4096, 100). What is left is not `(N, C)`
+    work but a fixed cost per call: about twenty dispatches of small `(N,)` operations, the Python node and
+    the input checks, 2-5 us each.
     """
 
     @staticmethod
-    def forward(ctx, ce: Tensor, value_and_slope, reduction: str):  # (N,) -> (N,) or ()
-        value, slope = value_and_slope(ce)
-        if reduction == "mean":
-            value, slope = value.mean(), slope.div_(max(ce.numel(), 1))
-        elif reduction == "sum":
-            value = value.sum()
-        ctx.save_for_backward(slope)
-        return value
+    def forward(ctx, logits: Tensor, index: Tensor, value_and_slope, reduction: str):  # (N, C), (N, 1)
+        log_p = torch.log_softmax(logits, dim=1)  # (N, C)
+        log_p_y = log_p.gather(1, index)  # (N, 1)
+        n = log_p_y.shape[0]
+        value, slope = value_and_slope(log_p_y, 1.0 / max(n, 1) if reduction == "mean" else 1.0)  # (N, 1) each
+        ctx.save_for_backward(log_p, index, slope)
+        if reduction == "none":
+            return value.view(n)
+        return value.mean() if reduction == "mean" else value.sum()
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        (slope,) = ctx.saved_tensors
-        return grad * slope, None, None
-
-
-def _ce_value_and_slope(ce: Tensor) -> tuple[Tensor, Tensor]:
-    return ce, torch.ones_like(ce)
+    def backward(ctx, grad: Tensor):  # grad: () or (N,)
+        log_p, index, slope = ctx.saved_tensors
+        upstream = slope * (grad if grad.ndim == 0 else grad[:, None])  # (N, 1): dloss/dlog p_y
+        grad_log_p = torch.zeros_like(log_p).scatter_(1, index, upstream)  # (N, C), one-hot rows
+        return torch._log_softmax_backward_data(grad_log_p, log_p, 1, log_p.dtype), None, None, None
 
 
 def _apply(logits: Tensor, target: Tensor, value_and_slope, reduction: str) -> Tensor:
-    """The loss, reduced, through the fused node; non-finite results are traced back to the logits."""
-    out = _LossOfCrossEntropy.apply(_ce(logits, target), value_and_slope, reduction)
+    """The loss, reduced, through the fused node in float32; non-finite results are traced back to the logits.
+
+    `value_and_slope(log_p_y, scale)` maps `log p_y (N, 1)` to the per-sample loss `(N, 1)` and `scale` times its
+    derivative in `log p_y` (`scale` is `1/N` for the mean: the reduction's factor, folded into the slope)."""
+    out = _LossOfLogits.apply(logits.float(), target.long()[:, None], value_and_slope, reduction)
     check_finite_result(out, logits)
     return out
 
 
 def _focal_value_and_slope(ce: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
-    """`q**gamma * ce` and its derivative `q**gamma * (gamma * p * ce / q + 1)`, with `q = 1 - p = -expm1(-ce)`
-    (accurate for small CE). Where `q` rounds to 0 both are ~0; the clamp keeps them finite for `gamma < 1`."""
+    """`q**gamma * ce` and its derivative in `ce`, `q**gamma * (gamma * p * ce / q + 1)`, with
+    `q = 1 - p = -expm1(-ce)` (accurate for small CE). Where `q` rounds to 0 both are ~0; the clamp keeps them
+    finite for `gamma < 1`."""
     if gamma == 0:
-        return _ce_value_and_slope(ce)
+        return ce, torch.ones_like(ce)
     minus_q = torch.expm1(-ce)
     p = minus_q + 1
     q = minus_q.neg_().clamp_min_(_TINY)
@@ -114,24 +125,33 @@ def _focal_value_and_slope(ce: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
     return q_gamma.mul_(ce), slope
 
 
-def _ccl_value_and_slope(ce: Tensor, alpha: float, concave: str, convex: str, gamma: float, beta: float):
-    """CCL `beta * (alpha * conv + (1 - alpha) * f(p))` and its derivative in `ce`, where `p = exp(-ce)` and
-    `dp/dce = -p`: for "exp", `f = -e^p`, `f' = -e^p`; for "quadratic", `f = -p - p^2/2`, `f' = -(1 + p)`.
-    Written with few element-wise passes: on a CPU each pass over (N,) costs about what its arithmetic does."""
-    p = torch.exp(-ce)
+def _focal_of_log_p(log_p_y: Tensor, scale: float, gamma: float) -> tuple[Tensor, Tensor]:
+    """Focal loss and `scale` times its derivative in `log p_y` (minus the derivative in `ce = -log p_y`)."""
+    value, slope = _focal_value_and_slope(log_p_y.neg(), gamma)
+    return value, slope.mul_(-scale)
+
+
+def _ccl_value_and_slope(
+    log_p_y: Tensor, scale: float, alpha: float, concave: str, convex: str, gamma: float, beta: float
+) -> tuple[Tensor, Tensor]:
+    """CCL `beta * (alpha * conv + (1 - alpha) * f(p))` and `scale` times its derivative in `log p_y`, where
+    `p = exp(log p_y)` and `dp/dlog p_y = p`: for "exp", `f = -e^p`, `f' = -e^p`; for "quadratic",
+    `f = -p - p^2/2`, `f' = -(1 + p)`; `d ce/dlog p_y = -1`. Written with few element-wise passes: on a CPU each
+    pass over `(N,)` costs several microseconds whatever its arithmetic, about what the `(N, C)` kernels cost."""
+    p = log_p_y.exp()
     if concave == "exp":
-        minus_f = torch.exp(p)  # -f(p) = e^p
-        minus_f_derivative_times_p = minus_f * p
+        minus_f = p.exp()  # -f(p) = e^p
+        minus_f_slope = p.mul_(minus_f)  # -f'(p) p
     else:
         minus_f = torch.addcmul(p, p, p, value=0.5)
-        minus_f_derivative_times_p = torch.addcmul(p, p, p)
-    conv_value, conv_slope = _focal_value_and_slope(ce, gamma) if convex == "focal" else (ce, None)
-    value = torch.add(minus_f.mul_(alpha - 1), conv_value, alpha=alpha)  # alpha * conv + (1 - alpha) * f
-    slope = minus_f_derivative_times_p.mul_(1 - alpha)
-    slope = slope.add_(alpha) if conv_slope is None else slope.add_(conv_slope, alpha=alpha)
-    if beta != 1:
-        value.mul_(beta)
-        slope.mul_(beta)
+        minus_f_slope = p.addcmul_(p, p)  # p + p^2 (reads p before writing it: element-wise)
+    if convex == "ce":  # -(alpha * log p_y + (1 - alpha) * -f) = alpha * ce + (1 - alpha) * f
+        value = torch.lerp(minus_f, log_p_y, alpha).mul_(-beta)
+        slope = minus_f_slope.mul_(-beta * (1 - alpha) * scale).sub_(beta * alpha * scale)
+        return value, slope
+    conv_value, conv_slope = _focal_value_and_slope(log_p_y.neg(), gamma)  # slope in ce
+    value = torch.add(minus_f.mul_(alpha - 1), conv_value, alpha=alpha).mul_(beta)
+    slope = minus_f_slope.mul_(1 - alpha).add_(conv_slope, alpha=alpha).mul_(-beta * scale)
     return value, slope
 
 
@@ -174,7 +194,7 @@ def focal_loss(logits: Tensor, target: Tensor, *, gamma: float, reduction: str =
     """Focal loss `(1 - p_y)**gamma * (-log p_y)` (Lin et al., 2017). `gamma=0` is cross-entropy."""
     gamma = check_in_range("gamma", gamma, low=0.0)
     _validate(logits, target, reduction)
-    return _apply(logits, target, lambda ce: _focal_value_and_slope(ce, gamma), reduction)
+    return _apply(logits, target, lambda log_p_y, scale: _focal_of_log_p(log_p_y, scale, gamma), reduction)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -298,7 +318,10 @@ def _convex_concave(
     builtin = next((name for name, term in _CONCAVE.items() if f is term), None)
     if builtin is not None:
         return _apply(
-            logits, target, lambda ce: _ccl_value_and_slope(ce, alpha, builtin, convex, gamma, beta), reduction
+            logits,
+            target,
+            lambda log_p_y, scale: _ccl_value_and_slope(log_p_y, scale, alpha, builtin, convex, gamma, beta),
+            reduction,
         )
     ce = _ce(logits, target)  # (N,)
     convex_term = ce if convex == "ce" else _focal(ce, gamma)
