@@ -202,7 +202,8 @@ def _audit_defense(config, defense, s: _Seed, rd: RunDirectory, ctx, executor: E
     cache = ctx.cache
     chosen, selection = defense, None
     if defense.selects:  # the defense's recipe is chosen first, on the reserve; its models train with the choice
-        chosen, selection = select_recipe(config, defense, s, ctx, executor, tick)
+        with phase("train"):
+            chosen, selection = select_recipe(config, defense, s, ctx, executor, tick)
     jobs = plan_jobs(config, chosen, s.seed, s.split, threads=_cpu_threads(ctx.runtime))
     trained = jobs[1:] if config.supplied_target else jobs  # a supplied target is not trained
     if config.supplied_target and tick:
