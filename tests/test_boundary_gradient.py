@@ -88,8 +88,7 @@ def test_gradient_norms_equal_a_loop_of_backward_calls():
 
 def test_the_audit_measures_stacked_models_as_it_measures_each_alone():
     """`ccl.audit.execute`'s access to K stacked models gives each model's own statistics."""
-    from ccl.audit.execute import ModelAccess, StackedAccess
-    from ccl.audit.statistics import model_statistics
+    from ccl.audit.statistics import ModelAccess, StackedAccess, model_statistics
     from ccl.stacked import StackedModels
 
     torch.manual_seed(0)
@@ -246,8 +245,7 @@ def memorisers():
 
 
 def measured(nets, x, y):
-    from ccl.audit.execute import ModelAccess
-    from ccl.audit.statistics import model_statistics
+    from ccl.audit.statistics import ModelAccess, model_statistics
 
     out = {"boundary_distance": [], "gradient_norm": []}
     for net in nets:

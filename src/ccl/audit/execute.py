@@ -26,7 +26,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
 from .._io import exclusive_lock, write_bytes, write_json
 from ..data import Dataset
@@ -35,15 +34,13 @@ from ..models import create as create_model
 from ..stacked import MAX_STACK, fit_stacked, predict_stacked
 from ..training import Runtime, fit, predict_logits, resolve_device
 from .plan import ModelJob
-from .statistics import missing_statistics, model_statistics
+from .statistics import ModelAccess, StackedAccess, missing_statistics, model_statistics
 
 __all__ = [
     "Executor",
     "ExecutionContext",
     "LocalExecutor",
-    "ModelAccess",
     "ModelCache",
-    "StackedAccess",
     "group_jobs",
     "train_group",
 ]
@@ -246,43 +243,6 @@ _NOT_EXTRAS = ("logits", "query_index", "label_only_format", "validation_logits"
 def forward_all_numpy(forward_all, x: torch.Tensor, *, batch: int = 1024) -> np.ndarray:
     """`(K, N, C)` logits of `forward_all(x) -> (K, B, C)` on `x`, in batches, as float32 numpy."""
     return np.concatenate([forward_all(x[i : i + batch]).float().cpu().numpy() for i in range(0, len(x), batch)], 1)
-
-
-class ModelAccess:
-    """What the audit asks of one trained model (in eval mode, on `device`): its logits on a shared batch, its
-    labels on one batch per model (`K = 1`), and its functional form for per-example gradients."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        self.model, self.device, self.num_models = model.eval().to(device), device, 1
-
-    def forward_all(self, x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (1, B, C)
-        return self.model(x.to(self.device))[None]
-
-    def predict_each(self, x: torch.Tensor) -> torch.Tensor:  # (1, B, ...) -> (1, B)
-        return self.model(x[0].to(self.device)).argmax(-1)[None]
-
-    def functional(self, k: int):
-        def call(params, buffers, x):
-            return functional_call(self.model, (params, buffers), (x,))
-
-        return call, dict(self.model.named_parameters()), dict(self.model.named_buffers())
-
-
-class StackedAccess:
-    """`ModelAccess` for K stacked models (`ccl.stacked.StackedModels`)."""
-
-    def __init__(self, stack, device: torch.device) -> None:
-        self.stack, self.device, self.num_models = stack.train(False), device, stack.k
-
-    def forward_all(self, x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (K, B, C)
-        return self.stack.forward(x.to(self.device), shared_input=True)
-
-    def predict_each(self, x: torch.Tensor) -> torch.Tensor:  # (K, B, ...) -> (K, B)
-        return self.stack.forward(x.to(self.device)).argmax(-1)
-
-    def functional(self, k: int):
-        params = {n: p[k] for n, p in self.stack.params.items()}
-        return self.stack._call, params, {n: b[k] for n, b in self.stack.buffers.items()}
 
 
 def _extras(access, ctx: ExecutionContext, x_pool: torch.Tensor, y_pool: torch.Tensor) -> dict[str, np.ndarray]:

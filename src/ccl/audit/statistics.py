@@ -15,12 +15,21 @@ from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 import torch
+from torch.func import functional_call
 
 from ..attacks import create as create_attack
 from ..attacks.boundary import boundary_distances
 from ..attacks.gradient import gradient_norms
 
-__all__ = ["BOUNDARY_SEED", "STATISTIC_ATTACKS", "missing_statistics", "model_statistics", "needed_statistics"]
+__all__ = [
+    "BOUNDARY_SEED",
+    "STATISTIC_ATTACKS",
+    "ModelAccess",
+    "StackedAccess",
+    "missing_statistics",
+    "model_statistics",
+    "needed_statistics",
+]
 
 #: attack name -> the statistic it reads
 STATISTIC_ATTACKS = {"label_only_boundary": "boundary_distance", "gradient": "gradient_norm"}
@@ -74,3 +83,40 @@ def model_statistics(
     if "gradient_norm" in needs:
         out["gradient_norm"] = np.stack([gradient_norms(*functional(k), x, y) for k in range(num_models)])
     return out
+
+
+class ModelAccess:
+    """What the audit asks of one trained model (in eval mode, on `device`): its logits on a shared batch, its
+    labels on one batch per model (`K = 1`), and its functional form for per-example gradients."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model, self.device, self.num_models = model.eval().to(device), device, 1
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (1, B, C)
+        return self.model(x.to(self.device))[None]
+
+    def predict_each(self, x: torch.Tensor) -> torch.Tensor:  # (1, B, ...) -> (1, B)
+        return self.model(x[0].to(self.device)).argmax(-1)[None]
+
+    def functional(self, k: int):
+        def call(params, buffers, x):
+            return functional_call(self.model, (params, buffers), (x,))
+
+        return call, dict(self.model.named_parameters()), dict(self.model.named_buffers())
+
+
+class StackedAccess:
+    """`ModelAccess` for K stacked models (`ccl.stacked.StackedModels`)."""
+
+    def __init__(self, stack, device: torch.device) -> None:
+        self.stack, self.device, self.num_models = stack.train(False), device, stack.k
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (K, B, C)
+        return self.stack.forward(x.to(self.device), shared_input=True)
+
+    def predict_each(self, x: torch.Tensor) -> torch.Tensor:  # (K, B, ...) -> (K, B)
+        return self.stack.forward(x.to(self.device)).argmax(-1)
+
+    def functional(self, k: int):
+        params = {n: p[k] for n, p in self.stack.params.items()}
+        return self.stack._call, params, {n: b[k] for n, b in self.stack.buffers.items()}

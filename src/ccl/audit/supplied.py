@@ -31,7 +31,8 @@ from ..config import ExperimentConfig
 from ..data import Dataset, MembershipSplit
 from ..data.download import file_digest
 from ..errors import ConfigError, DataError
-from ..training import predict_logits
+from ..training import predict_logits, resolve_device
+from .statistics import ModelAccess, model_statistics
 
 __all__ = [
     "MEMBER_ACCURACY_Z",
@@ -198,10 +199,6 @@ def supplied_target_statistics(
     supplied logits (the attacks that read them are then skipped with a note)."""
     if not needs or not config.target_checkpoint:
         return {}
-    from ..training import resolve_device
-    from .execute import ModelAccess
-    from .statistics import model_statistics
-
     access = ModelAccess(load_supplied_model(config, dataset), resolve_device(runtime.device))
     index = torch.as_tensor(pool_index)
     stats = model_statistics(
