@@ -1209,7 +1209,12 @@ def test_a_large_run_starts_with_yes_and_prints_its_plan(capsys):
     config = ExperimentConfig.from_dict({"dataset": "synthetic", "defenses": ["ccel:alpha=0.01..0.99/400"]})
     cli._confirm_size(argparse.Namespace(yes=True, quiet=False), config)  # 400 x 1 x 9 models: no error
     out = capsys.readouterr().out
-    assert out.startswith("Plan: up to 3,600 models (400 defense setting(s) x 1 seed(s) x 9 model(s)), 30 epochs")
+    assert out.startswith("Plan: up to 3,600 models (400 defense setting(s) x 1 seed(s) x 9 model(s)): 108,000 model")
+    # a recipe chosen among three trains three candidate targets too, with their own epochs
+    config = ExperimentConfig.from_dict({"dataset": "synthetic", "defenses": ["ce", "ce@epochs=10,lr=[0.1,0.2,0.3]"]})
+    cli._confirm_size(argparse.Namespace(yes=True, quiet=False), config)
+    out = capsys.readouterr().out
+    assert out.startswith("Plan: up to 21 models (2 defense setting(s) x 1 seed(s) x 12+9 model(s)): 390 model-epochs")
 
 
 # ==========================================================================================================

@@ -525,12 +525,18 @@ CONFIRM_MODELS = 1_000
 def _confirm_size(args: argparse.Namespace, config: ExperimentConfig, *, settings: int | None = None) -> None:
     """Prints how many models the run trains (at most: cached ones are reused) and refuses more than
     `CONFIRM_MODELS` without --yes. `settings`: the defense settings (default: the config's)."""
+    from .audit.pipeline import models_per_setting
+
+    scale = 1 if settings is None else settings  # ccl tune: its one family at up to `settings` points
     settings = len(config.defenses) if settings is None else settings
-    per = 1 + config.num_references - (1 if config.supplied_target else 0)
-    models = settings * len(config.seeds) * per
+    supplied = 1 if config.supplied_target else 0
+    counts = [(models_per_setting(config, d) - supplied, _epochs_of(config, d)) for d in config.defenses]
+    models = scale * len(config.seeds) * sum(n for n, _ in counts)
+    model_epochs = scale * len(config.seeds) * sum(n * e for n, e in counts)
+    per = "+".join(sorted({str(n) for n, _ in counts}))  # a defense whose recipe is chosen trains its candidates too
     plan = (
-        f"{models:,} models ({settings} defense setting(s) x {len(config.seeds)} seed(s) x {per} model(s)), "
-        f"{config.train.epochs} epochs each: {models * config.train.epochs:,} model-epochs of training"
+        f"{models:,} models ({settings} defense setting(s) x {len(config.seeds)} seed(s) x {per} model(s)): "
+        f"{model_epochs:,} model-epochs of training"
     )
     if models > CONFIRM_MODELS and not getattr(args, "yes", False):
         raise ConfigError(
@@ -539,6 +545,11 @@ def _confirm_size(args: argparse.Namespace, config: ExperimentConfig, *, setting
         )
     if not getattr(args, "quiet", False):
         print(f"Plan: up to {plan} (cached models are reused).")
+
+
+def _epochs_of(config: ExperimentConfig, defense) -> int:
+    """The most epochs a model of `defense` trains (its own recipe's, or its candidates' longest)."""
+    return max(c.recipe(config.train).epochs for c in defense.candidates())
 
 
 def _run_audit(args: argparse.Namespace, default_out: str, base: dict[str, Any] | None = None) -> int:
@@ -632,7 +643,10 @@ def _tune_range(text: str) -> tuple[float, float] | tuple[int, int]:
 
 def _print_tune(args: argparse.Namespace, target, bounds: tuple, chosen, points: list, config) -> None:
     """`ccl tune`'s table of the settings tried, its choice and its cost."""
-    models = len(points) * len(config.seeds) * (1 + config.num_references)
+    from .audit.pipeline import models_per_setting
+
+    per = models_per_setting(config, config.defenses[0])  # with the candidates of a recipe choice
+    models = len(points) * len(config.seeds) * per
     print(f"Target: {args.target} (the leakage's upper 95% bound must meet it); settings by {args.param}:")
     print(f"{'setting':28s} {'test acc':>9s} {'leakage':>9s} {'upper':>9s}  attack  meets {args.target}")
     for p in sorted(points, key=lambda p: p.value):
@@ -654,7 +668,7 @@ def _print_tune(args: argparse.Namespace, target, bounds: tuple, chosen, points:
             f"{chosen.upper:.4g} <= {target.bound:g})."
         )
     print(
-        f"Cost: {len(points)} settings x {len(config.seeds)} seed(s) x {1 + config.num_references} models = {models} "
+        f"Cost: {len(points)} settings x {len(config.seeds)} seed(s) x {per} models = {models} "
         "models (cached ones reused)."
     )
 
@@ -710,7 +724,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         chosen, points = search(evaluate, low_v, high_v, target, steps=args.steps, grid=args.grid, integer=integer)
     except KeyboardInterrupt as err:
         return _interrupted("tune", out, err)
-    models = len(points) * len(config.seeds) * (1 + config.num_references)
+    from .audit.pipeline import models_per_setting
+
+    models = len(points) * len(config.seeds) * models_per_setting(config, config.defenses[0])
     _print_tune(args, target, (low_v, high_v), chosen, points, config)
     write_json(
         RunLayout(out).tune,
