@@ -25,3 +25,12 @@ def one_thread() -> Iterator[None]:
     processes, on one thread. Use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     with torch_threads(1):
         yield
+
+
+@pytest.fixture
+def checkpoint_every_epoch(monkeypatch) -> None:
+    """A checkpoint after every epoch (`ccl.training.CHECKPOINT_EVERY_S = 0`), for the tests that interrupt a
+    run between two epochs and resume it from there."""
+    import ccl.training
+
+    monkeypatch.setattr(ccl.training, "CHECKPOINT_EVERY_S", 0.0)

@@ -115,6 +115,7 @@ def test_a_registered_defense_is_listed_described_and_created(toy):
     assert Procedure().stackable and not Procedure().needs_reserve
 
 
+@pytest.mark.usefixtures("checkpoint_every_epoch")
 def test_fit_calls_every_training_hook_in_order_and_resumes_their_state(toy, tmp_path):
     train, heldout = digits()
     d = defenses.create("toy")

@@ -78,6 +78,7 @@ def test_the_noise_is_calibrated_by_the_accountant_and_the_spent_epsilon_reporte
     assert result.history[0]["epsilon"] < result.history[1]["epsilon"] < result.epsilon
 
 
+@pytest.mark.usefixtures("checkpoint_every_epoch")
 def test_an_interrupted_dp_model_resumes_to_the_same_weights_and_epsilon(tmp_path, quiet):
     class Interrupting(torch.nn.Module):
         def __init__(self, at):

@@ -121,6 +121,7 @@ def test_advreg_classifier_loss_is_the_base_loss_plus_alpha_times_the_flagged_ra
     assert not any(n.startswith("_module") or n.startswith("_classifier") for n in loss.state_dict())
 
 
+@pytest.mark.usefixtures("checkpoint_every_epoch")
 def test_an_interrupted_advreg_model_resumes_to_the_same_weights(tmp_path, train):
     d = defenses.create("advreg", alpha=1.0)
     full = train(d, epochs=4, checkpoint_dir=tmp_path / "full")

@@ -198,6 +198,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path)
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.usefixtures("checkpoint_every_epoch")
 def test_non_finite_loss_names_epoch_and_batch_and_keeps_checkpoint(tmp_path, quiet):
     train, _ = tiny_problem()
     calls = {"n": 0}
@@ -287,3 +288,40 @@ def test_image_training_with_augmentation_and_flip_queries(quiet):
     assert logits.shape == (10, 2, 10)
     plain = ccl.training.predict_logits(r.model, data.x[:10])
     np.testing.assert_allclose(logits[:, 0], plain, rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_is_written_every_so_many_seconds_and_after_the_last_epoch(tmp_path, quiet, monkeypatch):
+    """A checkpoint after every epoch (each with fsync) cost up to 75% of a small model's training: a short run
+    writes one, after its last epoch (and its whole log); with the interval at 0, one per epoch."""
+    import ccl.training as training
+
+    saved = []
+    real = training._save_checkpoint
+
+    def counted(path, model, optimizer, epochs, *rest):
+        saved.append(epochs)
+        return real(path, model, optimizer, epochs, *rest)
+
+    monkeypatch.setattr(training, "_save_checkpoint", counted)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    recipe = Recipe(epochs=4, batch_size=16, seed=0)
+    fit(
+        torch.nn.Linear(5, 3),
+        torch.nn.CrossEntropyLoss(),
+        (x, y),
+        recipe=recipe,
+        runtime=quiet,
+        checkpoint_dir=tmp_path / "a",
+    )
+    assert saved == [4]
+    monkeypatch.setattr(training, "CHECKPOINT_EVERY_S", 0.0)
+    fit(
+        torch.nn.Linear(5, 3),
+        torch.nn.CrossEntropyLoss(),
+        (x, y),
+        recipe=recipe,
+        runtime=quiet,
+        checkpoint_dir=tmp_path / "b",
+    )
+    assert saved == [4, 1, 2, 3, 4]
+    assert len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) == 4

@@ -26,7 +26,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from ._checks import expected
 from ._io import atomic_path, remove_stale_temporaries
 from .errors import InvalidArgumentError, RunDirectoryError
-from .training import Recipe, Runtime, load_checkpoint, resolve_device, torch_threads, train_models
+from .training import CheckpointClock, Recipe, Runtime, load_checkpoint, resolve_device, torch_threads, train_models
 
 __all__ = ["MAX_STACK", "StackedModels", "fit_stacked", "predict_stacked"]
 
@@ -84,7 +84,8 @@ def fit_stacked(
 ) -> StackedModels:
     """Trains `modules[k]` on `(x[members[k]], y[members[k]])` with `recipe` and batch seed `seeds[k]`, all
     together. Equal member counts are required (the membership splits guarantee them). With `checkpoint`, the
-    stacked state is saved after every epoch and an existing one (same recipe and seeds) is continued."""
+    stacked state is saved every `CHECKPOINT_EVERY_S` seconds (`ccl.training`) and after the last epoch, and an
+    existing one (same recipe and seeds) is continued."""
     runtime = runtime or Runtime()
     sizes = {len(m) for m in members}
     if len(sizes) != 1:
@@ -115,8 +116,11 @@ def fit_stacked(
                 stack.buffers[n].copy_(state["buffers"][n])
             optimizer_state, start = state["optimizer"], int(state["epoch"])
 
+    clock = CheckpointClock()
+    last = stop_after if stop_after is not None else recipe.epochs
+
     def on_epoch_end(epoch: int, optimizer: torch.optim.Optimizer, stats: dict[str, Tensor]) -> None:
-        if checkpoint is None:
+        if checkpoint is None or not clock.due(final=epoch + 1 >= last):
             return
         state = {
             "params": {n: p.detach() for n, p in stack.params.items()},

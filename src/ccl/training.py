@@ -14,7 +14,8 @@ the optimizer step are written once.
 What it guarantees:
 - Deterministic: the shuffling and augmentation of epoch `e` of a model with seed `s` come from a generator
   seeded with `(s, e)`, so the same seed gives bit-identical weights on CPU, also across an interruption.
-- Resumable: a checkpoint (weights, optimizer, epoch, history, recipe) is written atomically after every epoch
+- Resumable: a checkpoint (weights, optimizer, epoch, history, recipe) is written atomically every
+  `CHECKPOINT_EVERY_S` seconds and after the last epoch
   and loaded with `weights_only=True`. A non-finite loss, or weights that are no longer finite (their squared
   norm overflows float32), stops training with an error naming the epoch (and batch), keeping the last good
   checkpoint.
@@ -75,6 +76,25 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+#: Seconds between two checkpoints of a training run, which always ends with one: an interrupted run resumes from
+#: the last and replays the epochs after it bit for bit (each epoch's batches and noise are seeded by (seed,
+#: epoch)). One after every epoch, each written atomically with fsync, cost 40-75% of a small model's training
+#: (the demo's DP-SGD models: 0.65 s against 0.37 s).
+CHECKPOINT_EVERY_S = 30.0
+
+
+class CheckpointClock:
+    """Says when a checkpoint is due: `CHECKPOINT_EVERY_S` seconds after the last one, and at the final epoch."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self, *, final: bool) -> bool:
+        now = time.monotonic()
+        if final or now - self.last >= CHECKPOINT_EVERY_S:
+            self.last = now
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -588,7 +608,8 @@ def fit(
         recipe: what determines the weights; `Recipe()` by default.
         runtime: device, progress bar, compile, log frequency; `Runtime()` by default.
         heldout: `(x, y)` never trained on, for held-out accuracy and the non-member loss statistics.
-        checkpoint_dir: where `checkpoint.pt` is written after every epoch; with `resume=True` an existing one
+        checkpoint_dir: where `checkpoint.pt` is written (every `CHECKPOINT_EVERY_S` seconds and at the end);
+            with `resume=True` an existing one
             is continued from (it must have been written with the same recipe; the runtime may differ).
         log_path: the JSONL log (default: `checkpoint_dir/log.jsonl` when `checkpoint_dir` is given).
         procedure: what a defense does to training beyond its loss (`ccl.defenses.Procedure`): DP-SGD (the
@@ -745,14 +766,15 @@ def _fit(
         if (epoch + 1) % runtime.eval_every == 0 or epoch + 1 == last or stop:
             record.update(_member_stats(model, members, heldout, recipe.batch_size))
         history.append(record)
-        if ckpt_path is not None:
-            _save_checkpoint(ckpt_path, model, optimizer, epoch + 1, history, identity, hooks)
-        if log_path is not None:
-            write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
+        if clock_ckpt.due(final=epoch + 1 >= last or stop):  # the log with it: both say how far training got
+            if ckpt_path is not None:
+                _save_checkpoint(ckpt_path, model, optimizer, epoch + 1, history, identity, hooks)
+            if log_path is not None:
+                write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
         clock[0] = time.perf_counter()
         return stop
 
-    clock = [time.perf_counter()]
+    clock, clock_ckpt = [time.perf_counter()], CheckpointClock()
     with torch_threads(runtime.threads), warnings.catch_warnings():  # a defense's hooks may silence warnings
         every = torch.arange(x.shape[0], device=device)[None]  # (1, N): the one model trains on every record
         train_models(
