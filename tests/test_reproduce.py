@@ -97,7 +97,7 @@ def test_bad_input_exits_2_with_the_reason(tmp_path, capsys):
     assert reproduce.main([str(run), str(tmp_path / "bad.json")]) == 2
 
 
-@pytest.mark.parametrize("name", ["demo"])
+@pytest.mark.parametrize("name", ["demo", "location30"])
 def test_the_stored_expected_ranges_are_well_formed(name):
     raw = json.loads((ROOT / "benchmarks" / "expected" / f"{name}.json").read_text())
     assert raw["evaluation"] == "pooled" and raw["command"] and raw["defenses"]
