@@ -124,3 +124,15 @@ def test_the_checker_on_a_run_of_ccl_compare_and_on_the_same_run_doctored(tmp_pa
     capsys.readouterr()
     assert reproduce.main([str(run), str(expected)]) == 1
     assert "OUTSIDE ccel(alpha=0.5) auc" in capsys.readouterr().out
+
+
+def test_the_readme_location30_table_is_the_run_of_the_expected_file():
+    section = (ROOT / "README.md").read_text().split("### Location30, on the real data", 1)[1].split("\n### ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ") and "% ±" in line]
+    expected = json.loads((ROOT / "benchmarks" / "expected" / "location30.json").read_text())["defenses"]
+    by_label = {label.split("@lr=[")[0]: numbers for label, numbers in expected.items()}
+    assert len(rows) == len(expected) == 17
+    for cells in rows:
+        label, acc, auc = cells[0].strip(), cells[2].split("%")[0], cells[4].split("±")[0]
+        assert float(acc) == pytest.approx(100 * by_label[label]["test_acc"]["mean"], abs=0.051), label
+        assert float(auc) == pytest.approx(by_label[label]["auc"]["mean"], abs=0.00051), label
