@@ -208,3 +208,12 @@ def test_tune_end_to_end_reuses_the_run_and_saves_its_evidence(tmp_path):
     assert evidence["chosen"] is not None and len(evidence["points"]) >= 2
     models = {p.name for p in (out / "models").iterdir() if p.is_dir() and p.name != "stacked"}
     assert len(models) == len(evidence["points"]) * 5  # every setting's target and 4 references, none twice
+
+
+def test_a_frontier_label_drops_the_family_and_shortens_a_long_recipe_of_its_own():
+    from ccl.report import _point_label
+
+    assert _point_label("ccel(alpha=0.5)", "ccel") == "alpha=0.5"
+    assert _point_label("ce", "ce") == "ce"
+    assert _point_label("ce@lr=0.02", "ce") == "@lr=0.02"
+    assert _point_label("dpsgd(epsilon=16)@lr=[0.1,0.5,2.0],momentum=0.0", "dpsgd") == "epsilon=16@own recipe"

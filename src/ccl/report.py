@@ -213,6 +213,17 @@ def plot_privacy_utility(agg: Aggregate, colors: dict, frontier: list[str], fpr:
     return fig
 
 
+def _point_label(defense: str, family: str) -> str:
+    """A frontier point's label beside its family's legend entry: the parameters without the family's name, and
+    the recipe of its own after `@` when short (a long one, a choice of learning rates say, reads "@own recipe"):
+    `_point_label("dpsgd(epsilon=16)@lr=[0.1,0.5,2.0],momentum=0.0", "dpsgd") == "epsilon=16@own recipe"`."""
+    name, _, recipe = defense.partition("@")
+    params = name.replace(family, "", 1).strip("()")
+    if not recipe:
+        return params or family
+    return f"{params}@{recipe if len(recipe) <= 16 else 'own recipe'}"
+
+
 def plot_frontier(points, label: str, colors: dict, optimal: set[str], muted: frozenset[str] | set[str] = frozenset()):
     """The privacy-utility frontier: each family a curve of its settings, intervals on both axes, the
     Pareto-optimal points ringed, leakage on a log axis. The `muted` settings (no measurable effect against the
@@ -247,9 +258,8 @@ def plot_frontier(points, label: str, colors: dict, optimal: set[str], muted: fr
                 zorder=1 if faint else 3,
             )
             if not faint:  # settings of one family alternate above and below their point
-                own = " (own recipe)" if "@" in p.defense else ""  # the recipe is in the tables, not on the plot
                 ax.annotate(
-                    (p.defense.split("@", 1)[0].replace(fam, "", 1).strip("()") or fam) + own,
+                    _point_label(p.defense, fam),
                     (x, p.accuracy),
                     fontsize=6,
                     xytext=(3, 3 if k % 2 == 0 else -9),
