@@ -152,6 +152,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path, quiet):
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, time, torch, ccl
     from ccl.training import Recipe, Runtime, fit
+    ccl.training.CHECKPOINT_EVERY_S = 0.0  # a checkpoint after every epoch: the kill lands between two of them
     QUIET = Runtime(progress=False)
     data = ccl.data.load("synthetic", num_samples=200, num_features=10, num_classes=3, seed=0)
     model = ccl.models.create("mlp", num_classes=3, input_shape=(10,), hidden=(32,), seed=0)

@@ -69,6 +69,21 @@ class StackedModels:
         return {n: t[k].detach().cpu().clone() for n, t in {**self.params, **self.buffers}.items()}
 
 
+def _check_stack(modules: list, x: Tensor, members: list[np.ndarray], *, recipe: Recipe, seeds: list[int]) -> None:
+    """`fit_stacked`'s inputs: one seed and one member array of one common size per module."""
+    sizes = {len(m) for m in members}
+    if len(sizes) != 1:
+        raise InvalidArgumentError(
+            expected("members", "index arrays of equal size (stacked training)", f"sizes {sorted(sizes)}")
+        )
+    if len(seeds) != len(modules) or len(members) != len(modules):
+        raise InvalidArgumentError(
+            expected("seeds", f"one seed and one member array per module ({len(modules)})", f"{len(seeds)} seeds")
+        )
+    if recipe.augment and x.ndim != 4:
+        raise InvalidArgumentError(expected("augment", "False for non-image data (x of shape (N, C, H, W))", True))
+
+
 def fit_stacked(
     modules: list[torch.nn.Module],
     loss_fn,
@@ -87,17 +102,7 @@ def fit_stacked(
     stacked state is saved every `CHECKPOINT_EVERY_S` seconds (`ccl.training`) and after the last epoch, and an
     existing one (same recipe and seeds) is continued."""
     runtime = runtime or Runtime()
-    sizes = {len(m) for m in members}
-    if len(sizes) != 1:
-        raise InvalidArgumentError(
-            expected("members", "index arrays of equal size (stacked training)", f"sizes {sorted(sizes)}")
-        )
-    if len(seeds) != len(modules) or len(members) != len(modules):
-        raise InvalidArgumentError(
-            expected("seeds", f"one seed and one member array per module ({len(modules)})", f"{len(seeds)} seeds")
-        )
-    if recipe.augment and x.ndim != 4:
-        raise InvalidArgumentError(expected("augment", "False for non-image data (x of shape (N, C, H, W))", True))
+    _check_stack(modules, x, members, recipe=recipe, seeds=seeds)
     device = resolve_device(runtime.device)
     stack = StackedModels(modules).to(device)
     x, y = x.to(device), y.to(device)
