@@ -838,7 +838,7 @@ def _html(
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>ccl report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1300px;color:#222}}table{{border-collapse:collapse;
 font-size:13px;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}}
-td:first-child{{text-align:left}}img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;font-size:12px;
+td:first-child{{text-align:left;white-space:normal;overflow-wrap:anywhere;max-width:20em}}img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;font-size:12px;
 overflow:auto}}.v-less{{background:#d4f0d4;font-weight:bold}}.v-more{{background:#f8d0d0;font-weight:bold}}
 .v-none{{color:#777}}.v-cost{{background:#fdf0c5}}.words li{{margin:0.2em 0}}
 .notes{{background:#fff4d6;padding:0.5em 1em;border-left:4px solid #e0a800}}
