@@ -59,7 +59,9 @@ def gradient_norms(
         xb = x[start : start + batch_size].to(device)
         yb = y[start : start + batch_size].to(device).long()
         grads = per_example(params, xb, yb)  # name -> (B, *shape)
-        sq = sum(g.double().flatten(1).square().sum(1) for g in grads.values())
+        # squares summed in the gradients' own precision per tensor (a float64 copy of every per-example gradient
+        # doubled the memory traffic), then added up in float64
+        sq = sum(torch.linalg.vector_norm(g.flatten(1), dim=1).double().square() for g in grads.values())
         out.append(sq.sqrt().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
