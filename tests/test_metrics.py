@@ -144,3 +144,30 @@ def test_evaluate_intervals_equal_bootstrap_ci_of_each_metric():
         metrics.membership_advantage(s, m)
     )
     assert point[3] == pytest.approx(metrics.tpr_at_fpr(s, m, fpr=0.05))
+
+
+def test_roc_metrics_of_weighted_resamples_equal_the_resamples_themselves():
+    """The bootstraps' fast path (one sort, each resample as the counts of its draws) against `_roc_metrics` of
+    each resample's drawn records: ties, resamples of one class only, an FPR a resample cannot resolve, and
+    batches split across `BOOTSTRAP_BATCH_ELEMENTS`."""
+    rng = np.random.default_rng(0)
+    s = np.round(rng.normal(size=300), 1)  # many ties
+    m = rng.random(300) < 0.5
+    s[m] += 0.4
+    draws = [rng.integers(0, 300, 300) for _ in range(40)]
+    draws += [np.nonzero(m)[0][:50], np.nonzero(~m)[0][:50], np.r_[np.nonzero(m)[0][:100], np.nonzero(~m)[0][:20]]]
+    weights = np.stack([np.bincount(d, minlength=300) for d in draws])
+    fprs = (0.01, 0.1)
+    slow = np.stack([metrics._roc_metrics(s[d], m[d], fprs) for d in draws])
+    fast = metrics.roc_metrics_weighted(s, m, weights, fprs)
+    np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert np.isnan(fast[40]).all() and np.isnan(fast[41]).all()  # one class only
+    assert np.isnan(fast[42, 2]) and not np.isnan(fast[42, 3])  # 20 non-members: 1% FPR unresolved, 10% resolved
+    old = metrics.BOOTSTRAP_BATCH_ELEMENTS
+    try:
+        metrics.BOOTSTRAP_BATCH_ELEMENTS = 7 * 300  # batches of 7 resamples
+        np.testing.assert_allclose(
+            metrics.roc_metrics_weighted(s, m, weights, fprs), slow, rtol=1e-12, atol=1e-12, equal_nan=True
+        )
+    finally:
+        metrics.BOOTSTRAP_BATCH_ELEMENTS = old
