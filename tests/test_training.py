@@ -305,24 +305,15 @@ def test_a_checkpoint_is_written_every_so_many_seconds_and_after_the_last_epoch(
 
     monkeypatch.setattr(training, "_save_checkpoint", counted)
     x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
-    recipe = Recipe(epochs=4, batch_size=16, seed=0)
-    fit(
-        torch.nn.Linear(5, 3),
-        torch.nn.CrossEntropyLoss(),
-        (x, y),
-        recipe=recipe,
-        runtime=quiet,
-        checkpoint_dir=tmp_path / "a",
-    )
+
+    def train(folder: str) -> None:
+        recipe = Recipe(epochs=4, batch_size=16, seed=0)
+        fit(torch.nn.Linear(5, 3), torch.nn.CrossEntropyLoss(), (x, y), recipe=recipe, runtime=quiet,
+            checkpoint_dir=tmp_path / folder)  # fmt: skip
+
+    train("a")
     assert saved == [4]
     monkeypatch.setattr(training, "CHECKPOINT_EVERY_S", 0.0)
-    fit(
-        torch.nn.Linear(5, 3),
-        torch.nn.CrossEntropyLoss(),
-        (x, y),
-        recipe=recipe,
-        runtime=quiet,
-        checkpoint_dir=tmp_path / "b",
-    )
+    train("b")
     assert saved == [4, 1, 2, 3, 4]
     assert len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) == 4
