@@ -58,10 +58,6 @@ class DefenseSpec:
     train: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def name(self) -> str:
-        return self.loss
-
-    @property
     def label(self) -> str:
         label = self.loss
         if self.params:

@@ -39,7 +39,7 @@ from .attacks.lira import _MIN_STD, _log_normal_pdf
 from .attacks.rmia import RMIA, _true_class_prob
 from .attacks.threshold import fit_thresholds, oriented_signal
 from .errors import InvalidArgumentError
-from .metrics import BOOTSTRAP_BATCH_ELEMENTS, DegenerateMetricWarning, _roc_metrics, roc_metrics_weighted, tpr_key
+from .metrics import DegenerateMetricWarning, _roc_metrics, roc_metrics_weighted, tpr_key
 
 __all__ = [
     "LEAVE_ONE_OUT_VERSION",
@@ -406,14 +406,14 @@ def pooled_metrics(
     boots = np.full((n_resamples, len(names)), np.nan)
     if n_resamples and models.size > 1 and records.size > 1:
         rng = np.random.default_rng(seed)
-        rows = max(1, BOOTSTRAP_BATCH_ELEMENTS // s.size)  # resamples per batch: bounded memory
-        for start in range(0, n_resamples, rows):
-            weights = np.empty((min(rows, n_resamples - start), s.size), dtype=np.int32)
-            for b in range(len(weights)):  # each resampled pair's count: its model's count times its record's
-                mi = np.bincount(rng.integers(0, models.size, models.size), minlength=models.size)
-                ri = np.bincount(rng.integers(0, records.size, records.size), minlength=records.size)
-                weights[b] = np.outer(mi, ri).ravel()
-            boots[start : start + len(weights)] = roc_metrics_weighted(s.ravel(), m.ravel(), weights, fprs)
+        weights = (  # each resampled pair's count: its model's count times its record's
+            np.outer(
+                np.bincount(rng.integers(0, models.size, models.size), minlength=models.size),
+                np.bincount(rng.integers(0, records.size, records.size), minlength=records.size),
+            ).ravel()
+            for _ in range(n_resamples)
+        )
+        boots[:] = roc_metrics_weighted(s.ravel(), m.ravel(), weights, fprs)
     tail = 50 * (1 - confidence)
     out: dict = {}
     for k, name in enumerate(names):

@@ -13,9 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -245,13 +246,11 @@ def evaluate(
         )
         rng = np.random.default_rng(seed)
         pos, neg = np.nonzero(m)[0], np.nonzero(~m)[0]
-        values = np.empty((n_resamples, len(point)))
-        rows = max(1, BOOTSTRAP_BATCH_ELEMENTS // s.size)  # resamples per batch: bounded memory
-        for start in range(0, n_resamples, rows):  # the draws of `bootstrap_ci`, kept as counts: one sort a batch
-            counts = np.empty((min(rows, n_resamples - start), s.size), dtype=np.int32)
-            for b in range(len(counts)):
-                counts[b] = np.bincount(np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)], minlength=s.size)
-            values[start : start + len(counts)] = roc_metrics_weighted(s, m, counts, fprs)
+        counts = (  # the draws of `bootstrap_ci`, in its order, kept as counts
+            np.bincount(np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)], minlength=s.size)
+            for _ in range(n_resamples)
+        )
+        values = roc_metrics_weighted(s, m, counts, fprs)
         tail = 50 * (1 - confidence)
         for k in range(len(point)):
             if not (math.isnan(point[k]) or np.isnan(values[:, k]).all()):
@@ -286,20 +285,21 @@ def _roc_metrics(s: np.ndarray, m: np.ndarray, fprs: Sequence[float]) -> np.ndar
 BOOTSTRAP_BATCH_ELEMENTS = 1 << 21
 
 
-def roc_metrics_weighted(s: np.ndarray, m: np.ndarray, weights: np.ndarray, fprs: Sequence[float]) -> np.ndarray:
-    """`_roc_metrics` of each bootstrap resample given by its counts: row b of `weights (B, n)` says how many
-    times each record of `s`, `m` `(n,)` is drawn. A resample is a multiset of the same records, so its ROC is a
-    weighted cumulative sum over the one sorted order: one sort in all instead of one per resample. Equal to
-    `_roc_metrics(s[idx], m[idx])` of the drawn indices up to float rounding (tested). `(B, 2 + len(fprs))`."""
+def roc_metrics_weighted(
+    s: np.ndarray, m: np.ndarray, weights: Iterable[np.ndarray], fprs: Sequence[float]
+) -> np.ndarray:
+    """`_roc_metrics` of each bootstrap resample given by its counts: each row of `weights` (a `(B, n)` array, or
+    rows drawn lazily by a generator) says how many times each record of `s`, `m` `(n,)` is drawn. A resample is a
+    multiset of the same records, so its ROC is a weighted cumulative sum over the one sorted order: one sort in
+    all instead of one per resample, and rows taken `BOOTSTRAP_BATCH_ELEMENTS` at a time (bounded memory). Equal
+    to `_roc_metrics(s[idx], m[idx])` of the drawn indices up to float rounding (tested). `(B, 2 + len(fprs))`."""
     s, m = np.asarray(s, dtype=np.float64), np.asarray(m, dtype=bool)
     order = np.argsort(-s, kind="mergesort")
     s_sorted, m_sorted = s[order], m[order]
     last = np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.size - 1]  # a threshold takes a tie whole
-    rows = max(1, BOOTSTRAP_BATCH_ELEMENTS // max(1, s.size))
-    out = [
-        _weighted_batch(np.asarray(weights[i : i + rows])[:, order], m_sorted, last, fprs)
-        for i in range(0, len(weights), rows)
-    ]
+    rows, out = iter(weights), []
+    while batch := list(itertools.islice(rows, max(1, BOOTSTRAP_BATCH_ELEMENTS // max(1, s.size)))):
+        out.append(_weighted_batch(np.stack(batch)[:, order], m_sorted, last, fprs))
     return np.concatenate(out) if out else np.empty((0, 2 + len(fprs)))
 
 
