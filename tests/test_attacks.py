@@ -125,6 +125,39 @@ def test_shadow_features_match_loop():
             np.testing.assert_allclose(feats[k, j], p + onehot)
 
 
+def shadow_classifier_reference(inp, *, hidden, steps, lr, seed):
+    """The shadow classifier as its docstring describes it, written plainly: the MLP reads the `2C` features of
+    `shadow_features` (one-hot label included) through one matmul, trained full-batch by autograd and Adam."""
+    x = torch.tensor(attacks.shadow.shadow_features(inp.reference_logits, inp.labels), dtype=torch.float32)
+    x = x.reshape(-1, x.shape[-1])
+    y = torch.tensor(inp.reference_in.reshape(-1), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    d = x.shape[1]
+    w1 = (torch.randn(d, hidden, generator=gen) / d**0.5).requires_grad_()
+    w2 = (torch.randn(hidden, 1, generator=gen) / hidden**0.5).requires_grad_()
+    b1, b2 = torch.zeros(hidden, requires_grad=True), torch.zeros(1, requires_grad=True)
+    net = lambda f: (torch.relu(f @ w1 + b1) @ w2 + b2).squeeze(-1)  # noqa: E731
+    opt = torch.optim.Adam([w1, b1, w2, b2], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        weight = (1 - y.mean()) / y.mean()
+        torch.nn.functional.binary_cross_entropy_with_logits(net(x), y, pos_weight=weight).backward()
+        opt.step()
+    feats = attacks.shadow.shadow_features(inp.target_logits[None], inp.labels)[0]
+    with torch.no_grad():
+        return net(torch.tensor(feats, dtype=torch.float32)).double().numpy()
+
+
+@pytest.mark.parametrize("steps", [1, 40])
+def test_shadow_classifier_equals_the_one_hot_network(steps):
+    """The fast path (the one-hot half of the first layer as a lookup) against the plain network."""
+    inp = random_inputs(seed=3, n=120, k=4, c=5)
+    got = attacks.ShadowClassifierAttack(hidden=16, steps=steps, lr=1e-2, seed=4).score(inp)
+    want = shadow_classifier_reference(inp, hidden=16, steps=steps, lr=1e-2, seed=4)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.std(got) > 0
+
+
 # ------------------------------------------------------------------ LiRA
 def lira_loop(inp, online, variance):
     k_, n, a, _ = inp.reference_logits.shape
