@@ -299,24 +299,31 @@ def roc_metrics_weighted(
     last = np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.size - 1]  # a threshold takes a tie whole
     rows, out = iter(weights), []
     while batch := list(itertools.islice(rows, max(1, BOOTSTRAP_BATCH_ELEMENTS // max(1, s.size)))):
-        out.append(_weighted_batch(np.stack(batch)[:, order], m_sorted, last, fprs))
+        out.append(_weighted_batch(np.take(np.stack(batch), order, axis=1), m_sorted, last, fprs))
     return np.concatenate(out) if out else np.empty((0, 2 + len(fprs)))
 
 
 def _weighted_batch(w: np.ndarray, m_sorted: np.ndarray, last: np.ndarray, fprs: Sequence[float]) -> np.ndarray:
+    """`_roc_metrics` of each row of counts `w (B, n)` (in sorted order). The true and false positives at each
+    threshold are integers, so the AUC (trapezoids: sum of dFP * (TP + TP_prev) / 2) and the advantage
+    (max TP * n_neg - FP * n_pos) are summed exactly and divided once; the TPR at an FPR is read at the end of
+    the prefix of thresholds whose FPR does not exceed it (FP does not decrease along the order)."""
     b = w.shape[0]
-    tp = np.cumsum(w * m_sorted, axis=1)[:, last].astype(np.float64)
-    fp = np.cumsum(w * ~m_sorted, axis=1)[:, last].astype(np.float64)
-    n_pos, n_neg = tp[:, -1:], fp[:, -1:]
-    with np.errstate(invalid="ignore", divide="ignore"):  # a tie run no resample drew repeats a point: no area
-        tpr = np.concatenate([np.zeros((b, 1)), tp / n_pos], 1)
-        fpr = np.concatenate([np.zeros((b, 1)), fp / n_neg], 1)
-    cols = [np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]), axis=1) / 2, np.max(tpr - fpr, axis=1)]
-    for f in fprs:
-        at = np.where(fpr <= f + 1e-12, tpr, -np.inf).max(axis=1)
-        cols.append(np.where(n_neg[:, 0] * f < 1 - 1e-9, np.nan, at))
+    tp = np.cumsum(w * m_sorted, axis=1)[:, last]
+    fp = np.cumsum(w, axis=1)[:, last]
+    fp -= tp
+    n_pos, n_neg = tp[:, -1], fp[:, -1]
+    auc2 = fp[:, 0] * tp[:, 0] + np.einsum("ij,ij->i", np.diff(fp, axis=1), tp[:, 1:] + tp[:, :-1])
+    adv = np.maximum((tp * n_neg[:, None] - fp * n_pos[:, None]).max(axis=1), 0)  # the (0, 0) point: 0
+    pairs = (n_pos * n_neg).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample of one class: NaN below
+        cols = [auc2 / (2 * pairs), adv / pairs]
+        for f in fprs:
+            within = np.count_nonzero(fp <= ((f + 1e-12) * n_neg)[:, None], axis=1)  # thresholds in the prefix
+            at = np.where(within > 0, tp[np.arange(b), np.maximum(within - 1, 0)], 0) / n_pos
+            cols.append(np.where(n_neg * f < 1 - 1e-9, np.nan, at))
     values = np.stack(cols, axis=1)
-    values[(n_pos[:, 0] == 0) | (n_neg[:, 0] == 0)] = np.nan
+    values[(n_pos == 0) | (n_neg == 0)] = np.nan
     return values
 
 
