@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from . import __version__
+from ._malloc import tune_heap
 from .config import ConfigError, ExperimentConfig, load_config, merge, parse_runtime, yaml_value
 from .errors import CclError
 from .layout import RunLayout
@@ -913,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     parser = make_parser()
     args = parser.parse_args(argv)
+    tune_heap()  # freed tensors back to the heap, not to the system: see ccl._malloc
     formatwarning = warnings.formatwarning
     on_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
     sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
