@@ -83,35 +83,51 @@ def _fit_and_score(
 ) -> np.ndarray:
     """Trains the attack MLP on `(sorted posterior, label) -> y` and scores the target's rows.
 
-    The MLP reads `[sorted posterior, one-hot label]` (`2C` inputs). The one-hot half of its first layer is a
-    lookup of the label's row of the weights, so it is computed as one (an embedding) instead of a matmul with
-    mostly zeros: the same network, initialisation and Adam updates (Adam is elementwise, so splitting the
-    first layer's weights into two tensors changes nothing), at about 2/3 of the cost. Equal to the one-hot
-    matmul to float rounding (tested against it)."""
+    The MLP reads `[sorted posterior, one-hot label]` (`2C` inputs): `h = relu(x W1 + b1)`, `o = h w2 + b2`,
+    trained full-batch with Adam on the binary cross-entropy with `pos_weight` (mean over rows). Two things
+    make it cheap without changing it:
+    - the one-hot half of `x W1` is a lookup of the label's row of `W1` (an embedding), not a matmul with mostly
+      zeros; Adam is elementwise, so splitting `W1` into its two halves changes no update;
+    - the gradients are written out (no autograd graph) into buffers allocated once:
+      `dL/do = (sigmoid(o) (pw y + 1 - y) - pw y) / M`, `dL/dh = dL/do w2^T` where `h > 0`, and the weights'
+      gradients are the matching products (the label rows' gradient sums `dL/dh` per label).
+    Equal to autograd on the plain one-hot network to float rounding (tested), at about half its cost."""
     c = sorted_probs.shape[1]
     gen = torch.Generator().manual_seed(seed)
     w1 = torch.randn(2 * c, hidden, generator=gen, dtype=torch.float32) / (2 * c) ** 0.5
     w2 = torch.randn(hidden, 1, generator=gen, dtype=torch.float32) / hidden**0.5
-    w_probs, w_label = w1[:c].clone().requires_grad_(), w1[c:].clone().requires_grad_()
-    b1 = torch.zeros(hidden, dtype=torch.float32, requires_grad=True)
-    w2.requires_grad_()
-    b2 = torch.zeros(1, dtype=torch.float32, requires_grad=True)
-
-    def forward(probs: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-        first = torch.addmm((w_label + b1).index_select(0, lab), probs, w_probs)  # probs @ W + W_label[lab] + b1
-        return torch.addmm(b2, torch.relu(first), w2).squeeze(-1)
+    w_probs, w_label, b1, b2 = w1[:c].clone(), w1[c:].clone(), torch.zeros(hidden), torch.zeros(1)
+    params = [w_probs, w_label, b1, w2, b2]
+    for p in params:
+        p.grad = torch.zeros_like(p)
 
     def tensors(probs: np.ndarray, lab: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32)), torch.from_numpy(lab.astype(np.int64))
 
-    xt, lt = tensors(sorted_probs, labels)
+    def hidden_layer(probs: torch.Tensor, lab: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        torch.index_select(w_label + b1, 0, lab, out=out)  # the one-hot half and the bias: a lookup
+        return out.addmm_(probs, w_probs).relu_()
+
+    x, lab = tensors(sorted_probs, labels)
+    m = x.shape[0]
+    pw = (1 - y.mean()) / y.mean()  # pos_weight: members and non-members weigh the same
     yt = torch.from_numpy(y.astype(np.float32))
-    pos_weight = torch.tensor((1 - y.mean()) / y.mean(), dtype=torch.float32)  # balance members and non-members
-    opt = torch.optim.Adam([w_probs, w_label, b1, w2, b2], lr=lr)
+    slope, offset = (pw * yt + 1 - yt) / m, pw * yt / m  # dL/do = sigmoid(o) * slope - offset
+    x_t = x.t().contiguous()
+    h, grad_h, o, grad_o = torch.empty(m, hidden), torch.empty(m, hidden), torch.empty(m, 1), torch.empty(m)
+    opt = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(forward(xt, lt), yt, pos_weight=pos_weight)
-        loss.backward()
+        hidden_layer(x, lab, h)
+        torch.addmm(b2, h, w2, out=o)
+        torch.sigmoid(o.view(-1), out=grad_o).mul_(slope).sub_(offset)
+        torch.mm(h.t(), grad_o.view(-1, 1), out=w2.grad)
+        torch.sum(grad_o, 0, keepdim=True, out=b2.grad)
+        torch.mul(grad_o.view(-1, 1), w2.view(1, -1), out=grad_h)
+        torch.ops.aten.threshold_backward.grad_input(grad_h, h, 0.0, grad_input=grad_h)  # zero where h == 0
+        torch.mm(x_t, grad_h, out=w_probs.grad)
+        w_label.grad.zero_().index_add_(0, lab, grad_h)
+        torch.sum(w_label.grad, 0, out=b1.grad)
         opt.step()
-    with torch.no_grad():
-        return forward(*tensors(target_sorted_probs, target_labels)).double().numpy()
+    target_x, target_lab = tensors(target_sorted_probs, target_labels)
+    out = torch.addmm(b2, hidden_layer(target_x, target_lab, torch.empty(target_x.shape[0], hidden)), w2)
+    return out.squeeze(-1).double().numpy()
