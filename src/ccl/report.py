@@ -81,6 +81,16 @@ def _thin_steps(x: np.ndarray, y: np.ndarray, *, decades: float = 0.004) -> tupl
     return x[keep], y[keep]
 
 
+def _roc_axes(ax) -> None:
+    """Log-log ROC axes with minor ticks at 2 and 5 of each decade only: the default eight per decade on the
+    report's thirty-odd ROC panels cost a third of its rendering time (3.8 of 9.6 s on Location30)."""
+    from matplotlib.ticker import LogLocator
+
+    ax.set(xscale="log", yscale="log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+
+
 def _scores_of(run_dir: Path):
     """A loader of each result's per-record arrays that reads every scores.npz once per rendering."""
     loaded: dict[tuple[str, int], dict[str, np.ndarray]] = {}
@@ -121,9 +131,8 @@ def plot_roc(scores, agg: Aggregate, results: list[DefenseResult], colors: dict)
                 alpha=0.75,
             )
         ax.plot([low_x, 1], [low_x, 1], color="grey", ls=":", lw=0.8)
+        _roc_axes(ax)
         ax.set(
-            xscale="log",
-            yscale="log",
             xlim=(low_x, 1),
             ylim=(low_y / 2, 1.05),
             title=f"{attack} (single target)",
@@ -358,9 +367,8 @@ def plot_evaluations(scores, agg: Aggregate, results: list[DefenseResult], evalu
                 label=f"{label} ({n_neg} non-member pairs)",
             )
         ax.plot([1e-4, 1], [1e-4, 1], color="grey", ls=":", lw=0.8)
+        _roc_axes(ax)
         ax.set(
-            xscale="log",
-            yscale="log",
             title=f"{r.defense}: {attack}, pooled leave-one-out (seed {r.seed})",
             xlabel="false-positive rate",
             ylabel="true-positive rate",
