@@ -225,12 +225,25 @@ def plot_privacy_utility(agg: Aggregate, colors: dict, frontier: list[str], fpr:
             arrowprops={"arrowstyle": "->", "color": "grey"},
             color="grey",
         )
-    axes[0].legend(fontsize=7, title="defense (black edge: on the frontier)", title_fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend_rows = math.ceil(len(labels) / 4)
+    bottom = 0.2 + 0.16 * legend_rows  # inches under the panels: the legend never covers a point
+    fig.set_figheight(4.0 + bottom)
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=min(4, len(labels)),
+        fontsize=7,
+        title="defense (black edge: on the frontier)",
+        title_fontsize=7,
+        frameon=False,
+    )
     fig.suptitle(
         "one seed: bars are 95% bootstrap intervals of the attack metric" if one_seed else "bars: std over seeds",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom / fig.get_figheight(), 1, 1))
     return fig
 
 
