@@ -158,6 +158,18 @@ def test_shadow_classifier_equals_the_one_hot_network(steps):
     assert np.std(got) > 0
 
 
+def test_shadow_classifier_runs_in_float32_whatever_the_default_dtype():
+    inp = random_inputs(seed=3, n=30, k=2, c=3)
+    want = attacks.ShadowClassifierAttack(hidden=4, steps=3).score(inp)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = attacks.ShadowClassifierAttack(hidden=4, steps=3).score(inp)
+    finally:
+        torch.set_default_dtype(default)
+    np.testing.assert_array_equal(got, want)
+
+
 # ------------------------------------------------------------------ LiRA
 def lira_loop(inp, online, variance):
     k_, n, a, _ = inp.reference_logits.shape

@@ -43,7 +43,7 @@ def _mmapped_bytes() -> int:
 
 @glibc
 def test_tune_heap_serves_megabyte_blocks_from_the_heap(monkeypatch):
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
     assert _malloc.tune_heap()
     before = _mmapped_bytes()
@@ -52,8 +52,12 @@ def test_tune_heap_serves_megabyte_blocks_from_the_heap(monkeypatch):
     del block
 
 
-def test_tune_heap_leaves_a_users_setting_alone(monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+@pytest.mark.parametrize(
+    "name, value",
+    [("MALLOC_MMAP_THRESHOLD_", "65536"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")],
+)
+def test_tune_heap_leaves_a_users_setting_alone(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
     assert _malloc.tune_heap() is False
 
 

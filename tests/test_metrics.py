@@ -171,3 +171,11 @@ def test_roc_metrics_of_weighted_resamples_equal_the_resamples_themselves():
         )
     finally:
         metrics.BOOTSTRAP_BATCH_ELEMENTS = old
+    for dtype in (np.uint8, np.uint64, np.int32, np.float32):  # unsigned counts must not wrap TP n_neg - FP n_pos
+        np.testing.assert_allclose(
+            metrics.roc_metrics_weighted(s, m, weights.astype(dtype), fprs),
+            slow,
+            rtol=1e-12,
+            atol=1e-12,
+            equal_nan=True,
+        )

@@ -303,7 +303,9 @@ def roc_metrics_weighted(
     last = np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.size - 1]  # a threshold takes a tie whole
     rows, out = iter(weights), []
     while batch := list(itertools.islice(rows, max(1, BOOTSTRAP_BATCH_ELEMENTS // max(1, s.size)))):
-        out.append(_weighted_batch(np.take(np.stack(batch), order, axis=1), m_sorted, last, fprs))
+        w = np.stack(batch)
+        w = w.astype(np.float64 if w.dtype.kind == "f" else np.int64, copy=False)  # signed: TP n_neg - FP n_pos
+        out.append(_weighted_batch(np.take(w, order, axis=1), m_sorted, last, fprs))
     return np.concatenate(out) if out else np.empty((0, 2 + len(fprs)))
 
 

@@ -96,7 +96,8 @@ def _fit_and_score(
     gen = torch.Generator().manual_seed(seed)
     w1 = torch.randn(2 * c, hidden, generator=gen, dtype=torch.float32) / (2 * c) ** 0.5
     w2 = torch.randn(hidden, 1, generator=gen, dtype=torch.float32) / hidden**0.5
-    w_probs, w_label, b1, b2 = w1[:c].clone(), w1[c:].clone(), torch.zeros(hidden), torch.zeros(1)
+    f32 = {"dtype": torch.float32}  # whatever torch's default dtype is
+    w_probs, w_label, b1, b2 = w1[:c].clone(), w1[c:].clone(), torch.zeros(hidden, **f32), torch.zeros(1, **f32)
     params = [w_probs, w_label, b1, w2, b2]
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -114,7 +115,8 @@ def _fit_and_score(
     yt = torch.from_numpy(y.astype(np.float32))
     slope, offset = (pw * yt + 1 - yt) / m, pw * yt / m  # dL/do = sigmoid(o) * slope - offset
     x_t = x.t().contiguous()
-    h, grad_h, o, grad_o = torch.empty(m, hidden), torch.empty(m, hidden), torch.empty(m, 1), torch.empty(m)
+    h, grad_h = torch.empty(m, hidden, **f32), torch.empty(m, hidden, **f32)
+    o, grad_o = torch.empty(m, 1, **f32), torch.empty(m, **f32)
     opt = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
         hidden_layer(x, lab, h)
@@ -129,5 +131,5 @@ def _fit_and_score(
         torch.sum(w_label.grad, 0, out=b1.grad)
         opt.step()
     target_x, target_lab = tensors(target_sorted_probs, target_labels)
-    out = torch.addmm(b2, hidden_layer(target_x, target_lab, torch.empty(target_x.shape[0], hidden)), w2)
+    out = torch.addmm(b2, hidden_layer(target_x, target_lab, torch.empty(target_x.shape[0], hidden, **f32)), w2)
     return out.squeeze(-1).double().numpy()
