@@ -1,4 +1,5 @@
-"""What the metrics and the privacy bounds share: the validation of (scores, membership) and two small types."""
+"""What the metrics and the privacy bounds share: the validation of (scores, membership), the thresholds of a
+sorted score order, and two small types."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from numpy.typing import ArrayLike
 from ._checks import expected
 from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
-__all__ = ["DegenerateMetricWarning", "Interval", "validate_scores"]
+__all__ = ["DegenerateMetricWarning", "Interval", "sorted_thresholds", "validate_scores"]
 
 
 class DegenerateMetricWarning(UserWarning):
@@ -43,3 +44,12 @@ def validate_scores(scores: ArrayLike, is_member: ArrayLike) -> tuple[np.ndarray
             raise InvalidArgumentError(expected("is_member", "booleans (or 0/1)", f"values {np.unique(m)[:5]}"))
         m = m.astype(bool)
     return s, m
+
+
+def sorted_thresholds(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(order, last)`: the scores' order from highest to lowest (stable), and in that order the last index of
+    each run of tied scores. "Member when `score >= t`" at each distinct score t takes a tie whole, so the true
+    positives at the thresholds are `cumsum(m[order])[last]`."""
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted = s[order]
+    return order, np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.size - 1]

@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._checks import check_in_range, check_positive_int, expected
-from ._scores import DegenerateMetricWarning, Interval
+from ._scores import DegenerateMetricWarning, Interval, sorted_thresholds
 from ._scores import validate_scores as _validate
 from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
@@ -222,11 +222,9 @@ def _epsilon_terms(tpr_low, fpr_high, delta: float) -> tuple[np.ndarray, np.ndar
 
 def _counts_by_threshold(s: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """True and false positives of "member when `score >= t`" at every distinct score t (ties taken whole)."""
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, m_sorted = s[order], m[order]
-    last = np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.size - 1]
-    tp = np.cumsum(m_sorted)[last]
-    return s_sorted[last], tp, (last + 1) - tp
+    order, last = sorted_thresholds(s)
+    tp = np.cumsum(m[order])[last]
+    return s[order][last], tp, (last + 1) - tp
 
 
 def _select_threshold(s: np.ndarray, m: np.ndarray, delta: float, tail: float) -> float:

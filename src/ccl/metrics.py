@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._checks import check_in_range, check_positive_int, expected
-from ._scores import DegenerateMetricWarning, Interval
+from ._scores import DegenerateMetricWarning, Interval, sorted_thresholds
 from ._scores import validate_scores as _validate
 from .bounds import clopper_pearson, epsilon_lower_bound, one_run_epsilon_lower_bound
 from .errors import InvalidArgumentError, InvalidArgumentTypeError
@@ -78,10 +78,8 @@ def _both_classes(m: np.ndarray, metric: str) -> bool:
 
 
 def _roc(s: np.ndarray, m: np.ndarray) -> RocCurve:
-    order = np.argsort(-s, kind="mergesort")
+    order, last = sorted_thresholds(s)
     s_sorted, m_sorted = s[order], m[order]
-    # the last index of each run of tied scores: a threshold takes a tie whole
-    last = np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.size - 1]
     tps = np.cumsum(m_sorted)[last]
     fps = (last + 1) - tps
     tps, fps = np.r_[0, tps], np.r_[0, fps]
@@ -298,9 +296,8 @@ def roc_metrics_weighted(
     all instead of one per resample, and rows taken `BOOTSTRAP_BATCH_ELEMENTS` at a time (bounded memory). Equal
     to `_roc_metrics(s[idx], m[idx])` of the drawn indices up to float rounding (tested). `(B, 2 + len(fprs))`."""
     s, m = np.asarray(s, dtype=np.float64), np.asarray(m, dtype=bool)
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, m_sorted = s[order], m[order]
-    last = np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.size - 1]  # a threshold takes a tie whole
+    order, last = sorted_thresholds(s)
+    m_sorted = m[order]
     rows, out = iter(weights), []
     while batch := list(itertools.islice(rows, max(1, BOOTSTRAP_BATCH_ELEMENTS // max(1, s.size)))):
         w = np.stack(batch)

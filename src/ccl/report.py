@@ -928,13 +928,12 @@ def _load_run(run_dir: Path) -> tuple[dict, list[DefenseResult], Aggregate]:
 def unfinished_note(run_dir: str | os.PathLike) -> str | None:
     """None for a finished run; for a run stopped mid-way (killed, interrupted, or resumed with more work), which
     (defense, seed) results its config.yaml asks for and are missing, and how to finish it."""
+    from .config import DefenseSpec
+
     config, results, _ = _load_run(Path(run_dir))
 
-    def label(d: dict) -> str:  # `ccl.config.DefenseSpec.label` (the report reads no config code)
-        params, train = dict(d.get("params") or {}), dict(d.get("train") or {})
-        text = d.get("name", d.get("loss"))
-        text += "(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")" if params else ""
-        return text + ("@" + recipe_text(train) if train else "")
+    def label(d: dict) -> str:  # a config.yaml entry's label, as the run wrote it
+        return DefenseSpec(d.get("name", d.get("loss")), dict(d.get("params") or {}), dict(d.get("train") or {})).label
 
     try:
         wanted = [

@@ -32,13 +32,14 @@ def attack_names(config: ExperimentConfig, inputs: attacks.AttackInputs, *, skip
     """The configured attacks but those in `skip`, or every attack the inputs support."""
     if config.attacks is None:
         return [n for n in attacks.available() if attacks.runnable(attacks.create(n), inputs)]
-    for name in [n for n in config.attacks if n not in skip]:
+    named = [n for n in config.attacks if n not in skip]
+    for name in named:
         if not attacks.runnable(attacks.create(name), inputs):
             raise ConfigError(
                 f"Attack {name!r} needs inputs this setup lacks (reference models, a population, the records' "
                 f"features or perturbed-query labels; num_references={inputs.num_references})."
             )
-    return [n for n in config.attacks if n not in skip]
+    return named
 
 
 def _skipped_without_weights(config: ExperimentConfig, extras: list[dict[str, np.ndarray]] | None) -> dict[str, str]:
