@@ -642,12 +642,17 @@ def _tune_range(text: str) -> tuple[float, float] | tuple[int, int]:
     return low_v, high_v
 
 
-def _print_tune(args: argparse.Namespace, target, bounds: tuple, chosen, points: list, config) -> None:
-    """`ccl tune`'s table of the settings tried, its choice and its cost."""
+def _tune_cost(config, points: list) -> tuple[int, int]:
+    """`ccl tune`'s models per (setting, seed), with the candidates of a recipe choice, and in all."""
     from .audit.pipeline import models_per_setting
 
-    per = models_per_setting(config, config.defenses[0])  # with the candidates of a recipe choice
-    models = len(points) * len(config.seeds) * per
+    per = models_per_setting(config, config.defenses[0])
+    return per, len(points) * len(config.seeds) * per
+
+
+def _print_tune(args: argparse.Namespace, target, bounds: tuple, chosen, points: list, config) -> None:
+    """`ccl tune`'s table of the settings tried, its choice and its cost."""
+    per, models = _tune_cost(config, points)
     print(f"Target: {args.target} (the leakage's upper 95% bound must meet it); settings by {args.param}:")
     print(f"{'setting':28s} {'test acc':>9s} {'leakage':>9s} {'upper':>9s}  attack  meets {args.target}")
     for p in sorted(points, key=lambda p: p.value):
@@ -725,9 +730,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         chosen, points = search(evaluate, low_v, high_v, target, steps=args.steps, grid=args.grid, integer=integer)
     except KeyboardInterrupt as err:
         return _interrupted("tune", out, err)
-    from .audit.pipeline import models_per_setting
-
-    models = len(points) * len(config.seeds) * models_per_setting(config, config.defenses[0])
+    _, models = _tune_cost(config, points)
     _print_tune(args, target, (low_v, high_v), chosen, points, config)
     write_json(
         RunLayout(out).tune,
