@@ -27,7 +27,7 @@ import yaml
 from . import attacks, data, defenses, metrics, models
 from ._checks import check_in_range, check_positive_int, expected, unknown_name
 from .errors import CclError, ConfigError
-from .training import Recipe, Runtime, recipe_text
+from .training import Recipe, Runtime, defense_label
 
 __all__ = [
     "ConfigError",
@@ -59,12 +59,7 @@ class DefenseSpec:
 
     @property
     def label(self) -> str:
-        label = self.loss
-        if self.params:
-            label += "(" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + ")"
-        if self.train:
-            label += "@" + recipe_text(self.train)
-        return label
+        return defense_label(self.loss, self.params, self.train)
 
     @property
     def family(self) -> str:

@@ -27,7 +27,7 @@ from .layout import RunLayout
 from .metrics import roc_curve, tpr_key
 from .results import EVALUATIONS, Aggregate, DefenseResult, aggregate, load_aggregate, load_results, load_scores
 from .summary import ACCESS_WORDS, Headline, choice_text, load_summary, strongest_attack, summarize
-from .training import recipe_text
+from .training import defense_label, recipe_text
 
 __all__ = ["render_report", "unfinished_note"]
 
@@ -928,12 +928,10 @@ def _load_run(run_dir: Path) -> tuple[dict, list[DefenseResult], Aggregate]:
 def unfinished_note(run_dir: str | os.PathLike) -> str | None:
     """None for a finished run; for a run stopped mid-way (killed, interrupted, or resumed with more work), which
     (defense, seed) results its config.yaml asks for and are missing, and how to finish it."""
-    from .config import DefenseSpec
-
     config, results, _ = _load_run(Path(run_dir))
 
     def label(d: dict) -> str:  # a config.yaml entry's label, as the run wrote it
-        return DefenseSpec(d.get("name", d.get("loss")), dict(d.get("params") or {}), dict(d.get("train") or {})).label
+        return defense_label(d.get("name", d.get("loss")), dict(d.get("params") or {}), dict(d.get("train") or {}))
 
     try:
         wanted = [

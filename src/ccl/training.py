@@ -64,6 +64,7 @@ __all__ = [
     "TrainingError",
     "augment_batch",
     "autocast_dtype",
+    "defense_label",
     "epoch_generator",
     "fit",
     "load_checkpoint",
@@ -156,6 +157,15 @@ def recipe_text(train: dict[str, Any]) -> str:
         return "[" + ",".join(map(text, v)) + "]" if isinstance(v, (list, tuple)) else str(v)
 
     return ",".join(f"{k}={text(v)}" for k, v in sorted(train.items()))
+
+
+def defense_label(loss: str, params: dict[str, Any], train: dict[str, Any]) -> str:
+    """A defense's label, `ccl.config.DefenseSpec.label`: `dpsgd(epsilon=8)@batch_size=64,lr=0.5`. Here, beside
+    `recipe_text`, so that the report labels a config.yaml entry without reading the config code."""
+    label = loss
+    if params:
+        label += "(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+    return label + ("@" + recipe_text(train) if train else "")
 
 
 #: The values the recipe's text fields take (its fields' metadata: the command line offers the same).
